@@ -1,0 +1,393 @@
+"""Keras 3 backend (TensorFlow, JAX and torch backends of Keras alike).
+
+Keras' switches mapped onto bnkit's BN state:
+- `layer.trainable` (own flag): gamma/beta variables trainable, and, in
+  BatchNormalization.call, `training and self.trainable` decides batch
+  statistics and their update;
+- a parent's `trainable=False` hides every child's variables from `fit`;
+- `fit` passes `training=True` through every Functional/Sequential call,
+  overriding a `training=False` recorded when a nested model was called;
+- a pinned BN (`PinnedBatchNormalization`) ignores `training` outside mode
+  `train` and ignores `trainable` assignments propagated from a parent.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from bnkit.backends.base import Snapshot
+from bnkit.errors import BnkitError, ModelFileError
+from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
+from bnkit.report import CompileStatus, LayerRecord
+
+_BN = keras.layers.BatchNormalization
+_LAYER_TRAINABLE = keras.layers.Layer.trainable
+
+# model -> id of its compiled state when bnkit changed it after compile (a new compile clears it)
+_PENDING: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+# layer -> its own trainable flag before bnkit first touched it
+_ORIGINAL: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def is_model(obj: Any) -> bool:
+    """True for any Keras layer or model."""
+    return isinstance(obj, keras.layers.Layer)
+
+
+class _PinMixin:
+    """Makes a BN layer keep a bnkit mode through `fit` and parent `trainable` changes."""
+
+    _bnkit_base: type
+    _bnkit_mode: str
+    _bnkit_pinned: bool
+
+    def __init__(self, *args: Any, bn_mode: str = "frozen", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _pin(self, Mode(bn_mode))
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self._trainable)  # type: ignore[attr-defined]
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        if getattr(self, "_bnkit_pinned", False):
+            return
+        _LAYER_TRAINABLE.fset(self, value)
+
+    @property
+    def bn_mode(self) -> str:
+        """The pinned mode."""
+        return self._bnkit_mode
+
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        if self._bnkit_mode != Mode.TRAIN.value:
+            training = False
+        return super().call(inputs, training=training, mask=mask)  # type: ignore[misc]
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()  # type: ignore[misc]
+        config["bn_mode"] = self._bnkit_mode
+        return dict(config)
+
+
+@keras.saving.register_keras_serializable(package="bnkit")
+class PinnedBatchNormalization(_PinMixin, _BN):  # type: ignore[misc]
+    """BatchNormalization pinned to a bnkit mode (frozen, affine, train or adapt).
+
+    Serialisable: a model saved after `bnkit.freeze` reloads with
+    `keras.models.load_model` once bnkit is imported, every mode intact.
+    """
+
+    _bnkit_base = _BN
+
+
+_PINNED_CLASSES: dict[type, type] = {_BN: PinnedBatchNormalization}
+
+
+def _pinned_class(cls: type) -> type:
+    """The pinned variant of a BN class; subclasses get one made on first use."""
+    if issubclass(cls, _PinMixin):
+        return cls
+    if cls not in _PINNED_CLASSES:
+        _PINNED_CLASSES[cls] = type(f"Pinned{cls.__name__}", (_PinMixin, cls), {"_bnkit_base": cls})
+    return _PINNED_CLASSES[cls]
+
+
+def _pin(layer: Any, mode: Mode) -> None:
+    object.__setattr__(layer, "_bnkit_pinned", False)
+    _LAYER_TRAINABLE.fset(layer, MODE_STATES[mode].affine_trained)
+    object.__setattr__(layer, "_bnkit_mode", mode.value)
+    object.__setattr__(layer, "_bnkit_pinned", True)
+
+
+# --------------------------------------------------------------------------- walking
+
+
+@dataclass
+class _Node:
+    layer: Any
+    path: str
+    parents: tuple[Any, ...]
+    children: list[Any]
+
+
+def _sublayers(layer: Any) -> list[Any]:
+    subs = layer.layers if isinstance(layer, keras.Model) else getattr(layer, "_layers", [])
+    return [s for s in subs if not isinstance(s, keras.layers.InputLayer)]
+
+
+def _walk(model: Any) -> list[_Node]:
+    """Every layer under `model` once, depth first in each model's topological order."""
+    out: list[_Node] = []
+    seen: set[int] = set()
+
+    def visit(layer: Any, prefix: str, parents: tuple[Any, ...]) -> None:
+        for child in _sublayers(layer):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            subs = _sublayers(child)
+            path = prefix + child.name
+            out.append(_Node(child, path, parents, subs))
+            if subs:
+                visit(child, path + "/", parents + (child,))
+
+    visit(model, "", (model,))
+    return out
+
+
+def _leaves(model: Any) -> list[_Node]:
+    return [n for n in _walk(model) if not n.children]
+
+
+def _called_with_training_false(layer: Any) -> bool:
+    for node in getattr(layer, "_inbound_nodes", []):
+        if node.arguments.kwargs.get("training") is False:
+            return True
+    return False
+
+
+def _own_variables(layer: Any) -> list[Any]:
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def _size(v: Any) -> int:
+    return int(np.prod(v.shape)) if len(v.shape) else 1
+
+
+# --------------------------------------------------------------------------- BN state
+
+
+def _bn_state(layer: Any, trainable_ids: set[int]) -> BNState:
+    affine = [v for v in (getattr(layer, "gamma", None), getattr(layer, "beta", None)) if v is not None]
+    if affine:
+        affine_trained = any(id(v) in trainable_ids for v in affine)
+    else:
+        affine_trained = bool(layer.trainable)
+    if isinstance(layer, _PinMixin):
+        batch = layer.bn_mode == Mode.TRAIN.value and bool(layer.trainable)
+    else:
+        batch = bool(layer.trainable)
+    return BNState(affine_trained=affine_trained, stats_update=batch, batch_stats=batch)
+
+
+def _bn_mode_name(layer: Any, state: BNState) -> str:
+    name = mode_of(state)
+    if isinstance(layer, _PinMixin) and layer.bn_mode == Mode.ADAPT.value and name == "frozen":
+        return Mode.ADAPT.value
+    return name
+
+
+def _bn_notes(node: _Node, state: BNState) -> list[str]:
+    notes = []
+    if state.batch_stats:
+        for parent in node.parents:
+            if _called_with_training_false(parent):
+                notes.append(
+                    f"'{parent.name}' was called with training=False, but fit passes "
+                    "training=True and overrides it: these statistics update"
+                )
+    if state.stats_update and not state.affine_trained:
+        frozen = [p.name for p in node.parents if not p.trainable]
+        where = f" inside non-trainable '{frozen[0]}'" if frozen else ""
+        notes.append(f"trainable{where}: fit updates its statistics but not gamma/beta")
+    return notes
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class KerasBackend:
+    """The Backend protocol for Keras 3 models."""
+
+    name = "keras"
+
+    def __init__(self) -> None:
+        self.name = f"keras {keras.__version__} ({keras.backend.backend()})"
+
+    def records(self, model: Any) -> list[LayerRecord]:
+        trainable_ids = {id(v) for v in model.trainable_variables}
+        compiled = getattr(model, "_compiled_trainable_state", None) if getattr(model, "compiled", False) else None
+        return [self._record(n, trainable_ids, compiled) for n in _walk(model)]
+
+    def _record(self, node: _Node, trainable_ids: set[int], compiled: dict | None) -> LayerRecord:
+        layer = node.layer
+        own = _own_variables(layer)
+        n_train = sum(_size(v) for v in own if id(v) in trainable_ids)
+        n_fixed = sum(_size(v) for v in own if id(v) not in trainable_ids)
+        effective = bool(layer.trainable) and all(p.trainable for p in node.parents)
+        notes: list[str] = []
+        if compiled is not None and layer in compiled and compiled[layer] != layer.trainable:
+            notes.append(
+                f"trainable changed to {layer.trainable} after compile: "
+                "call bnkit.recompile(model)"
+            )
+        bn_fields: dict[str, Any] = {}
+        if isinstance(layer, _BN):
+            state = _bn_state(layer, trainable_ids)
+            notes += _bn_notes(node, state)
+            bn_fields = dict(
+                is_bn=True,
+                bn_mode=_bn_mode_name(layer, state),
+                bn_state=state,
+                momentum=float(layer.momentum),
+            )
+        return LayerRecord(
+            path=node.path,
+            name=layer.name,
+            class_name=type(layer).__name__,
+            is_container=bool(node.children),
+            trainable=bool(layer.trainable),
+            effective_trainable=effective,
+            trainable_params=n_train,
+            non_trainable_params=n_fixed,
+            notes=tuple(notes),
+            **bn_fields,
+        )
+
+    def compile_status(self, model: Any) -> CompileStatus:
+        if not getattr(model, "compiled", False):
+            return CompileStatus(compiled=False)
+        state = getattr(model, "_compiled_trainable_state", {})
+        stale = tuple(
+            n.path for n in _walk(model) if n.layer in state and state[n.layer] != n.layer.trainable
+        )
+        pending = _PENDING.get(model) == id(state)
+        unknown = 0
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and optimizer.built:
+            known = {id(v) for v in optimizer._trainable_variables}
+            unknown = sum(id(v) not in known for v in model.trainable_variables)
+        return CompileStatus(True, stale, pending, unknown)
+
+    # ------------------------------------------------------------------ changing
+
+    def apply(self, model: Any, decisions: Sequence[LayerDecision]) -> None:
+        nodes = _walk(model)
+        leaves = [n for n in nodes if not n.children]
+        if len(leaves) != len(decisions):
+            raise BnkitError("the plan does not match this model's layers: run freeze again")
+        for n in nodes:
+            _ORIGINAL.setdefault(n.layer, bool(n.layer.trainable))
+        _ORIGINAL.setdefault(model, bool(model.trainable))
+        own = {id(n.layer): bool(n.layer.trainable) for n in leaves}
+        needed = _containers_needed(model, nodes, leaves, decisions)
+        for container, value in needed:
+            container.trainable = value
+        for node, d in zip(leaves, decisions, strict=True):
+            if d.rule is None:
+                _set_trainable(node.layer, own[id(node.layer)])
+            elif d.is_bn and d.bn_mode is not None:
+                self.set_bn_mode(node.layer, Mode(d.bn_mode))
+            else:
+                node.layer.trainable = d.trainable
+        if getattr(model, "compiled", False):
+            _PENDING[model] = id(model._compiled_trainable_state)
+
+    def set_bn_mode(self, layer: Any, mode: Mode) -> None:
+        if not isinstance(layer, _BN):
+            raise BnkitError(f"layer '{layer.name}' is {type(layer).__name__}, not BatchNormalization")
+        layer.__class__ = _pinned_class(type(layer))
+        _pin(layer, mode)
+
+    def unfreeze(self, model: Any) -> int:
+        nodes = _walk(model)
+        released = 0
+        for n in [None, *nodes]:
+            layer = model if n is None else n.layer
+            if isinstance(layer, _PinMixin):
+                layer.__class__ = layer._bnkit_base
+                object.__setattr__(layer, "_bnkit_pinned", False)
+                released += 1
+        for layer in [model] + [n.layer for n in nodes]:
+            if layer in _ORIGINAL:
+                _set_trainable(layer, _ORIGINAL.pop(layer))
+        if getattr(model, "compiled", False):
+            _PENDING[model] = id(model._compiled_trainable_state)
+        return released
+
+    def recompile(self, model: Any) -> None:
+        if not getattr(model, "compiled", False) or not hasattr(model, "_compile_config"):
+            raise BnkitError(
+                f"model '{model.name}' is not compiled: call model.compile(...) yourself"
+            )
+        config = dict(model._compile_config.config)
+        optimizer = config.get("optimizer")
+        if isinstance(optimizer, keras.optimizers.Optimizer):
+            config["optimizer"] = optimizer.__class__.from_config(optimizer.get_config())
+        model.compile(**config)
+        _PENDING.pop(model, None)
+
+    # ------------------------------------------------------------------ reading weights
+
+    def snapshot(self, model: Any) -> Snapshot:
+        weights: dict[str, dict[str, np.ndarray]] = {}
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        for node in _walk(model):
+            layer = node.layer
+            stat_vars = _stat_variables(layer)
+            own = {v.name: _copy(v) for v in layer._trainable_variables}
+            if own:
+                weights[node.path] = own
+            if stat_vars:
+                stats[node.path] = {k: _copy(v) for k, v in stat_vars.items()}
+        return Snapshot(weights, stats)
+
+    # ------------------------------------------------------------------ files
+
+    def load(self, path: Path) -> Any:
+        try:
+            return keras.models.load_model(path)
+        except Exception as err:  # Keras raises many types for a bad archive
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelFileError(
+                f"{path}: Keras could not load this model ({first[:200]}); "
+                "check that it was saved with model.save('*.keras') and that any custom "
+                "layers are imported"
+            ) from None
+
+    def save(self, model: Any, path: Path) -> None:
+        model.save(path)
+
+
+def _containers_needed(
+    model: Any, nodes: list[_Node], leaves: list[_Node], decisions: Sequence[LayerDecision]
+) -> Iterator[tuple[Any, bool]]:
+    """Each container (the model first, then top-down) with the trainable value it needs."""
+    trainable_leaf = {id(n.layer) for n, d in zip(leaves, decisions, strict=True) if d.trainable}
+    below: dict[int, bool] = {}
+    for n in leaves:
+        if id(n.layer) in trainable_leaf:
+            for p in n.parents:
+                below[id(p)] = True
+    yield model, below.get(id(model), False)
+    for n in nodes:
+        if n.children:
+            yield n.layer, below.get(id(n.layer), False)
+
+
+def _set_trainable(layer: Any, value: bool) -> None:
+    """Sets a layer's own flag without touching its children or a pin."""
+    if isinstance(layer, _PinMixin):
+        return
+    layer._trainable = value
+    for v in layer._trainable_variables:
+        v.trainable = value
+
+
+def _stat_variables(layer: Any) -> dict[str, Any]:
+    if not isinstance(layer, _BN) or not layer.built:
+        return {}
+    return {"mean": layer.moving_mean, "var": layer.moving_variance}
+
+
+def _copy(v: Any) -> np.ndarray:
+    return np.array(keras.ops.convert_to_numpy(v), copy=True)

@@ -1,0 +1,129 @@
+"""`freeze`: apply a policy to a model, pin its BN modes, and the inverse."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from bnkit.backends import get_backend
+from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.policy import Mode, Plan, Policy, Rule, parse_rule, resolve
+from bnkit.report import LayerRecord
+
+_PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
+
+
+def freeze(
+    model: Any,
+    policy: Policy | Sequence[Rule | str] | None = None,
+    *,
+    train_from: str | None = None,
+    bn: str | Mode | None = None,
+    rules: Sequence[Rule | str] = (),
+    recompile: bool = False,
+) -> Plan:
+    """Applies a freeze policy to `model` in place and returns the per-layer plan.
+
+    Either pass `policy` (a Policy or a list of rules, later rules winning), or
+    the shortcut: `train_from` freezes every layer before the named one (BN
+    `frozen`) and makes it and everything after it trainable, with its BN
+    layers in mode `bn`; without `train_from`, `bn` sets every BN layer. Extra
+    `rules` (Rule objects or `"SELECTOR=MODE"` strings) apply last.
+
+    BN modes are pinned: they survive `fit` and `parent.trainable = True` until
+    `freeze` or `unfreeze` is called again. On a compiled model the change
+    needs a recompile: pass `recompile=True` or call `bnkit.recompile(model)`.
+
+    Example:
+        >>> import keras, bnkit
+        >>> base = keras.applications.ResNet50V2(weights=None, include_top=False,
+        ...                                      input_shape=(32, 32, 3))
+        >>> plan = bnkit.freeze(base, train_from="conv5_block1_1_conv", bn="frozen")
+        >>> plan.bn_counts()
+        {'frozen': 49}
+    """
+    backend = get_backend(model)
+    policy = _as_policy(policy, train_from, bn, rules)
+    records = [r for r in backend.records(model) if not r.is_container]
+    infos = [r.info(i) for i, r in enumerate(records)]
+    decisions = resolve(infos, [_current(r) for r in records], policy)
+    backend.apply(model, decisions)
+    notes: list[str] = []
+    status = backend.compile_status(model)
+    if status.stale and recompile:
+        backend.recompile(model)
+    elif status.stale:
+        notes.append(status.message())
+        warnings.warn(
+            f"model '{getattr(model, 'name', '')}' was compiled before freeze: {status.message()}",
+            BnkitWarning,
+            stacklevel=2,
+        )
+    plan = Plan(decisions, str(policy), needs_recompile=status.stale and not recompile, notes=tuple(notes))
+    _PLANS[model] = plan
+    return plan
+
+
+def unfreeze(model: Any) -> int:
+    """Undoes `freeze`: BN layers become plain BatchNormalization again and every
+    layer gets back the trainable flag it had before the first `freeze`.
+
+    Returns the number of BN layers released.
+
+    Example:
+        >>> import keras, bnkit
+        >>> base = keras.applications.MobileNetV2(weights=None, include_top=False,
+        ...                                       input_shape=(32, 32, 3))
+        >>> _ = bnkit.freeze(base, bn="frozen")
+        >>> bnkit.unfreeze(base)
+        52
+    """
+    released = get_backend(model).unfreeze(model)
+    _PLANS.pop(model, None)
+    return released
+
+
+def recompile(model: Any) -> None:
+    """Recompiles `model` with the same loss, metrics and optimizer configuration and a
+    fresh optimizer, so that the next `fit` trains exactly the current trainable set.
+
+    Example:
+        >>> import keras, bnkit
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> m.compile(optimizer="adam", loss="mse")
+        >>> bnkit.recompile(m)
+        >>> m.compiled
+        True
+    """
+    get_backend(model).recompile(model)
+
+
+def last_plan(model: Any) -> Plan | None:
+    """The plan of the last `freeze` on `model` in this process, if any."""
+    return _PLANS.get(model)
+
+
+def _current(record: LayerRecord) -> tuple[bool, str | None]:
+    if record.is_bn and record.bn_state is not None:
+        return record.bn_state.affine_trained, record.bn_mode
+    return record.effective_trainable, None
+
+
+def _as_policy(
+    policy: Policy | Sequence[Rule | str] | None,
+    train_from: str | None,
+    bn: str | Mode | None,
+    rules: Sequence[Rule | str],
+) -> Policy:
+    parsed = tuple(parse_rule(r) if isinstance(r, str) else r for r in rules)
+    if policy is None:
+        if train_from is None and bn is None and not parsed:
+            raise BnkitError("freeze needs a policy, or train_from=, bn= or rules=")
+        return Policy.build(train_from=train_from, bn=bn, rules=parsed)
+    if train_from is not None or bn is not None or parsed:
+        raise BnkitError("give either a policy or train_from/bn/rules, not both")
+    if isinstance(policy, Policy):
+        return policy
+    return Policy(tuple(parse_rule(r) if isinstance(r, str) else r for r in policy))

@@ -1,0 +1,210 @@
+"""`inspect`: what every layer of a model will really do during training.
+
+Layer records come from the backend; this module totals and renders them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from bnkit.policy import BNState, LayerInfo
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer as `inspect` reports it."""
+
+    path: str
+    name: str
+    class_name: str
+    is_container: bool
+    trainable: bool
+    """the layer's own flag."""
+    effective_trainable: bool
+    """whether `fit` trains its weights (its flag and every parent's)."""
+    trainable_params: int
+    non_trainable_params: int
+    is_bn: bool = False
+    bn_mode: str | None = None
+    """effective mode during `fit`: frozen, affine, train, adapt, stats-only or custom."""
+    bn_state: BNState | None = None
+    momentum: float | None = None
+    notes: tuple[str, ...] = ()
+
+    def info(self, index: int) -> LayerInfo:
+        """The selector view of this layer at position `index`."""
+        return LayerInfo(self.path, self.name, self.class_name, index, self.is_bn)
+
+
+@dataclass(frozen=True)
+class CompileStatus:
+    """Whether a model's compiled training state still matches its layers."""
+
+    compiled: bool
+    stale_layers: tuple[str, ...] = ()
+    """layers whose trainable flag changed since `compile`."""
+    pending: bool = False
+    """bnkit changed BN modes or trainable flags since the last compile."""
+    unknown_to_optimizer: int = 0
+    """trainable variables the (already built) optimizer does not know."""
+
+    @property
+    def stale(self) -> bool:
+        """True when the next `fit` would not do what the layers say."""
+        return bool(self.stale_layers) or self.pending or self.unknown_to_optimizer > 0
+
+    def message(self) -> str:
+        """One sentence for the user, or '' when not stale."""
+        if not self.stale:
+            return ""
+        parts = []
+        if self.stale_layers:
+            parts.append(f"{len(self.stale_layers)} layers changed trainable since compile")
+        if self.pending:
+            parts.append("bnkit changed BN modes or trainable flags since compile")
+        if self.unknown_to_optimizer:
+            parts.append(
+                f"{self.unknown_to_optimizer} trainable variables are unknown to the optimizer "
+                "(fit raises 'Unknown variable' or trains nothing new)"
+            )
+        return (
+            "; ".join(parts)
+            + ": Keras ignores this on TensorFlow and may fail on torch; call bnkit.recompile(model)"
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of `inspect`: every layer and the totals."""
+
+    model_name: str
+    backend: str
+    layers: tuple[LayerRecord, ...]
+    compile: CompileStatus = field(default_factory=lambda: CompileStatus(compiled=False))
+
+    @property
+    def bn_layers(self) -> tuple[LayerRecord, ...]:
+        """The BN layers."""
+        return tuple(r for r in self.layers if r.is_bn)
+
+    def leaves(self) -> tuple[LayerRecord, ...]:
+        """Layers that are not containers of other layers."""
+        return tuple(r for r in self.layers if not r.is_container)
+
+    def bn_counts(self) -> dict[str, int]:
+        """Number of BN layers per effective mode."""
+        counts: dict[str, int] = {}
+        for r in self.bn_layers:
+            key = r.bn_mode or "custom"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def totals(self) -> dict[str, Any]:
+        """Layer, BN and parameter counts."""
+        leaves = self.leaves()
+        return {
+            "layers": len(leaves),
+            "containers": len(self.layers) - len(leaves),
+            "bn_layers": len(self.bn_layers),
+            "bn_modes": self.bn_counts(),
+            "trainable_layers": sum(r.effective_trainable for r in leaves),
+            "trainable_params": sum(r.trainable_params for r in self.layers),
+            "non_trainable_params": sum(r.non_trainable_params for r in self.layers),
+        }
+
+    def notes(self) -> tuple[str, ...]:
+        """Every pitfall found, prefixed with its layer path."""
+        found = [f"{r.path}: {n}" for r in self.layers for n in r.notes]
+        msg = self.compile.message()
+        return tuple(([msg] if msg else []) + found)
+
+    def to_json(self) -> str:
+        """The report as a JSON document."""
+        return json.dumps(
+            {
+                "model": self.model_name,
+                "backend": self.backend,
+                "totals": self.totals(),
+                "compile": {**asdict(self.compile), "stale": self.compile.stale},
+                "notes": list(self.notes()),
+                "layers": [asdict(r) for r in self.layers],
+            },
+            indent=2,
+        )
+
+    def table(self, bn_only: bool = False) -> Table:
+        """A rich table of the layers (only BN layers with `bn_only`)."""
+        t = Table(title=f"{self.model_name} ({self.backend})", show_lines=False)
+        for col in ("#", "path", "class", "trainable", "params (train/fixed)", "BN mode", "notes"):
+            t.add_column(col, overflow="fold")
+        rows = self.bn_layers if bn_only else self.layers
+        for i, r in enumerate(rows):
+            t.add_row(
+                str(i),
+                r.path + ("/" if r.is_container else ""),
+                r.class_name,
+                _trainable_cell(r),
+                f"{r.trainable_params:,}/{r.non_trainable_params:,}",
+                r.bn_mode or "",
+                "; ".join(r.notes),
+            )
+        return t
+
+    def summary(self) -> str:
+        """The totals and notes as plain text."""
+        t = self.totals()
+        modes = ", ".join(f"{k} {v}" for k, v in sorted(t["bn_modes"].items())) or "none"
+        lines = [
+            f"{t['layers']} layers ({t['containers']} nested models), "
+            f"{t['trainable_layers']} trainable; {t['bn_layers']} BN layers: {modes}",
+            f"parameters: {t['trainable_params']:,} trainable, "
+            f"{t['non_trainable_params']:,} non-trainable",
+        ]
+        lines += [f"note: {n}" for n in self.notes()]
+        return "\n".join(lines)
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+    def __str__(self) -> str:
+        head = f"{self.model_name} ({self.backend})"
+        rows = [
+            f"  {r.path:<40} {r.class_name:<22} {_trainable_cell(r):<8} {r.bn_mode or ''}"
+            for r in self.layers
+        ]
+        return "\n".join([head, *rows, self.summary()])
+
+
+def _trainable_cell(r: LayerRecord) -> str:
+    if r.trainable == r.effective_trainable:
+        return "yes" if r.trainable else "no"
+    return "no (parent)" if r.trainable else "yes?"
+
+
+def inspect(model: Any) -> Report:
+    """Reports every layer's trainability and each BN layer's effective mode during `fit`.
+
+    Recurses into nested models. The BN mode is what Keras will really do,
+    including the cases where the code seems to say otherwise (a base model
+    called with `training=False` and then unfrozen trains its BN).
+
+    Example:
+        >>> import keras, bnkit
+        >>> base = keras.applications.ResNet50V2(weights=None, include_top=False,
+        ...                                      input_shape=(32, 32, 3))
+        >>> bnkit.inspect(base).totals()["bn_layers"]
+        49
+    """
+    from bnkit.backends import get_backend
+
+    backend = get_backend(model)
+    return Report(
+        model_name=str(getattr(model, "name", type(model).__name__)),
+        backend=backend.name,
+        layers=tuple(backend.records(model)),
+        compile=backend.compile_status(model),
+    )
