@@ -495,6 +495,11 @@ def _apply_rule(entry: list, is_bn: bool, rule: Rule, k: int) -> None:
 
 
 def _no_match_message(select: Selector, layers: Sequence[LayerInfo]) -> str:
+    if isinstance(select, AllBN):
+        return (
+            "the model has no BatchNormalization layer (subclasses and synchronized BN "
+            "count too); there is nothing to freeze or adapt"
+        )
     pattern = getattr(select, "pattern", None) or getattr(select, "prefix", None)
     pattern = pattern or getattr(select, "class_name", None)
     hint = ""

@@ -117,8 +117,12 @@ class Report:
         }
 
     def notes(self) -> tuple[str, ...]:
-        """Every pitfall found, prefixed with its layer path."""
-        found = [f"{r.path}: {n}" for r in self.layers for n in r.notes]
+        """Every pitfall found, with the layers it concerns (grouped when many share it)."""
+        where: dict[str, list[str]] = {}
+        for r in self.layers:
+            for n in r.notes:
+                where.setdefault(n, []).append(r.path)
+        found = [f"{_paths(paths)}: {n}" for n, paths in where.items()]
         msg = self.compile.message()
         return tuple(([msg] if msg else []) + found)
 
@@ -177,6 +181,12 @@ class Report:
             for r in self.layers
         ]
         return "\n".join([head, *rows, self.summary()])
+
+
+def _paths(paths: list[str]) -> str:
+    if len(paths) <= 3:
+        return ", ".join(paths)
+    return f"{len(paths)} layers ({paths[0]}, ..., {paths[-1]})"
 
 
 def _trainable_cell(r: LayerRecord) -> str:

@@ -196,10 +196,16 @@ def _bn_notes(node: _Node, state: BNState) -> list[str]:
                     "training=True and overrides it: these statistics update"
                 )
     if state.stats_update and not state.affine_trained:
-        frozen = [p.name for p in node.parents if not p.trainable]
-        where = f" inside non-trainable '{frozen[0]}'" if frozen else ""
-        notes.append(f"trainable{where}: fit updates its statistics but not gamma/beta")
+        notes.append("fit updates its statistics but not gamma/beta (the model is not trainable)")
     return notes
+
+
+def _effective_trainable(node: _Node, trainable_ids: set[int]) -> bool:
+    """Whether fit trains the layer: its variables are in the model's trainable set."""
+    own = list(node.layer._trainable_variables)
+    if own:
+        return any(id(v) in trainable_ids for v in own)
+    return bool(node.layer.trainable) and bool(node.parents[0].trainable)
 
 
 # --------------------------------------------------------------------------- backend
@@ -223,8 +229,14 @@ class KerasBackend:
         own = _own_variables(layer)
         n_train = sum(_size(v) for v in own if id(v) in trainable_ids)
         n_fixed = sum(_size(v) for v in own if id(v) not in trainable_ids)
-        effective = bool(layer.trainable) and all(p.trainable for p in node.parents)
+        effective = _effective_trainable(node, trainable_ids)
         notes: list[str] = []
+        frozen_parents = [p.name for p in node.parents[1:] if not p.trainable]
+        if effective and frozen_parents and not node.children:
+            notes.append(
+                f"trainable although parent '{frozen_parents[0]}' is not: fit still trains it "
+                "(Keras collects variables by their own flag)"
+            )
         if compiled is not None and layer in compiled and compiled[layer] != layer.trainable:
             notes.append(
                 f"trainable changed to {layer.trainable} after compile: "
