@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import click  # noqa: E402
-from rich.console import Console  # noqa: E402
+import click
+from rich.console import Console
 
-from bnkit.errors import BnkitError  # noqa: E402
+from bnkit.errors import BnkitError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
-_out = Console()
+PIPE_WIDTH = 160  # rich assumes 80 columns when stdout is not a terminal
+
+_out = Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
 _err = Console(stderr=True)
 
 MODES = ["frozen", "affine", "train", "adapt"]
+
+DEMO_LEGEND = """\
+Each row starts from the same weights and trains the whole network for the same steps.
+- Keras' own bn.trainable = False works, until the usual base.trainable = True undoes it.
+- base(x, training=False) freezes nothing once the base is trainable: fit overrides it.
+- Selecting BN by name misses layers: no Keras 3 BN name starts with 'bn'.
+- bnkit's modes are pinned and verified by watch: frozen keeps everything, affine trains
+  only gamma/beta, train trains all four, adapt stays frozen until re-estimated."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,18 +57,41 @@ def inspect_cmd(model: Path, as_json: bool, bn_only: bool) -> None:
 
 @cli.command("freeze")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Where to write the frozen model (.keras); never the input.")
-@click.option("--train-from", metavar="NAME",
-              help="Freeze every layer before NAME; train NAME and everything after it.")
-@click.option("--bn", type=click.Choice(MODES), help="Mode of the BN layers that --train-from trains (all BN without it).")
-@click.option("--rule", "rules", multiple=True, metavar="SELECTOR=MODE",
-              help="Extra rule, applied in order after the others: bn=frozen, glob:conv5_*=train, "
-              "re:preact_bn$=affine, index:0:10=frozen, from:NAME=train, depth:0.8=train, "
-              "block:conv5_block3=train, type:Dense=train.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Where to write the frozen model (.keras); never the input.",
+)
+@click.option(
+    "--train-from",
+    metavar="NAME",
+    help="Freeze every layer before NAME; train NAME and everything after it.",
+)
+@click.option(
+    "--bn",
+    type=click.Choice(MODES),
+    help="Mode of the BN layers that --train-from trains (all BN without it).",
+)
+@click.option(
+    "--rule",
+    "rules",
+    multiple=True,
+    metavar="SELECTOR=MODE",
+    help="Extra rule, applied in order after the others: bn=frozen, glob:conv5_*=train, "
+    "re:preact_bn$=affine, index:0:10=frozen, from:NAME=train, depth:0.8=train, "
+    "block:conv5_block3=train, type:Dense=train.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def freeze_cmd(model: Path, output: Path, train_from: str | None, bn: str | None,
-               rules: tuple[str, ...], as_json: bool) -> None:
+def freeze_cmd(
+    model: Path,
+    output: Path,
+    train_from: str | None,
+    bn: str | None,
+    rules: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Apply a freeze policy and save the model with its BN modes pinned."""
     from bnkit.files import check_output, load_model, save_model
     from bnkit.freeze import freeze
@@ -81,12 +115,14 @@ def demo_cmd(steps: int, input_size: int, as_json: bool) -> None:
     """Show what each way of freezing BN really does to ResNet50V2 in Keras 3."""
     from bnkit.demo import seed_demo
 
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing chatter per approach
     with _err.status("training ResNet50V2 once per approach..."):
         result = seed_demo(input_size=input_size, steps=steps)
     if as_json:
         click.echo(result.to_json())
         return
     _out.print(result.table())
+    _out.print(DEMO_LEGEND, highlight=False)
 
 
 def main() -> None:

@@ -64,7 +64,9 @@ class DemoResult:
                 str(r.targeted),
                 f"{r.stats_kept}/{r.bn_layers}",
                 f"{r.affine_kept}/{r.bn_layers}",
-                "" if r.problems < 0 else ("as planned" if r.problems == 0 else f"{r.problems} off plan"),
+                ""
+                if r.problems < 0
+                else ("as planned" if r.problems == 0 else f"{r.problems} off plan"),
             )
         return t
 
@@ -115,7 +117,7 @@ def _keras_approaches() -> list[tuple[str, Callable[[Any], int]]]:
 
 
 def build_demo_model(input_size: int = 32) -> tuple[Any, Any]:
-    """ResNet50V2 (`weights=None`) called with `training=False` under a new head, as guides teach."""
+    """ResNet50V2 (`weights=None`) called with `training=False` under a new head, as guides do."""
     import keras
 
     base = keras.applications.ResNet50V2(
@@ -137,7 +139,9 @@ def demo_images(n: int, input_size: int, seed: int = 0) -> tuple[np.ndarray, np.
     return x, y
 
 
-def seed_demo(input_size: int = 32, steps: int = 2, batch_size: int = 8, seed: int = 0) -> DemoResult:
+def seed_demo(
+    input_size: int = 32, steps: int = 2, batch_size: int = 8, seed: int = 0
+) -> DemoResult:
     """Runs every approach from the same weights and reports what happened to BN.
 
     Example:

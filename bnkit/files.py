@@ -17,7 +17,7 @@ from bnkit.errors import BnkitError, ModelFileError
 
 
 def check_model_file(path: Path) -> Path:
-    """Returns `path` if it looks like a readable Keras model; raises ModelFileError saying why not."""
+    """Returns `path` if it looks like a Keras model; raises ModelFileError saying why not."""
     if not path.exists():
         raise ModelFileError(f"{path}: no such file; check the path")
     if path.is_dir():

@@ -61,7 +61,9 @@ def freeze(
             BnkitWarning,
             stacklevel=2,
         )
-    plan = Plan(decisions, str(policy), needs_recompile=status.stale and not recompile, notes=tuple(notes))
+    plan = Plan(
+        decisions, str(policy), needs_recompile=status.stale and not recompile, notes=tuple(notes)
+    )
     _PLANS[model] = plan
     return plan
 

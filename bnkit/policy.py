@@ -124,7 +124,7 @@ class AllBN(Selector):
 
 @dataclass(frozen=True)
 class LayerType(Selector):
-    """Layers whose class is named `class_name` (`BatchNormalization` also matches BN subclasses)."""
+    """Layers of class `class_name` (`BatchNormalization` also matches BN subclasses)."""
 
     class_name: str
 
@@ -218,8 +218,8 @@ class Depth(Selector):
                 f"depth fractions must lie in [0, 1], got {self.start}..{self.stop}"
             )
         n = len(layers)
-        hi = n if self.stop >= 1.0 else int(round(self.stop * n))
-        return list(range(int(round(self.start * n)), hi))
+        hi = n if self.stop >= 1.0 else round(self.stop * n)
+        return list(range(round(self.start * n), hi))
 
     def __str__(self) -> str:
         return f"depth:{self.start:g}:{self.stop:g}"
@@ -244,7 +244,7 @@ class Block(Selector):
 
 
 def find_layer(layers: Sequence[LayerInfo], name: str) -> int:
-    """Position of the layer whose path or name is `name`; raises SelectorError naming the closest."""
+    """Position of the layer with path or name `name`; raises SelectorError naming the closest."""
     for i, layer in enumerate(layers):
         if layer.path == name:
             return i
@@ -465,7 +465,7 @@ def resolve(
     Raises SelectorError when a rule selects nothing, or sets only a BN mode
     and selects no BN layer.
     """
-    state = [[t, m, None] for t, m in current]
+    state: list[_Entry] = [_Entry(t, m, None) for t, m in current]
     for k, rule in enumerate(policy.rules):
         picked = rule.select.match(layers)
         if not picked:
@@ -475,23 +475,30 @@ def resolve(
         for i in picked:
             _apply_rule(state[i], layers[i].is_bn, rule, k)
     return tuple(
-        LayerDecision(info.path, info.class_name, info.is_bn, bool(s[0]), s[1], s[2])
+        LayerDecision(info.path, info.class_name, info.is_bn, s.trainable, s.bn_mode, s.rule)
         for info, s in zip(layers, state, strict=True)
     )
 
 
-def _apply_rule(entry: list, is_bn: bool, rule: Rule, k: int) -> None:
+@dataclass
+class _Entry:
+    trainable: bool
+    bn_mode: str | None
+    rule: int | None
+
+
+def _apply_rule(entry: _Entry, is_bn: bool, rule: Rule, k: int) -> None:
     if is_bn:
         mode = rule.bn
         if mode is None:
             mode = Mode.TRAIN if rule.trainable else Mode.FROZEN
-        entry[0] = MODE_STATES[mode].affine_trained
-        entry[1] = mode.value
-        entry[2] = k
+        entry.trainable = MODE_STATES[mode].affine_trained
+        entry.bn_mode = mode.value
+        entry.rule = k
         return
     if rule.trainable is not None:
-        entry[0] = rule.trainable
-        entry[2] = k
+        entry.trainable = rule.trainable
+        entry.rule = k
 
 
 def _no_match_message(select: Selector, layers: Sequence[LayerInfo]) -> str:

@@ -72,8 +72,8 @@ class CompileStatus:
                 "(fit raises 'Unknown variable' or trains nothing new)"
             )
         return (
-            "; ".join(parts)
-            + ": Keras ignores this on TensorFlow and may fail on torch; call bnkit.recompile(model)"
+            "; ".join(parts) + ": Keras ignores this on TensorFlow and may fail on torch; "
+            "call bnkit.recompile(model)"
         )
 
 
@@ -143,8 +143,10 @@ class Report:
     def table(self, bn_only: bool = False) -> Table:
         """A rich table of the layers (only BN layers with `bn_only`)."""
         t = Table(title=f"{self.model_name} ({self.backend})", show_lines=False)
-        for col in ("#", "path", "class", "trainable", "params (train/fixed)", "BN mode", "notes"):
-            t.add_column(col, overflow="fold")
+        t.add_column("#", justify="right")
+        t.add_column("path", no_wrap=True)
+        for col in ("class", "trainable", "params train/fixed", "BN mode", "note"):
+            t.add_column(col, no_wrap=True)
         rows = self.bn_layers if bn_only else self.layers
         for i, r in enumerate(rows):
             t.add_row(
@@ -154,7 +156,7 @@ class Report:
                 _trainable_cell(r),
                 f"{r.trainable_params:,}/{r.non_trainable_params:,}",
                 r.bn_mode or "",
-                "; ".join(r.notes),
+                "!" if r.notes else "",
             )
         return t
 

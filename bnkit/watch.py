@@ -161,11 +161,15 @@ def _expectations(model: Any, plan: Plan | None) -> tuple[dict[str, Expectation]
         plan = last_plan(model)
         source = "last freeze plan"
     if plan is not None:
-        return {d.path: _from_decision(d.trainable, d.bn_mode, d.is_bn) for d in plan.layers}, source
+        return {
+            d.path: _from_decision(d.trainable, d.bn_mode, d.is_bn) for d in plan.layers
+        }, source
     out = {}
     for r in inspect(model).leaves():
         if r.is_bn and r.bn_state is not None:
-            out[r.path] = Expectation(r.bn_mode or "custom", r.bn_state.affine_trained, r.bn_state.stats_update)
+            out[r.path] = Expectation(
+                r.bn_mode or "custom", r.bn_state.affine_trained, r.bn_state.stats_update
+            )
         else:
             out[r.path] = _from_decision(r.effective_trainable, None, False)
     return out, "inspect at start"
@@ -183,12 +187,16 @@ def _from_decision(trainable: bool, bn_mode: str | None, is_bn: bool) -> Expecta
     return Expectation(str(bn_mode), state.affine_trained, state.stats_update)
 
 
-def _compare(before: Snapshot, after: Snapshot, expected: dict[str, Expectation]) -> tuple[LayerChange, ...]:
+def _compare(
+    before: Snapshot, after: Snapshot, expected: dict[str, Expectation]
+) -> tuple[LayerChange, ...]:
     changes = []
     for path, exp in expected.items():
         w_changed, w_delta = _diff(before.weights.get(path, {}), after.weights.get(path, {}))
         has_stats = path in before.stats and path in after.stats
-        s_changed, s_delta = _diff(before.stats[path], after.stats[path]) if has_stats else (None, None)
+        s_changed, s_delta = (
+            _diff(before.stats[path], after.stats[path]) if has_stats else (None, None)
+        )
         if path not in before.weights and not has_stats:
             continue
         changes.append(
@@ -206,7 +214,9 @@ def _compare(before: Snapshot, after: Snapshot, expected: dict[str, Expectation]
     return tuple(changes)
 
 
-def _problems(exp: Expectation, has_weights: bool, w_changed: bool, s_changed: bool | None) -> tuple[str, ...]:
+def _problems(
+    exp: Expectation, has_weights: bool, w_changed: bool, s_changed: bool | None
+) -> tuple[str, ...]:
     out = []
     what = "gamma/beta" if s_changed is not None else "weights"
     if has_weights and w_changed and not exp.weights_train:

@@ -8,11 +8,11 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import numpy as np
+import pytest
 
-import bnkit  # noqa: E402, F401  (registers the pinned BN layer)
+import bnkit  # noqa: F401  (registers the pinned BN layer)
 
 INPUT = (8, 8, 3)
 CLASSES = 3
@@ -66,7 +66,11 @@ def weights_of(layer: keras.layers.Layer) -> dict[str, np.ndarray]:
 
 
 def bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    return [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
 
 
 def changed(before: dict[str, np.ndarray], after: dict[str, np.ndarray], name: str) -> bool:

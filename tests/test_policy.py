@@ -11,8 +11,8 @@ from bnkit.policy import (
     MODE_STATES,
     STATS_ONLY,
     AllBN,
-    BNState,
     Block,
+    BNState,
     Depth,
     FromLayer,
     Glob,
@@ -53,18 +53,25 @@ def names(idx: list[int]) -> list[str]:
 
 def test_selectors_pick_the_documented_layers():
     assert names(AllBN().match(LAYERS)) == [
-        "conv1_bn", "conv2_block1_preact_bn", "conv2_block1_1_bn", "conv5_block1_1_bn"
+        "conv1_bn",
+        "conv2_block1_preact_bn",
+        "conv2_block1_1_bn",
+        "conv5_block1_1_bn",
     ]
     assert names(Glob("conv5_*").match(LAYERS)) == ["conv5_block1_1_conv", "conv5_block1_1_bn"]
     assert names(Glob("base/conv1_*").match(LAYERS)) == ["conv1_conv", "conv1_bn"]
     assert names(Regex(r"preact_bn$").match(LAYERS)) == ["conv2_block1_preact_bn"]
     assert names(IndexRange(-2, None).match(LAYERS)) == ["conv5_block1_1_bn", "head"]
     assert names(FromLayer("conv5_block1_1_conv").match(LAYERS)) == [
-        "conv5_block1_1_conv", "conv5_block1_1_bn", "head"
+        "conv5_block1_1_conv",
+        "conv5_block1_1_bn",
+        "head",
     ]
     assert names(Depth(0.75).match(LAYERS)) == ["conv5_block1_1_bn", "head"]
     assert names(Block("conv2_block1").match(LAYERS)) == [
-        "conv2_block1_preact_bn", "conv2_block1_1_conv", "conv2_block1_1_bn"
+        "conv2_block1_preact_bn",
+        "conv2_block1_1_conv",
+        "conv2_block1_1_bn",
     ]
     assert names(LayerType("Dense").match(LAYERS)) == ["head"]
     # BatchNormalization as a type also picks subclasses
@@ -78,8 +85,18 @@ def test_from_unknown_layer_names_the_closest():
 
 
 def test_parse_selector_round_trips_every_kind():
-    for text in ["bn", "all", "glob:conv5_*", "re:preact_bn$", "index:2:5", "index::3",
-                 "from:head", "depth:0.5:0.75", "block:conv2_block1", "type:Dense"]:
+    for text in [
+        "bn",
+        "all",
+        "glob:conv5_*",
+        "re:preact_bn$",
+        "index:2:5",
+        "index::3",
+        "from:head",
+        "depth:0.5:0.75",
+        "block:conv2_block1",
+        "type:Dense",
+    ]:
         assert str(parse_selector(text)) == text
     assert str(parse_selector("conv1_bn")) == "glob:conv1_bn"
     with pytest.raises(SelectorError, match="expected"):
@@ -97,14 +114,20 @@ def test_parse_rule_maps_modes_to_trainability():
 
 
 def test_later_rules_win_and_bn_mode_sets_bn_trainability():
-    policy = Policy.build(train_from="conv2_block1_1_conv", bn="affine",
-                          rules=[parse_rule("re:preact_bn$=frozen"), Rule(Glob("head"), trainable=False)])
+    policy = Policy.build(
+        train_from="conv2_block1_1_conv",
+        bn="affine",
+        rules=[parse_rule("re:preact_bn$=frozen"), Rule(Glob("head"), trainable=False)],
+    )
     plan = {d.path.split("/")[-1]: d for d in resolve(LAYERS, CURRENT, policy)}
     assert plan["conv1_conv"].trainable is False
     assert plan["conv1_bn"].bn_mode == "frozen"
     assert plan["conv2_block1_preact_bn"].bn_mode == "frozen"
     assert plan["conv2_block1_1_conv"].trainable is True
-    assert (plan["conv2_block1_1_bn"].bn_mode, plan["conv2_block1_1_bn"].trainable) == ("affine", True)
+    assert (plan["conv2_block1_1_bn"].bn_mode, plan["conv2_block1_1_bn"].trainable) == (
+        "affine",
+        True,
+    )
     assert plan["conv5_block1_1_bn"].bn_mode == "affine"
     assert plan["head"].trainable is False and plan["head"].rule == 3
 

@@ -44,8 +44,10 @@ def test_nested_paths_and_training_false_trap(transfer, data):
     before = [weights_of(b) for b in bn_layers(base)]
     compile_fit(model, *data)
     after = [weights_of(b) for b in bn_layers(base)]
-    assert all(changed(b, a, "moving_mean") and changed(b, a, "moving_variance")
-               for b, a in zip(before, after, strict=True))
+    assert all(
+        changed(b, a, "moving_mean") and changed(b, a, "moving_variance")
+        for b, a in zip(before, after, strict=True)
+    )
 
 
 def test_bn_trainable_false_is_frozen(transfer, data):
@@ -92,19 +94,23 @@ class MyBN(keras.layers.BatchNormalization):
 
 def test_subclasses_and_synchronized_bn_count_as_bn():
     sync = keras.backend.backend() == "tensorflow"  # Keras allows synchronized BN only there
-    model = keras.Sequential([
-        keras.Input((4, 4, 2)),
-        keras.layers.Conv2D(2, 1),
-        MyBN(),
-        keras.layers.BatchNormalization(synchronized=sync),
-        keras.layers.LayerNormalization(),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 2)),
+            keras.layers.Conv2D(2, 1),
+            MyBN(),
+            keras.layers.BatchNormalization(synchronized=sync),
+            keras.layers.LayerNormalization(),
+        ]
+    )
     report = bnkit.inspect(model)
     assert [r.class_name for r in report.bn_layers] == ["MyBN", "BatchNormalization"]
 
 
 def test_model_without_bn_reports_zero():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2), keras.layers.LayerNormalization()])
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(2), keras.layers.LayerNormalization()]
+    )
     report = bnkit.inspect(model)
     assert report.totals()["bn_layers"] == 0 and report.bn_counts() == {}
 

@@ -79,7 +79,7 @@ class _PinMixin:
 
 
 @keras.saving.register_keras_serializable(package="bnkit")
-class PinnedBatchNormalization(_PinMixin, _BN):  # type: ignore[misc]
+class PinnedBatchNormalization(_PinMixin, keras.layers.BatchNormalization):  # type: ignore[misc]
     """BatchNormalization pinned to a bnkit mode (frozen, affine, train or adapt).
 
     Serialisable: a model saved after `bnkit.freeze` reloads with
@@ -138,7 +138,7 @@ def _walk(model: Any) -> list[_Node]:
             path = prefix + child.name
             out.append(_Node(child, path, parents, subs))
             if subs:
-                visit(child, path + "/", parents + (child,))
+                visit(child, path + "/", (*parents, child))
 
     visit(model, "", (model,))
     return out
@@ -167,7 +167,9 @@ def _size(v: Any) -> int:
 
 
 def _bn_state(layer: Any, trainable_ids: set[int]) -> BNState:
-    affine = [v for v in (getattr(layer, "gamma", None), getattr(layer, "beta", None)) if v is not None]
+    affine = [
+        v for v in (getattr(layer, "gamma", None), getattr(layer, "beta", None)) if v is not None
+    ]
     if affine:
         affine_trained = any(id(v) in trainable_ids for v in affine)
     else:
@@ -221,7 +223,11 @@ class KerasBackend:
 
     def records(self, model: Any) -> list[LayerRecord]:
         trainable_ids = {id(v) for v in model.trainable_variables}
-        compiled = getattr(model, "_compiled_trainable_state", None) if getattr(model, "compiled", False) else None
+        compiled = (
+            getattr(model, "_compiled_trainable_state", None)
+            if getattr(model, "compiled", False)
+            else None
+        )
         return [self._record(n, trainable_ids, compiled) for n in _walk(model)]
 
     def _record(self, node: _Node, trainable_ids: set[int], compiled: dict | None) -> LayerRecord:
@@ -239,8 +245,7 @@ class KerasBackend:
             )
         if compiled is not None and layer in compiled and compiled[layer] != layer.trainable:
             notes.append(
-                f"trainable changed to {layer.trainable} after compile: "
-                "call bnkit.recompile(model)"
+                f"trainable changed to {layer.trainable} after compile: call bnkit.recompile(model)"
             )
         bn_fields: dict[str, Any] = {}
         if isinstance(layer, _BN):
@@ -306,7 +311,9 @@ class KerasBackend:
 
     def set_bn_mode(self, layer: Any, mode: Mode) -> None:
         if not isinstance(layer, _BN):
-            raise BnkitError(f"layer '{layer.name}' is {type(layer).__name__}, not BatchNormalization")
+            raise BnkitError(
+                f"layer '{layer.name}' is {type(layer).__name__}, not BatchNormalization"
+            )
         layer.__class__ = _pinned_class(type(layer))
         _pin(layer, mode)
 

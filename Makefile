@@ -1,0 +1,32 @@
+# `make demo` runs the main job; `make test` runs lint, types and the tests under
+# the Keras torch and TensorFlow backends. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bnkit demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check bnkit tests
+	$(PY) -m ruff format --check bnkit tests
+	$(PY) -m mypy bnkit
+
+test: lint
+	KERAS_BACKEND=torch $(PY) -m pytest -q tests
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bnkit-demo

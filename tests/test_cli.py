@@ -1,0 +1,161 @@
+"""The bnkit command: output, files written atomically, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+from conftest import build_transfer
+
+import bnkit
+from bnkit.cli import main
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    sys.argv = ["bnkit", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    model, _ = build_transfer()
+    path = tmp_path / "model.keras"
+    model.save(path)
+    return path
+
+
+def test_inspect_prints_table_and_json(capsys, model_file):
+    code, out, _ = run(capsys, "inspect", str(model_file))
+    assert code == 0
+    assert "base/block2_preact_bn" in out and "4 BN layers: train 4" in out
+    code, out, _ = run(capsys, "inspect", str(model_file), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["totals"]["bn_layers"] == 4
+    code, out, _ = run(capsys, "inspect", str(model_file), "--bn-only")
+    assert "stem_conv" not in out and "stem_bn" in out
+
+
+def test_freeze_writes_a_pinned_model_and_leaves_the_input(capsys, model_file, tmp_path):
+    before = digest(model_file)
+    out_path = tmp_path / "frozen.keras"
+    code, out, err = run(
+        capsys,
+        "freeze",
+        str(model_file),
+        "-o",
+        str(out_path),
+        "--train-from",
+        "block2_conv",
+        "--bn",
+        "affine",
+        "--rule",
+        "re:preact_bn$=frozen",
+    )
+    assert code == 0, err
+    assert digest(model_file) == before
+    assert "wrote" in out
+    loaded = keras.models.load_model(out_path)
+    modes = {r.path: r.bn_mode for r in bnkit.inspect(loaded).bn_layers}
+    assert modes == {
+        "base/stem_bn": "frozen",
+        "base/block1_bn": "frozen",
+        "base/block2_preact_bn": "frozen",
+        "base/block2_bn": "affine",
+    }
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def _corrupt(path: Path) -> Path:
+    bad = path.with_name("corrupt.keras")
+    data = path.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return bad
+
+
+def _not_a_model(path: Path) -> Path:
+    bad = path.with_name("text.keras")
+    bad.write_text("this is not a model\n")
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("case", "args", "message"),
+    [
+        ("missing", ["freeze", "{missing}", "-o", "{out}", "--bn", "frozen"], "no such file"),
+        ("not a model", ["inspect", "{text}"], "not a Keras archive"),
+        ("corrupt", ["freeze", "{corrupt}", "-o", "{out}", "--bn", "frozen"], "corrupt"),
+        (
+            "output is input",
+            ["freeze", "{model}", "-o", "{model}", "--bn", "frozen"],
+            "never overwrites",
+        ),
+        (
+            "unknown layer",
+            ["freeze", "{model}", "-o", "{out}", "--train-from", "block2_cnv"],
+            "block2_conv",
+        ),
+        (
+            "matches nothing",
+            ["freeze", "{model}", "-o", "{out}", "--rule", "glob:zz*=frozen"],
+            "matches no layer",
+        ),
+        ("bad mode", ["freeze", "{model}", "-o", "{out}", "--rule", "bn=melt"], "unknown BN mode"),
+        ("no policy", ["freeze", "{model}", "-o", "{out}"], "needs a policy"),
+        ("wrong suffix", ["freeze", "{model}", "-o", "{h5}", "--bn", "frozen"], "must end in"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(capsys, model_file, tmp_path, case, args, message):
+    paths = {
+        "missing": tmp_path / "missing.keras",
+        "text": _not_a_model(model_file),
+        "corrupt": _corrupt(model_file),
+        "model": model_file,
+        "out": tmp_path / "out.keras",
+        "h5": tmp_path / "out.h5",
+    }
+    inputs = {k: digest(v) for k, v in paths.items() if v.exists()}
+    code, out, err = run(capsys, *[a.format(**paths) for a in args])
+    assert code == 2, (case, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bnkit: error:"), err
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert {k: digest(v) for k, v in paths.items() if v.exists()} == inputs
+    assert not paths["out"].exists()
+
+
+def test_saved_model_reloads_when_bnkit_is_imported_before_keras(tmp_path):
+    model, _ = build_transfer()
+    bnkit.freeze(model, bn="affine")
+    path = tmp_path / "affine.keras"
+    model.save(path)
+    code = (
+        "import sys, bnkit\n"
+        "assert 'keras' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "import keras\n"
+        f"m = keras.models.load_model({str(path)!r})\n"
+        "print(sorted({r.bn_mode for r in bnkit.inspect(m).bn_layers}))\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['affine']"

@@ -1,0 +1,29 @@
+"""The demo's claims about each approach, measured on the real ResNet50V2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bnkit.demo import seed_demo
+
+
+@pytest.mark.slow
+def test_seed_demo_shows_what_each_approach_does():
+    result = seed_demo(steps=1)
+    rows = {r.approach: r for r in result.rows}
+    assert all(r.bn_layers == 49 for r in result.rows)
+    keras_flag = rows["bn.trainable = False (every BN)"]
+    assert (keras_flag.stats_kept, keras_flag.affine_kept) == (49, 49)
+    assert rows["bn.trainable = False, then base.trainable = True"].stats_kept == 0
+    assert rows["base(x, training=False), then base.trainable = True"].stats_kept == 0
+    by_prefix = rows["BN picked by name.startswith('bn')"]
+    assert (by_prefix.targeted, by_prefix.stats_kept) == (0, 0)
+    preact = rows["BN picked by 'preact_bn' in name"]
+    assert (preact.targeted, preact.stats_kept) == (16, 16)
+    expected = {"frozen": (49, 49), "affine": (49, 0), "train": (0, 0), "adapt": (49, 49)}
+    for mode, (stats, affine) in expected.items():
+        row = rows[f"bnkit.freeze(bn='{mode}'), then base.trainable = True"]
+        assert (row.stats_kept, row.affine_kept, row.problems) == (stats, affine, 0)
+    assert len(json.loads(result.to_json())["rows"]) == 9
