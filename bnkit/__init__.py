@@ -27,11 +27,13 @@ from bnkit.policy import (
     Rule,
 )
 from bnkit.report import Report, inspect
+from bnkit.stats import AdaptReport, adapt
 from bnkit.watch import WatchReport, watch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptReport",
     "AllBN",
     "AllLayers",
     "BNState",
@@ -53,6 +55,7 @@ __all__ = [
     "Rule",
     "SelectorError",
     "WatchReport",
+    "adapt",
     "freeze",
     "inspect",
     "recompile",

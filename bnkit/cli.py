@@ -107,6 +107,51 @@ def freeze_cmd(
     _out.print(f"wrote {output}", highlight=False)
 
 
+@cli.command("adapt")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Where to write the adapted model (.keras); never the input.",
+)
+@click.option("--max-batches", type=int, help="Stop after this many batches.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer summary as JSON.")
+def adapt_cmd(
+    model: Path, data: Path, output: Path, max_batches: int | None, batch_size: int, as_json: bool
+) -> None:
+    """Re-estimate BN statistics on DATA (an .npz with array x; labels unused)."""
+    from rich.progress import Progress
+
+    from bnkit.data import load_npz
+    from bnkit.files import check_output, load_model, save_model
+    from bnkit.stats import adapt
+
+    check_output(output, model, data, suffix=".keras")
+    x, _ = load_npz(data)
+    m = load_model(model)
+    total = -(-len(x) // batch_size)
+    total = min(total, max_batches) if max_batches else total
+    with Progress(console=_err, transient=True) as progress:
+        task = progress.add_task("re-estimating BN statistics", total=total)
+        report = adapt(
+            m,
+            x,
+            batch_size=batch_size,
+            max_batches=max_batches,
+            on_batch=lambda k: progress.update(task, completed=k),
+        )
+    save_model(m, output)
+    if as_json:
+        click.echo(report.to_json())
+        return
+    _out.print(str(report), highlight=False)
+    _out.print(f"wrote {output}", highlight=False)
+
+
 @cli.command("demo")
 @click.option("--steps", default=2, show_default=True, help="Training steps per approach.")
 @click.option("--input-size", default=32, show_default=True, help="Image side in pixels.")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 from conftest import build_transfer
 
@@ -159,3 +160,54 @@ def test_saved_model_reloads_when_bnkit_is_imported_before_keras(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "['affine']"
+
+
+def test_adapt_command_writes_model_with_new_statistics(capsys, model_file, tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "target.npz"
+    np.savez(data, x=rng.normal(3.0, 2.0, size=(20, 8, 8, 3)).astype("float32"))
+    before = digest(model_file)
+    out_path = tmp_path / "adapted.keras"
+    code, out, err = run(
+        capsys,
+        "adapt",
+        str(model_file),
+        str(data),
+        "-o",
+        str(out_path),
+        "--batch-size",
+        "8",
+        "--json",
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["batches"], doc["samples"], len(doc["layers"])) == (3, 20, 4)
+    assert digest(model_file) == before
+    old = keras.models.load_model(model_file).get_layer("base").get_layer("stem_bn")
+    new = keras.models.load_model(out_path).get_layer("base").get_layer("stem_bn")
+    assert not np.allclose(
+        keras.ops.convert_to_numpy(old.moving_mean), keras.ops.convert_to_numpy(new.moving_mean)
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        (b"not an npz", "not a readable .npz"),
+        ({"z": np.zeros((2, 8, 8, 3))}, "no array named 'x'"),
+        ({"x": np.full((2, 8, 8, 3), np.nan)}, "NaN or inf"),
+        ({"x": np.zeros((2, 8, 8, 3)), "y": np.zeros(3)}, "'y' has 3"),
+    ],
+)
+def test_adapt_bad_data_gets_one_line(capsys, model_file, tmp_path, content, message):
+    data = tmp_path / "d.npz"
+    if isinstance(content, bytes):
+        data.write_bytes(content)
+    elif content is not None:
+        np.savez(data, **content)
+    out_path = tmp_path / "adapted.keras"
+    code, _, err = run(capsys, "adapt", str(model_file), str(data), "-o", str(out_path))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not out_path.exists()

@@ -7,7 +7,8 @@ framework means adding one module here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,10 @@ class Snapshot:
 
     weights: dict[str, dict[str, np.ndarray]]
     stats: dict[str, dict[str, np.ndarray]]
+
+
+MomentSink = Callable[[str, np.ndarray, np.ndarray, int], None]
+"""Receives (layer path, batch mean, batch variance, values per channel)."""
 
 
 class Backend(Protocol):
@@ -61,6 +66,22 @@ class Backend(Protocol):
 
     def snapshot(self, model: Any) -> Snapshot:
         """Copies every weight and running statistic."""
+        ...
+
+    def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:
+        """Writes running statistics (`mean`, `var`) into the BN layers at the given paths."""
+        ...
+
+    def bn_batch_moments(
+        self, model: Any, paths: Sequence[str], record: MomentSink
+    ) -> AbstractContextManager[None]:
+        """While open, each listed BN layer reports the per-channel mean and (population)
+        variance of its input batch to `record`, then normalises with them; nothing else
+        changes in the layer."""
+        ...
+
+    def forward(self, model: Any, x: np.ndarray) -> None:
+        """Runs the model on one batch in inference mode, discarding the output."""
         ...
 
     def load(self, path: Path) -> Any:

@@ -13,6 +13,7 @@ Keras' switches mapped onto bnkit's BN state:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.base import Snapshot
+from bnkit.backends.base import MomentSink, Snapshot
 from bnkit.errors import BnkitError, ModelFileError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.report import CompileStatus, LayerRecord
@@ -360,6 +361,33 @@ class KerasBackend:
                 stats[node.path] = {k: _copy(v) for k, v in stat_vars.items()}
         return Snapshot(weights, stats)
 
+    # ------------------------------------------------------------------ statistics
+
+    def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:
+        layers = {n.path: n.layer for n in _walk(model)}
+        for path, values in stats.items():
+            layer = layers[path]
+            layer.moving_mean.assign(values["mean"].astype(layer.moving_mean.dtype))
+            layer.moving_variance.assign(values["var"].astype(layer.moving_variance.dtype))
+
+    @contextlib.contextmanager
+    def bn_batch_moments(
+        self, model: Any, paths: Sequence[str], record: MomentSink
+    ) -> Iterator[None]:
+        layers = {n.path: n.layer for n in _walk(model)}
+        patched = [layers[p] for p in paths]
+        try:
+            for path, layer in zip(paths, patched, strict=True):
+                object.__setattr__(layer, "call", _moment_call(layer, path, record))
+            yield
+        finally:
+            for layer in patched:
+                if "call" in vars(layer):
+                    object.__delattr__(layer, "call")
+
+    def forward(self, model: Any, x: np.ndarray) -> None:
+        model(x, training=False)
+
     # ------------------------------------------------------------------ files
 
     def load(self, path: Path) -> Any:
@@ -400,6 +428,30 @@ def _set_trainable(layer: Any, value: bool) -> None:
     layer._trainable = value
     for v in layer._trainable_variables:
         v.trainable = value
+
+
+def _moment_call(layer: Any, path: str, record: MomentSink) -> Any:
+    """A BN call that reports its input's batch moments and normalises with them."""
+    ops = keras.ops
+
+    def call(inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        x = ops.cast(inputs, "float32")
+        axis = layer.axis % len(x.shape)
+        reduce = [i for i in range(len(x.shape)) if i != axis]
+        mean, var = ops.moments(x, axes=reduce)
+        n = int(np.prod([x.shape[i] for i in reduce]))
+        record(path, ops.convert_to_numpy(mean), ops.convert_to_numpy(var), n)
+        return ops.batch_normalization(
+            x,
+            mean,
+            var,
+            axis=axis,
+            offset=layer.beta if layer.center else None,
+            scale=layer.gamma if layer.scale else None,
+            epsilon=layer.epsilon,
+        )
+
+    return call
 
 
 def _stat_variables(layer: Any) -> dict[str, Any]:
