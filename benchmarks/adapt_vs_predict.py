@@ -15,10 +15,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import bnkit  # noqa: E402
+import bnkit
 
 N, SIZE, BATCH, REPEATS = 1024, 32, 64, 3
 
