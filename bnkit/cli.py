@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -93,18 +94,13 @@ def freeze_cmd(
     as_json: bool,
 ) -> None:
     """Apply a freeze policy and save the model with its BN modes pinned."""
-    from bnkit.files import check_output, load_model, save_model
+    from bnkit.files import check_output, load_model
     from bnkit.freeze import freeze
 
     check_output(output, model, suffix=".keras")
     m = load_model(model)
     plan = freeze(m, train_from=train_from, bn=bn, rules=list(rules))
-    save_model(m, output)
-    if as_json:
-        click.echo(plan.to_json())
-        return
-    _out.print(str(plan), highlight=False)
-    _out.print(f"wrote {output}", highlight=False)
+    _save_and_render(m, output, plan, as_json)
 
 
 @cli.command("adapt")
@@ -127,7 +123,7 @@ def adapt_cmd(
     from rich.progress import Progress
 
     from bnkit.data import load_npz
-    from bnkit.files import check_output, load_model, save_model
+    from bnkit.files import check_output, load_model
     from bnkit.stats import adapt
 
     check_output(output, model, data, suffix=".keras")
@@ -144,12 +140,7 @@ def adapt_cmd(
             max_batches=max_batches,
             on_batch=lambda k: progress.update(task, completed=k),
         )
-    save_model(m, output)
-    if as_json:
-        click.echo(report.to_json())
-        return
-    _out.print(str(report), highlight=False)
-    _out.print(f"wrote {output}", highlight=False)
+    _save_and_render(m, output, report, as_json)
 
 
 @cli.command("demo")
@@ -168,6 +159,18 @@ def demo_cmd(steps: int, input_size: int, as_json: bool) -> None:
         return
     _out.print(result.table())
     _out.print(DEMO_LEGEND, highlight=False)
+
+
+def _save_and_render(model: Any, output: Path, result: Any, as_json: bool) -> None:
+    """Writes the model atomically, then prints the result (JSON or text)."""
+    from bnkit.files import save_model
+
+    save_model(model, output)
+    if as_json:
+        click.echo(result.to_json())
+        return
+    _out.print(str(result), highlight=False)
+    _out.print(f"wrote {output}", highlight=False)
 
 
 def main() -> None:
