@@ -10,7 +10,7 @@ from typing import Any
 from bnkit.backends import get_backend
 from bnkit.errors import BnkitError, BnkitWarning
 from bnkit.policy import Mode, Plan, Policy, Rule, parse_rule, resolve
-from bnkit.report import LayerRecord
+from bnkit.report import LayerRecord, leaf_records
 
 _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
 
@@ -46,8 +46,7 @@ def freeze(
     """
     backend = get_backend(model)
     policy = _as_policy(policy, train_from, bn, rules)
-    records = [r for r in backend.records(model) if not r.is_container]
-    infos = [r.info(i) for i, r in enumerate(records)]
+    records, infos = leaf_records(backend.records(model))
     decisions = resolve(infos, [_current(r) for r in records], policy)
     backend.apply(model, decisions)
     notes: list[str] = []

@@ -185,6 +185,12 @@ class Report:
         return "\n".join([head, *rows, self.summary()])
 
 
+def leaf_records(records: list[LayerRecord]) -> tuple[list[LayerRecord], list[LayerInfo]]:
+    """The non-container records and their selector view, in topological order."""
+    leaves = [r for r in records if not r.is_container]
+    return leaves, [r.info(i) for i, r in enumerate(leaves)]
+
+
 def _paths(paths: list[str]) -> str:
     if len(paths) <= 3:
         return ", ".join(paths)

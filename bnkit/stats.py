@@ -13,6 +13,7 @@ from bnkit.backends import get_backend
 from bnkit.data import DEFAULT_BATCH_SIZE, batches
 from bnkit.errors import BnkitError
 from bnkit.policy import AllBN, Selector
+from bnkit.report import leaf_records
 
 
 class _Moments:
@@ -36,10 +37,11 @@ class _Moments:
         self.m2 = self.m2 + var * n + delta**2 * (self.n * n / total)
         self.n = total
 
-    @property
-    def var(self) -> np.ndarray:
-        assert self.m2 is not None
-        return self.m2 / self.n
+    def result(self) -> dict[str, np.ndarray]:
+        """The running statistics to store: `mean` and population `var`."""
+        if self.mean is None or self.m2 is None:
+            raise BnkitError("a selected BN layer saw no data: is it on the model's path?")
+        return {"mean": self.mean, "var": self.m2 / self.n}
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,7 @@ def adapt(
         64
     """
     backend = get_backend(model)
-    leaves = [r for r in backend.records(model) if not r.is_container]
-    infos = [r.info(i) for i, r in enumerate(leaves)]
+    _, infos = leaf_records(backend.records(model))
     picked = [infos[i] for i in (select or AllBN()).match(infos) if infos[i].is_bn]
     if not picked:
         raise BnkitError("no BatchNormalization layer selected: nothing to re-estimate")
@@ -132,12 +133,12 @@ def adapt(
             n_samples += len(x)
             if on_batch is not None:
                 on_batch(n_batches)
-    new = {p: {"mean": moments[p].mean, "var": moments[p].var} for p in paths}
-    backend.set_bn_stats(model, new)  # type: ignore[arg-type]
+    new = {p: moments[p].result() for p in paths}
+    backend.set_bn_stats(model, new)
     return AdaptReport(tuple(_summary(p, before[p], new[p]) for p in paths), n_batches, n_samples)
 
 
-def _summary(path: str, old: dict[str, np.ndarray], new: dict[str, Any]) -> LayerAdapt:
+def _summary(path: str, old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> LayerAdapt:
     ratio = new["var"] / np.maximum(old["var"], 1e-12)
     return LayerAdapt(
         path=path,

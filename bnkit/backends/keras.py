@@ -321,8 +321,7 @@ class KerasBackend:
     def unfreeze(self, model: Any) -> int:
         nodes = _walk(model)
         released = 0
-        for n in [None, *nodes]:
-            layer = model if n is None else n.layer
+        for layer in [model, *(n.layer for n in nodes)]:
             if isinstance(layer, _PinMixin):
                 layer.__class__ = layer._bnkit_base
                 object.__setattr__(layer, "_bnkit_pinned", False)
