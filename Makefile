@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(VENV)/bin/bnkit demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check bnkit tests
-	$(PY) -m ruff format --check bnkit tests
+	$(PY) -m ruff check bnkit tests benchmarks
+	$(PY) -m ruff format --check bnkit tests benchmarks
 	$(PY) -m mypy bnkit
 
 test: lint

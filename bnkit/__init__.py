@@ -27,7 +27,7 @@ from bnkit.policy import (
     Rule,
 )
 from bnkit.report import Report, inspect
-from bnkit.stats import AdaptReport, adapt
+from bnkit.stats import AdaptReport, ShiftReport, adapt, shift
 from bnkit.watch import WatchReport, watch
 
 __version__ = "0.1.0"
@@ -54,10 +54,12 @@ __all__ = [
     "Report",
     "Rule",
     "SelectorError",
+    "ShiftReport",
     "WatchReport",
     "adapt",
     "freeze",
     "inspect",
+    "shift",
     "recompile",
     "unfreeze",
     "watch",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,63 @@ def freeze_cmd(
     _save_and_render(m, output, plan, as_json)
 
 
+def _data_options(fn: Any) -> Any:
+    """The options every command that reads data shares."""
+    options = [
+        click.option("--batch-size", default=32, show_default=True, help="Batch size."),
+        click.option("--max-batches", type=int, help="Stop after this many batches."),
+        click.option(
+            "--scale",
+            metavar="FACTOR",
+            help="Multiply inputs by FACTOR, e.g. 1/255 for 0-255 pixels into 0-1.",
+        ),
+        click.option(
+            "--preprocess",
+            metavar="NAME",
+            help="keras.applications preprocessing by module (resnet_v2, mobilenet_v2, "
+            "densenet, resnet50, ...) or mode (tf, torch, caffe), after --scale.",
+        ),
+        click.option(
+            "--channels", type=click.Choice(["1", "3"]), help="Convert images to 1 or 3 channels."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _open_data(
+    model: Any,
+    data: Path,
+    batch_size: int,
+    scale: str | None,
+    preprocess: str | None,
+    channels: str | None,
+) -> Any:
+    """DATA (an .npz or a folder of class sub-folders) as batches sized for the model."""
+    from bnkit.backends import get_backend
+    from bnkit.data import load
+
+    shape = get_backend(model).input_shape(model)
+    size = tuple(shape[:2]) if shape is not None and len(shape) == 3 else None
+    image_size = size if size is not None and None not in size else None
+    return load(
+        data,
+        batch_size=batch_size,
+        image_size=image_size,  # type: ignore[arg-type]
+        channels=int(channels) if channels else None,
+        scale=scale,
+        preprocess=preprocess,
+    )
+
+
+def _progress_total(data: Any, max_batches: int | None) -> int | None:
+    total = None if data.size is None else -(-data.size // data.batch_size)
+    if max_batches is not None:
+        return max_batches if total is None else min(total, max_batches)
+    return total
+
+
 @cli.command("adapt")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
@@ -113,34 +172,110 @@ def freeze_cmd(
     required=True,
     help="Where to write the adapted model (.keras); never the input.",
 )
-@click.option("--max-batches", type=int, help="Stop after this many batches.")
-@click.option("--batch-size", default=32, show_default=True)
+@_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer summary as JSON.")
 def adapt_cmd(
-    model: Path, data: Path, output: Path, max_batches: int | None, batch_size: int, as_json: bool
+    model: Path,
+    data: Path,
+    output: Path,
+    batch_size: int,
+    max_batches: int | None,
+    scale: str | None,
+    preprocess: str | None,
+    channels: str | None,
+    as_json: bool,
 ) -> None:
-    """Re-estimate BN statistics on DATA (an .npz with array x; labels unused)."""
-    from rich.progress import Progress
-
-    from bnkit.data import load_npz
+    """Re-estimate BN statistics on DATA: an .npz with array x, or a folder of class
+    sub-folders of images (resized to the model's input). Labels are unused."""
     from bnkit.files import check_output, load_model
     from bnkit.stats import adapt
 
     check_output(output, model, data, suffix=".keras")
-    x, _ = load_npz(data)
     m = load_model(model)
-    total = -(-len(x) // batch_size)
-    total = min(total, max_batches) if max_batches else total
-    with Progress(console=_err, transient=True) as progress:
-        task = progress.add_task("re-estimating BN statistics", total=total)
-        report = adapt(
-            m,
-            x,
-            batch_size=batch_size,
-            max_batches=max_batches,
-            on_batch=lambda k: progress.update(task, completed=k),
-        )
+    source = _open_data(m, data, batch_size, scale, preprocess, channels)
+    with _progress("re-estimating BN statistics", _progress_total(source, max_batches)) as tick:
+        report = adapt(m, source, max_batches=max_batches, on_batch=tick)
     _save_and_render(m, output, report, as_json)
+
+
+@cli.command("shift")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@_data_options
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of shift by depth.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def shift_cmd(
+    model: Path,
+    data: Path,
+    batch_size: int,
+    max_batches: int | None,
+    scale: str | None,
+    preprocess: str | None,
+    channels: str | None,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    """Measure how far DATA is from each BN layer's stored statistics, and say whether
+    to keep BN frozen, re-estimate it (adapt) or train it."""
+    from bnkit.files import check_output, load_model
+    from bnkit.plots import shift_plot
+    from bnkit.stats import shift
+
+    if plot is not None:
+        check_output(plot, model, data, suffix=".png")
+    m = load_model(model)
+    source = _open_data(m, data, batch_size, scale, preprocess, channels)
+    with _progress("measuring BN input statistics", _progress_total(source, max_batches)) as tick:
+        report = shift(m, source, max_batches=max_batches, on_batch=tick)
+    if plot is not None:
+        shift_plot(report, plot)
+    if as_json:
+        click.echo(report.to_json())
+        return
+    _out.print(report.table())
+    _out.print(f"scaling: {source.scaling}", highlight=False)
+    _out.print(str(report), highlight=False)
+    if plot is not None:
+        _out.print(f"wrote {plot}", highlight=False)
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int | None) -> Iterator[Any]:
+    """A transient progress bar on stderr; yields the callback that advances it."""
+    from rich.progress import Progress
+
+    with Progress(console=_err, transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda k: progress.update(task, completed=k)
+
+
+@cli.command("digits")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Split, patches and training seed.")
+@click.option("--size", default=32, show_default=True, help="Image side in pixels.")
+def digits_cmd(folder: Path, seed: int, size: int) -> None:
+    """Write the embedded digits (source and MNIST-M-style target, train/val/test .npz) and
+    the model pretrained on the source into FOLDER; print the shift and AdaBN evidence."""
+    from bnkit.files import atomic_path
+    from bnkit.pretrain import adabn_evidence, pretrained_digits, write_digits
+
+    if folder.exists() and not folder.is_dir():
+        raise BnkitError(f"{folder}: exists and is not a directory; give a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    with _err.status("pretraining on the source digits (cached after the first run)..."):
+        net = pretrained_digits(size=size, seed=seed)
+    model_path = folder / "digits-resnet.keras"
+    with atomic_path(model_path) as tmp:
+        net.model.save(tmp)
+    written = write_digits(folder, size=size, seed=seed)
+    with _err.status("measuring shift and the effect of adapt..."):
+        evidence = adabn_evidence(net.model, size=size, seed=seed)
+    _out.print(str(evidence), highlight=False)
+    _out.print(
+        f"wrote {model_path} and {len(written)} .npz files ({', '.join(p.name for p in written)})"
+        f" into {folder}",
+        highlight=False,
+    )
 
 
 @cli.command("demo")

@@ -1,58 +1,464 @@
-"""Data in: arrays and iterables of batches, checked before any model sees them."""
+"""Data in: image folders, `.npz` files, arrays, `tf.data`, `PyDataset` and iterables of
+batches, checked and scaled before any model sees them; and the embedded demo data."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bnkit.errors import BnkitError
+from bnkit.errors import BnkitError, closest
 
 DEFAULT_BATCH_SIZE = 32
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+LISTED_FILES = 5
+"""How many offending files an error message names."""
+
+_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+PREPROCESS_FAMILIES = {
+    "caffe": ("resnet", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19"),
+    "tf": (
+        "resnet_v2",
+        "mobilenet",
+        "mobilenet_v2",
+        "inception_v3",
+        "inception_resnet_v2",
+        "xception",
+        "nasnet",
+    ),
+    "torch": ("densenet",),
+    "none": ("efficientnet", "efficientnet_v2", "convnext", "regnet", "mobilenet_v3"),
+}
+"""`keras.applications` modules by what their `preprocess_input` does to 0-255 RGB pixels."""
 
 
 class DataError(BnkitError):
-    """Data that bnkit cannot use: empty, non-finite, or of the wrong shape."""
+    """Data that bnkit cannot use: empty, unreadable, non-finite, or of the wrong shape."""
+
+
+# ---------------------------------------------------------------------- scaling
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How raw inputs are mapped to what the model expects: a factor, or a named
+    `keras.applications` preprocessing (`caffe`, `tf`, `torch`, `none`, or a module
+    name such as `resnet_v2`)."""
+
+    factor: float = 1.0
+    mode: str = "none"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = x * np.float32(self.factor) if self.factor != 1.0 else x
+        if self.mode == "tf":
+            return x / np.float32(127.5) - np.float32(1.0)
+        if self.mode == "torch":
+            return (x / np.float32(255.0) - _TORCH_MEAN) / _TORCH_STD
+        if self.mode == "caffe":
+            return x[..., ::-1] - _CAFFE_MEAN_BGR
+        return x
+
+    def __str__(self) -> str:
+        if self.mode != "none":
+            return f"preprocess {self.mode}"
+        return "none" if self.factor == 1.0 else f"x {self.factor:g}"
+
+
+def parse_scaling(scale: float | str | None = None, preprocess: str | None = None) -> Scaling:
+    """A Scaling from `scale` (a number or a fraction such as `"1/255"`) and/or a named
+    preprocessing (a `keras.applications` module name or `caffe`/`tf`/`torch`/`none`).
+
+    Example:
+        >>> parse_scaling("1/255").factor == 1 / 255
+        True
+        >>> parse_scaling(preprocess="resnet_v2").mode
+        'tf'
+    """
+    factor = _parse_factor(scale) if scale is not None else 1.0
+    if preprocess is None:
+        return Scaling(factor)
+    name = preprocess.strip().lower()
+    for mode, modules in PREPROCESS_FAMILIES.items():
+        if name == mode or name in modules:
+            return Scaling(factor, mode)
+    known = sorted(
+        {m for ms in PREPROCESS_FAMILIES.values() for m in ms} | set(PREPROCESS_FAMILIES)
+    )
+    near = closest(name, known)
+    raise DataError(
+        f"unknown preprocessing {preprocess!r}"
+        + (f" ({near})" if near else "")
+        + f"; known: {', '.join(known)}"
+    )
+
+
+def _parse_factor(scale: float | str) -> float:
+    if isinstance(scale, int | float):
+        return float(scale)
+    text = scale.strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise DataError(
+            f"cannot read scale {scale!r}: give a number such as 1/255 or 0.5"
+        ) from None
+
+
+# ---------------------------------------------------------------------- sources
+
+
+@dataclass
+class Data:
+    """Re-iterable batches `(x, y)` (`y` may be None), float32, scaled, checked.
+
+    Make one with `load`. Iterating twice reads the source twice: nothing is held
+    beyond one batch for folders and streams.
+    """
+
+    source: Any
+    batch_size: int = DEFAULT_BATCH_SIZE
+    scaling: Scaling = field(default_factory=Scaling)
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    num_classes: int | None = None
+    description: str = "data"
+    size: int | None = None
+    class_names: tuple[str, ...] = ()
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        count = 0
+        for k, (x, y) in enumerate(_pairs(self.source, self.batch_size)):
+            x = np.asarray(x, dtype=np.float32)
+            if x.size == 0:
+                continue
+            _check_finite(x, k)
+            if self.image_size is not None and x.ndim == 4 and x.shape[1:3] != self.image_size:
+                x = _resize_batch(x, self.image_size)
+            if self.channels is not None and x.ndim == 4 and x.shape[-1] != self.channels:
+                x = _convert_channels(x, self.channels, k)
+            if y is not None:
+                y = np.asarray(y)
+                _check_labels(y, len(x), self.num_classes, k)
+            count += 1
+            yield self.scaling(x), y
+        if count == 0:
+            raise DataError(f"{self.description} is empty: give at least one sample")
+
+    def inputs(self, max_batches: int | None = None) -> Iterator[np.ndarray]:
+        """The input batches alone, at most `max_batches` of them."""
+        for k, (x, _) in enumerate(self):
+            if max_batches is not None and k >= max_batches:
+                return
+            yield x
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every batch concatenated: for data that fits in memory."""
+        xs, ys = [], []
+        for x, y in self:
+            xs.append(x)
+            if y is not None:
+                ys.append(y)
+        y_all = np.concatenate(ys) if len(ys) == len(xs) else None
+        return np.concatenate(xs), y_all
+
+
+def load(
+    source: Any,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    scale: float | str | None = None,
+    preprocess: str | None = None,
+    num_classes: int | None = None,
+) -> Data:
+    """Wraps any supported data source as checked, scaled batches.
+
+    Args:
+        source: a directory of class sub-folders of images, an `.npz` file with `x`
+            (and optionally `y`), an array, an `(x, y)` tuple of arrays, a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, or any iterable of batches
+            (each an array or an `(x, y)` pair).
+        batch_size: batch size for folders and arrays (streams keep theirs).
+        image_size: `(height, width)` to resize images to (the model's input size).
+        channels: convert images to this many channels (1 or 3); an image folder
+            with mixed channel counts needs it.
+        scale: multiply inputs by this (`"1/255"` maps 0-255 pixels to 0-1).
+        preprocess: a `keras.applications` preprocessing by module name (such as
+            `"resnet_v2"`) or mode (`caffe`, `tf`, `torch`), applied after `scale`.
+        num_classes: when given, labels must lie in `[0, num_classes)`.
+
+    Raises:
+        DataError: naming the file or batch and what is wrong.
+
+    Example:
+        >>> d = load(np.zeros((5, 8, 8, 1)), batch_size=2, scale="1/255")
+        >>> [x.shape[0] for x, _ in d]
+        [2, 2, 1]
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    common: dict[str, Any] = {
+        "batch_size": batch_size,
+        "scaling": parse_scaling(scale, preprocess),
+        "image_size": tuple(image_size) if image_size is not None else None,
+        "channels": channels,
+        "num_classes": num_classes,
+    }
+    if isinstance(source, Data):
+        return source
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if path.is_dir():
+            return _image_folder(path, common)
+        if path.suffix == ".npz" or path.exists():
+            x, y = load_npz(path)
+            return Data((x, y), description=str(path), size=len(x), **common)
+        raise DataError(f"{path}: no such file or directory; check the path")
+    if isinstance(source, np.ndarray) or (
+        isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], np.ndarray)
+    ):
+        x = source if isinstance(source, np.ndarray) else source[0]
+        if isinstance(source, tuple) and source[1] is not None and len(source[1]) != len(x):
+            raise DataError(f"x has {len(x)} samples but y has {len(source[1])}: give one each")
+        return Data(source, description="the array", size=len(x), **common)
+    if _is_pydataset(source) or isinstance(source, Iterable):
+        return Data(source, description=type(source).__name__, **common)
+    raise DataError(
+        f"cannot read data of type {type(source).__name__}: give a folder, an .npz file, "
+        "an array, a tf.data.Dataset, a PyDataset or an iterable of batches"
+    )
 
 
 def batches(
     data: Any, batch_size: int = DEFAULT_BATCH_SIZE, max_batches: int | None = None
 ) -> Iterator[np.ndarray]:
-    """Yields float32 input batches from an array, an `(x, y)` tuple, or an iterable of batches.
-
-    Each batch is checked for NaN and inf. Raises DataError for empty data.
+    """Yields float32 input batches from any source `load` reads, checked for NaN and inf.
 
     Example:
         >>> [b.shape for b in batches(np.zeros((5, 2)), batch_size=2)]
         [(2, 2), (2, 2), (1, 2)]
     """
-    count = 0
-    for k, batch in enumerate(_raw_batches(data, batch_size)):
-        if max_batches is not None and k >= max_batches:
-            break
-        x = np.asarray(batch[0] if isinstance(batch, tuple | list) else batch, dtype=np.float32)
-        if x.size == 0:
-            continue
-        if not np.isfinite(x).all():
-            bad = int(np.size(x) - np.isfinite(x).sum())
-            raise DataError(f"batch {k} holds {bad} NaN or inf values: clean or drop those samples")
-        count += 1
-        yield x
-    if count == 0:
-        raise DataError("the data is empty: give at least one sample")
+    return load(data, batch_size=batch_size).inputs(max_batches)
 
 
-def _raw_batches(data: Any, batch_size: int) -> Iterable[Any]:
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
-        data = data[0]
-    if isinstance(data, np.ndarray):
-        if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
-        return (data[i : i + batch_size] for i in range(0, len(data), batch_size))
-    if isinstance(data, Iterable):
-        return data
-    raise DataError(f"cannot read data of type {type(data).__name__}: give an array or batches")
+def check_input_shape(x: np.ndarray, expected: Sequence[int | None], what: str = "data") -> None:
+    """Raises DataError when samples of `x` cannot go into a model taking `expected`."""
+    got = tuple(x.shape[1:])
+    want = tuple(expected)
+    if len(got) == len(want) and all(w is None or w == g for g, w in zip(got, want, strict=True)):
+        return
+    hint = ""
+    if len(got) == len(want) == 3 and got[-1] != want[-1]:
+        hint = f"; convert the channels (channels={want[-1]}, --channels {want[-1]})"
+    elif len(got) == len(want) == 3:
+        hint = f"; resize the images (image_size={want[:2]})"
+    raise DataError(
+        f"{what} has samples of shape {got} but the model takes {_shape_str(want)}{hint}"
+    )
+
+
+def _shape_str(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _pairs(source: Any, batch_size: int) -> Iterable[tuple[Any, Any]]:
+    if isinstance(source, _FolderSource):
+        return iter(source)
+    if isinstance(source, np.ndarray):
+        return ((source[i : i + batch_size], None) for i in range(0, len(source), batch_size))
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], np.ndarray):
+        x, y = source
+        return (
+            (x[i : i + batch_size], None if y is None else y[i : i + batch_size])
+            for i in range(0, len(x), batch_size)
+        )
+    if _is_pydataset(source):
+        return (_split(source[i]) for i in range(_num_batches(source)))
+    return (_split(b) for b in source)
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, tuple | list):
+        if len(batch) == 0:
+            raise DataError("a batch is an empty tuple: give x or (x, y)")
+        return batch[0], batch[1] if len(batch) > 1 else None
+    if isinstance(batch, dict):
+        raise DataError("batches of dicts are not supported: give x or (x, y) arrays")
+    return batch, None
+
+
+def _is_pydataset(source: Any) -> bool:
+    return hasattr(source, "num_batches") and hasattr(source, "__getitem__")
+
+
+def _num_batches(source: Any) -> int:
+    n = source.num_batches
+    if n is None:
+        raise DataError("this PyDataset is infinite (num_batches is None): give a finite one")
+    return int(n)
+
+
+def _check_finite(x: np.ndarray, k: int) -> None:
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    bad = int(finite.size - finite.sum())
+    raise DataError(f"batch {k} holds {bad} NaN or inf values: clean or drop those samples")
+
+
+def _check_labels(y: np.ndarray, n: int, num_classes: int | None, k: int) -> None:
+    if len(y) != n:
+        raise DataError(f"batch {k} has {n} inputs but {len(y)} labels: give one label each")
+    if num_classes is None:
+        return
+    if y.ndim == 2 and y.shape[1] > 1:
+        if y.shape[1] != num_classes:
+            raise DataError(
+                f"one-hot labels have {y.shape[1]} columns but the model has {num_classes} "
+                "classes: a new head is needed, or labels for this model"
+            )
+        return
+    flat = y.reshape(len(y), -1)[:, 0]
+    if not np.issubdtype(flat.dtype, np.integer) and not np.all(np.mod(flat, 1) == 0):
+        raise DataError(f"batch {k} has non-integer class labels: give class indices")
+    bad = (flat < 0) | (flat >= num_classes)
+    if bad.any():
+        raise DataError(
+            f"batch {k}: {int(bad.sum())} labels lie outside 0..{num_classes - 1} "
+            f"(e.g. {flat[bad][0]:g}): the data has more classes than the model's output"
+        )
+
+
+def _convert_channels(x: np.ndarray, channels: int, k: int) -> np.ndarray:
+    have = x.shape[-1]
+    if have == 1 and channels == 3:
+        return np.repeat(x, 3, axis=-1)
+    if have in (3, 4) and channels == 3:
+        return x[..., :3]
+    if have in (3, 4) and channels == 1:
+        return (x[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    raise DataError(f"batch {k}: cannot convert {have} channels to {channels}")
+
+
+def _resize_batch(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    h, w = size
+    out = np.empty((len(x), h, w, x.shape[-1]), np.float32)
+    for i, img in enumerate(x):
+        for c in range(x.shape[-1]):
+            plane = Image.fromarray(np.ascontiguousarray(img[..., c]), mode="F")
+            out[i, ..., c] = np.asarray(plane.resize((w, h), Image.Resampling.BILINEAR))
+    return out
+
+
+# ---------------------------------------------------------------------- image folders
+
+
+@dataclass(frozen=True)
+class _FolderSource:
+    files: tuple[tuple[Path, int], ...]
+    batch_size: int
+    image_size: tuple[int, int] | None
+    channels: int
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(0, len(self.files), self.batch_size):
+            chunk = self.files[i : i + self.batch_size]
+            x = np.stack([self._read(p) for p, _ in chunk])
+            yield x, np.array([c for _, c in chunk], dtype=np.int64)
+
+    def _read(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as opened:
+                img = opened.convert("L" if self.channels == 1 else "RGB")
+            if self.image_size is not None:
+                h, w = self.image_size
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot read this image ({err}); remove it") from None
+        return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _image_folder(root: Path, common: dict[str, Any]) -> Data:
+    """Scans `root/<class>/<image>` headers (not pixels) and checks them up front."""
+    entries = sorted(root.iterdir())
+    if not entries:
+        raise DataError(f"{root}: the directory is empty; put images in one sub-folder per class")
+    classes = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    if not classes:
+        raise DataError(
+            f"{root}: no class folders; put images in one sub-folder per class "
+            f"({root}/cat/1.jpg, {root}/dog/2.jpg)"
+        )
+    files, bad, channels = _scan(classes)
+    if bad:
+        listed = ", ".join(str(p.relative_to(root)) for p in bad[:LISTED_FILES])
+        more = f" and {len(bad) - LISTED_FILES} more" if len(bad) > LISTED_FILES else ""
+        raise DataError(
+            f"{root}: {len(bad)} files are not readable images ({listed}{more}); "
+            "remove them or move them out of the class folders"
+        )
+    if not files:
+        raise DataError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    want = common.pop("channels")
+    if want is None and len(channels) > 1:
+        counts = ", ".join(
+            f"{len(v)} with {c} (e.g. {v[0].relative_to(root)})"
+            for c, v in sorted(channels.items())
+        )
+        raise DataError(
+            f"{root}: images have mixed channel counts: {counts}; "
+            "choose one with channels=1 or 3 (--channels)"
+        )
+    n_channels = want if want is not None else next(iter(channels))
+    source = _FolderSource(tuple(files), common["batch_size"], common["image_size"], n_channels)
+    return Data(
+        source,
+        channels=None,
+        description=str(root),
+        size=len(files),
+        class_names=tuple(p.name for p in classes),
+        **common,
+    )
+
+
+def _scan(classes: list[Path]) -> tuple[list[tuple[Path, int]], list[Path], dict[int, list[Path]]]:
+    from PIL import Image, UnidentifiedImageError
+
+    bands = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 1, "CMYK": 3, "I": 1, "F": 1}
+    files: list[tuple[Path, int]] = []
+    bad: list[Path] = []
+    channels: dict[int, list[Path]] = {}
+    for label, folder in enumerate(classes):
+        for path in sorted(folder.rglob("*")):
+            if path.is_dir() or path.name.startswith("."):
+                continue
+            try:
+                with Image.open(path) as img:
+                    mode = img.mode
+            except (OSError, UnidentifiedImageError, ValueError):
+                bad.append(path)
+                continue
+            c = bands.get(mode, 3)
+            channels.setdefault(1 if c == 1 else 3, []).append(path)
+            files.append((path, label))
+    return files, bad, channels
+
+
+# ---------------------------------------------------------------------- .npz
 
 
 def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -60,8 +466,6 @@ def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
 
     Raises DataError naming the file and what is wrong.
     """
-    from pathlib import Path
-
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file; check the path")
@@ -78,3 +482,80 @@ def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
     if y is not None and len(y) != len(x):
         raise DataError(f"{path}: 'x' has {len(x)} samples but 'y' has {len(y)}")
     return x, y
+
+
+# ---------------------------------------------------------------------- embedded data
+
+DIGIT_DOMAINS = ("source", "target")
+SPLIT_SHARES = (0.6, 0.2, 0.2)
+"""Train, validation and test shares of scikit-learn's 1,797 digits, per class."""
+
+
+@dataclass(frozen=True)
+class Digits:
+    """One domain of the embedded digits: `(x, y)` splits with float32 images in [0, 1],
+    shape `(n, size, size, 3)`, and integer labels 0-9."""
+
+    domain: str
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    num_classes: int = 10
+
+
+def digits(domain: str = "source", size: int = 32, seed: int = 0) -> Digits:
+    """scikit-learn's bundled handwritten digits as a source domain, or blended with colour
+    patches cut from its bundled photographs as a shifted target domain (the MNIST-M
+    construction of Ganin & Lempitsky, 2015: each pixel is |patch - digit|).
+
+    The split into train, validation and test (60/20/20 per class) depends only on
+    `seed` and is the same for both domains, so the target test digits are never in
+    the source training set. Deterministic for a seed.
+
+    Example:
+        >>> d = digits("target", size=16, seed=1)
+        >>> d.train[0].shape[1:], d.train[0].dtype.name
+        ((16, 16, 3), 'float32')
+    """
+    if domain not in DIGIT_DOMAINS:
+        raise DataError(f"unknown digits domain {domain!r}: use 'source' or 'target'")
+    if size < 8:
+        raise DataError(f"digits size must be at least 8 pixels, got {size}")
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images = _resize_batch((raw.images / 16.0).astype(np.float32)[..., None], (size, size))
+    images = np.clip(np.repeat(images, 3, axis=-1), 0.0, 1.0)
+    labels = raw.target.astype(np.int64)
+    if domain == "target":
+        images = np.abs(_photo_patches(len(images), size, seed) - images)
+    parts = _split_indices(labels, seed)
+    train, val, test = ((images[i], labels[i]) for i in parts)
+    return Digits(domain, train, val, test)
+
+
+def _split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        a = round(len(idx) * SPLIT_SHARES[0])
+        b = a + round(len(idx) * SPLIT_SHARES[1])
+        for part, chunk in zip(parts, (idx[:a], idx[a:b], idx[b:]), strict=True):
+            part.append(chunk)
+    train, val, test = (rng.permutation(np.concatenate(p)) for p in parts)
+    return train, val, test
+
+
+def _photo_patches(n: int, size: int, seed: int) -> np.ndarray:
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(p, np.float32) / 255.0 for p in load_sample_images().images]
+    rng = np.random.default_rng([seed, 1])
+    out = np.empty((n, size, size, 3), np.float32)
+    for i in range(n):
+        photo = photos[rng.integers(len(photos))]
+        top = rng.integers(photo.shape[0] - size + 1)
+        left = rng.integers(photo.shape[1] - size + 1)
+        out[i] = photo[top : top + size, left : left + size]
+    return out

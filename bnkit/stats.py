@@ -1,4 +1,4 @@
-"""BN statistics: re-estimation on new data (`adapt`)."""
+"""BN statistics: re-estimation on new data (`adapt`) and domain shift per layer (`shift`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from bnkit.backends import get_backend
-from bnkit.data import DEFAULT_BATCH_SIZE, batches
+from bnkit.data import DEFAULT_BATCH_SIZE, Data, check_input_shape, load
 from bnkit.errors import BnkitError
 from bnkit.policy import AllBN, Selector
 from bnkit.report import leaf_records
@@ -103,9 +103,10 @@ def adapt(
 
     Args:
         model: a Keras model.
-        data: an array of inputs, an `(x, y)` tuple, or an iterable of batches.
+        data: anything `bnkit.data.load` reads (array, `(x, y)`, folder, `.npz`,
+            `tf.data.Dataset`, `PyDataset`, iterable of batches); labels are unused.
         select: which BN layers to re-estimate (every BN layer by default).
-        batch_size: batch size when `data` is an array.
+        batch_size: batch size when `data` is an array or folder.
         max_batches: stop after this many batches.
         on_batch: called with the number of batches done, for progress display.
 
@@ -117,25 +118,54 @@ def adapt(
         >>> report.samples
         64
     """
+    backend, paths = _bn_paths(model, select)
+    moments, n_batches, n_samples = _collect(
+        backend, model, paths, data, "batch", batch_size, max_batches, on_batch
+    )
+    before = backend.snapshot(model).stats
+    new = {p: moments[p].result() for p in paths}
+    backend.set_bn_stats(model, new)
+    return AdaptReport(tuple(_summary(p, before[p], new[p]) for p in paths), n_batches, n_samples)
+
+
+def _bn_paths(model: Any, select: Selector | None) -> tuple[Any, list[str]]:
     backend = get_backend(model)
     _, infos = leaf_records(backend.records(model))
     picked = [infos[i] for i in (select or AllBN()).match(infos) if infos[i].is_bn]
     if not picked:
-        raise BnkitError("no BatchNormalization layer selected: nothing to re-estimate")
-    paths = [p.path for p in picked]
+        raise BnkitError(
+            "no BatchNormalization layer selected: this model has nothing to re-estimate "
+            "or measure (LayerNorm and GroupNorm keep no running statistics)"
+        )
+    return backend, [p.path for p in picked]
+
+
+def _collect(
+    backend: Any,
+    model: Any,
+    paths: list[str],
+    data: Any,
+    normalize: str,
+    batch_size: int,
+    max_batches: int | None,
+    on_batch: Callable[[int], None] | None,
+) -> tuple[dict[str, _Moments], int, int]:
+    """One pass over the data; each layer's input moments combined over all batches."""
+    source = data if isinstance(data, Data) else load(data, batch_size=batch_size)
+    expected = backend.input_shape(model)
     moments = {p: _Moments() for p in paths}
-    before = backend.snapshot(model).stats
     n_batches = n_samples = 0
-    with backend.bn_batch_moments(model, paths, lambda p, m, v, n: moments[p].add(m, v, n)):
-        for x in batches(data, batch_size, max_batches):
-            backend.forward(model, x)
+    with backend.moments_pass(model, paths, normalize=normalize) as run:
+        for x in source.inputs(max_batches):
+            if expected is not None and n_batches == 0:
+                check_input_shape(x, expected, source.description)
+            for path, (mean, var, n) in run(x).items():
+                moments[path].add(mean, var, n)
             n_batches += 1
             n_samples += len(x)
             if on_batch is not None:
                 on_batch(n_batches)
-    new = {p: moments[p].result() for p in paths}
-    backend.set_bn_stats(model, new)
-    return AdaptReport(tuple(_summary(p, before[p], new[p]) for p in paths), n_batches, n_samples)
+    return moments, n_batches, n_samples
 
 
 def _summary(path: str, old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> LayerAdapt:
@@ -145,4 +175,204 @@ def _summary(path: str, old: dict[str, np.ndarray], new: dict[str, np.ndarray]) 
         mean_change=float(np.max(np.abs(new["mean"] - old["mean"]))),
         var_ratio_min=float(ratio.min()),
         var_ratio_max=float(ratio.max()),
+    )
+
+
+# ---------------------------------------------------------------------- shift
+
+CHANNEL_THRESHOLD = 0.1
+"""A channel counts as shifted beyond this divergence (nats)."""
+ADAPT_THRESHOLD = 0.015
+"""Model shift (mean over layers, nats) from which re-estimating statistics pays:
+calibrated in benchmarks/shift_calibration.py."""
+TRAIN_THRESHOLD = 1.0
+"""Model shift from which re-estimation alone is not enough and BN should train."""
+VARIANCE_EPSILON = 1e-3
+"""Added to both variances, as Keras BatchNormalization's default epsilon is."""
+
+
+@dataclass(frozen=True)
+class LayerShift:
+    """How far the inputs of one BN layer on the data are from its running statistics.
+
+    `kl_*` are per-channel divergences KL(data || stored) between Gaussians, in nats.
+    """
+
+    path: str
+    depth: int
+    """index of the layer among the model's BN layers, input side first."""
+    channels: int
+    kl_mean: float
+    kl_max: float
+    share_shifted: float
+    """share of channels whose divergence exceeds CHANNEL_THRESHOLD."""
+    mean_offset: float
+    """mean over channels of |data mean - stored mean| in stored standard deviations."""
+    std_ratio: float
+    """median over channels of data std / stored std."""
+
+
+@dataclass(frozen=True)
+class ShiftReport:
+    """Per-layer shift of the data from a model's BN statistics, and what to do about it."""
+
+    layers: tuple[LayerShift, ...]
+    samples: int
+    batches: int
+    score: float
+    """mean over layers of the mean channel divergence (nats)."""
+    recommendation: str
+    """`frozen` (keep BN frozen), `adapt` (re-estimate statistics) or `train` (train BN)."""
+
+    @property
+    def advice(self) -> str:
+        """The recommendation as a sentence with its reason."""
+        return _ADVICE[self.recommendation].format(
+            score=self.score, adapt=ADAPT_THRESHOLD, train=TRAIN_THRESHOLD
+        )
+
+    @property
+    def worst(self) -> LayerShift:
+        """The layer with the largest mean divergence."""
+        return max(self.layers, key=lambda x: x.kl_mean)
+
+    def to_json(self) -> str:
+        """The report as a JSON document."""
+        return json.dumps(
+            {
+                "samples": self.samples,
+                "batches": self.batches,
+                "divergence": "KL(data || stored), per channel, Gaussian, nats",
+                "score": self.score,
+                "recommendation": self.recommendation,
+                "advice": self.advice,
+                "thresholds": {
+                    "channel": CHANNEL_THRESHOLD,
+                    "adapt": ADAPT_THRESHOLD,
+                    "train": TRAIN_THRESHOLD,
+                },
+                "layers": [asdict(x) for x in self.layers],
+            },
+            indent=2,
+        )
+
+    def table(self) -> Any:
+        """A rich table, one row per BN layer."""
+        from rich.table import Table
+
+        t = Table(title=f"BN input shift on {self.samples} samples (KL data || stored, nats)")
+        t.add_column("#", justify="right")
+        t.add_column("BN layer", no_wrap=True)
+        for col in ("channels", "KL mean", "KL max", f"> {CHANNEL_THRESHOLD:g}", "offset", "std x"):
+            t.add_column(col, justify="right")
+        for r in self.layers:
+            t.add_row(
+                str(r.depth),
+                r.path,
+                str(r.channels),
+                f"{r.kl_mean:.3f}",
+                f"{r.kl_max:.2f}",
+                f"{r.share_shifted:.0%}",
+                f"{r.mean_offset:.2f}",
+                f"{r.std_ratio:.2f}",
+            )
+        return t
+
+    def __str__(self) -> str:
+        w = self.worst
+        return (
+            f"model shift {self.score:.3f} nats over {len(self.layers)} BN layers "
+            f"(worst {w.path}: {w.kl_mean:.3f}); {self.advice}"
+        )
+
+
+_ADVICE = {
+    "frozen": "keep BN frozen: shift {score:.3f} is below {adapt:g}, where re-estimating "
+    "statistics stops paying",
+    "adapt": "re-estimate BN statistics on this data (bnkit adapt): shift {score:.3f} is "
+    "at least {adapt:g}",
+    "train": "train BN (mode train) when fine-tuning: shift {score:.3f} is at least "
+    "{train:g}, beyond what re-estimating statistics alone repairs",
+}
+
+
+def shift(
+    model: Any,
+    data: Any,
+    *,
+    select: Selector | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_batches: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ShiftReport:
+    """Measures, for each BN layer, how far the statistics of its inputs on `data` are
+    from its stored running statistics, with the model in inference mode.
+
+    Per channel, the divergence is KL(N(m_d, v_d) || N(m_s, v_s)) with `d` the data's
+    and `s` the stored moments (both variances plus Keras' epsilon). It is the KL
+    divergence from the standard normal of the layer's normalised activations on
+    this data: 0 when the layer's statistics fit, growing with both a mean offset and
+    a change of scale, and invariant to rescaling a channel. Nothing in the model
+    changes.
+
+    Args:
+        model: a Keras model.
+        data: anything `bnkit.data.load` reads; labels are unused.
+        select: which BN layers to measure (all by default).
+        batch_size: batch size when `data` is an array or folder.
+        max_batches: stop after this many batches.
+        on_batch: called with the number of batches done.
+
+    Example:
+        >>> import keras, numpy as np, bnkit
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+        >>> bnkit.shift(m, np.zeros((8, 4), "float32")).layers[0].kl_mean < 0.01
+        True
+    """
+    backend, paths = _bn_paths(model, select)
+    moments, n_batches, n_samples = _collect(
+        backend, model, paths, data, "running", batch_size, max_batches, on_batch
+    )
+    stored = backend.snapshot(model).stats
+    layers = tuple(_layer_shift(p, k, moments[p].result(), stored[p]) for k, p in enumerate(paths))
+    score = float(np.mean([x.kl_mean for x in layers]))
+    return ShiftReport(layers, n_samples, n_batches, score, recommend(score))
+
+
+def recommend(score: float) -> str:
+    """`frozen`, `adapt` or `train` for a model shift score (see ADAPT_THRESHOLD)."""
+    if score >= TRAIN_THRESHOLD:
+        return "train"
+    return "adapt" if score >= ADAPT_THRESHOLD else "frozen"
+
+
+def gaussian_kl(
+    mean_p: np.ndarray, var_p: np.ndarray, mean_q: np.ndarray, var_q: np.ndarray
+) -> np.ndarray:
+    """KL(N(mean_p, var_p) || N(mean_q, var_q)) per element, in nats.
+
+    Example:
+        >>> float(gaussian_kl(np.array(1.0), np.array(1.0), np.array(0.0), np.array(1.0)))
+        0.5
+    """
+    ratio = var_p / var_q
+    return 0.5 * (ratio + (mean_p - mean_q) ** 2 / var_q - 1.0 - np.log(ratio))
+
+
+def _layer_shift(
+    path: str, depth: int, data: dict[str, np.ndarray], stored: dict[str, np.ndarray]
+) -> LayerShift:
+    var_d = data["var"] + VARIANCE_EPSILON
+    var_s = stored["var"].astype(np.float64) + VARIANCE_EPSILON
+    mean_s = stored["mean"].astype(np.float64)
+    kl = gaussian_kl(data["mean"], var_d, mean_s, var_s)
+    return LayerShift(
+        path=path,
+        depth=depth,
+        channels=int(kl.size),
+        kl_mean=float(kl.mean()),
+        kl_max=float(kl.max()),
+        share_shifted=float((kl > CHANNEL_THRESHOLD).mean()),
+        mean_offset=float(np.mean(np.abs(data["mean"] - mean_s) / np.sqrt(var_s))),
+        std_ratio=float(np.median(np.sqrt(var_d / var_s))),
     )

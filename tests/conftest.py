@@ -40,6 +40,14 @@ def build_transfer(seed: int = 0) -> tuple[keras.Model, keras.Model]:
     return keras.Model(outer_in, out, name="transfer"), base
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bnkit_cache(tmp_path_factory):
+    """bnkit's cache (the pretrained digits model) in one temporary folder per session."""
+    folder = tmp_path_factory.mktemp("bnkit-cache")
+    os.environ["BNKIT_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture
 def transfer() -> tuple[keras.Model, keras.Model]:
     return build_transfer()

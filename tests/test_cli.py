@@ -211,3 +211,74 @@ def test_adapt_bad_data_gets_one_line(capsys, model_file, tmp_path, content, mes
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not out_path.exists()
+
+
+def test_shift_command_prints_table_json_and_plot(capsys, model_file, tmp_path):
+    data = tmp_path / "target.npz"
+    rng = np.random.default_rng(1)
+    np.savez(data, x=rng.normal(3.0, 2.0, size=(12, 8, 8, 3)).astype("float32"))
+    plot = tmp_path / "shift.png"
+    code, out, err = run(capsys, "shift", str(model_file), str(data), "--plot", str(plot))
+    assert code == 0, err
+    assert "base/stem_bn" in out and "model shift" in out and f"wrote {plot}" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = run(capsys, "shift", str(model_file), str(data), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["samples"] == 12 and len(doc["layers"]) == 4
+    assert doc["recommendation"] in ("frozen", "adapt", "train")
+
+
+def test_adapt_and_shift_read_an_image_folder_resized_to_the_model(capsys, model_file, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 255, size=(20, 30, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.jpg")
+    args = [str(model_file), str(tmp_path / "imgs"), "--scale", "1/255"]
+    code, out, err = run(capsys, "shift", *args, "--json")
+    assert code == 0, err
+    assert json.loads(out)["samples"] == 6
+    code, out, err = run(capsys, "adapt", *args, "-o", str(tmp_path / "a.keras"), "--json")
+    assert code == 0 and json.loads(out)["samples"] == 6, err
+
+
+@pytest.mark.parametrize(
+    ("setup", "extra", "message"),
+    [
+        (lambda p: p.mkdir(), [], "the directory is empty"),
+        (lambda p: np.savez(p, x=np.zeros((2, 8, 8, 1))), [], "convert the channels"),
+        (lambda p: np.savez(p, x=np.zeros((2, 8, 8, 3))), ["--scale", "x"], "cannot read scale"),
+        (lambda p: np.savez(p, x=np.zeros((2, 8, 8, 3))), ["--plot", "s.txt"], "end in '.png'"),
+    ],
+    ids=["empty-folder", "channels", "bad-scale", "plot-suffix"],
+)
+def test_shift_bad_input_gets_one_line(capsys, model_file, tmp_path, setup, extra, message):
+    data = tmp_path / "d.npz"
+    setup(data)
+    extra = [str(tmp_path / e) if e.endswith(".txt") else e for e in extra]
+    code, _, err = run(capsys, "shift", str(model_file), str(data), *extra)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_digits_command_writes_data_model_and_evidence(capsys, tmp_path):
+    folder = tmp_path / "digits"
+    code, out, err = run(capsys, "digits", str(folder))
+    assert code == 0, err
+    assert "after adapt on unlabelled target images" in out
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(
+        ["digits-resnet.keras"]
+        + [f"{d}_{s}.npz" for d in ("source", "target") for s in ("train", "val", "test")]
+    )
+    scores = {}
+    for domain in ("source", "target"):
+        data = folder / f"{domain}_test.npz"
+        code, out, _ = run(
+            capsys, "shift", str(folder / "digits-resnet.keras"), str(data), "--json"
+        )
+        scores[domain] = json.loads(out)["score"]
+    assert scores["target"] > 10 * scores["source"]

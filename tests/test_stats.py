@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +12,13 @@ from conftest import bn_layers, weights_of
 import bnkit
 from bnkit.data import DataError
 from bnkit.policy import Glob
+from bnkit.stats import (
+    ADAPT_THRESHOLD,
+    TRAIN_THRESHOLD,
+    VARIANCE_EPSILON,
+    gaussian_kl,
+    recommend,
+)
 
 EPS_TOL = 1e-4  # float32 forward passes against a float64 NumPy reference
 
@@ -92,3 +101,84 @@ def test_adapt_rejects_bad_data(conv_model):
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.raises(bnkit.BnkitError, match="no BatchNormalization"):
         bnkit.adapt(plain, np.zeros((4, 4), dtype="float32"))
+
+
+def _inference_inputs(model, x):
+    """Each BN layer's inputs with the model in inference mode, float64."""
+    seen: dict[str, np.ndarray] = {}
+    h = keras.ops.convert_to_tensor(x)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            a = keras.ops.convert_to_numpy(h).astype(np.float64)
+            seen[layer.name] = a.reshape(-1, a.shape[-1])
+        h = layer(h, training=False)
+    return seen
+
+
+def _randomise_statistics(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for bn in bn_layers(model):
+        c = bn.moving_mean.shape[0]
+        bn.moving_mean.assign(rng.normal(0, 1, c).astype("float32"))
+        bn.moving_variance.assign(rng.uniform(0.5, 4, c).astype("float32"))
+
+
+def test_shift_matches_numpy_gaussian_kl_and_changes_nothing(conv_model):
+    _randomise_statistics(conv_model)
+    x = np.random.default_rng(1).normal(1.0, 2.0, size=(24, 8, 8, 3)).astype("float32")
+    before = {layer.name: weights_of(layer) for layer in conv_model.layers}
+    out_before = keras.ops.convert_to_numpy(conv_model(x, training=False))
+    report = bnkit.shift(conv_model, x, batch_size=10)
+    ref = _inference_inputs(conv_model, x)
+    for row, bn in zip(report.layers, bn_layers(conv_model), strict=True):
+        a = ref[bn.name]
+        w = weights_of(bn)
+        kl = gaussian_kl(
+            a.mean(0),
+            a.var(0) + VARIANCE_EPSILON,
+            w["moving_mean"].astype(np.float64),
+            w["moving_variance"].astype(np.float64) + VARIANCE_EPSILON,
+        )
+        assert row.channels == kl.size
+        np.testing.assert_allclose(row.kl_mean, kl.mean(), rtol=1e-3)
+        np.testing.assert_allclose(row.kl_max, kl.max(), rtol=1e-3)
+    assert report.score == pytest.approx(np.mean([r.kl_mean for r in report.layers]))
+    for layer in conv_model.layers:
+        after = weights_of(layer)
+        assert all(np.array_equal(v, after[k]) for k, v in before[layer.name].items())
+    out_after = keras.ops.convert_to_numpy(conv_model(x, training=False))
+    assert np.array_equal(out_before, out_after)
+
+
+def test_shift_is_near_zero_on_the_data_the_statistics_came_from(conv_model):
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.0, 1.0, size=(64, 8, 8, 3)).astype("float32")
+    bnkit.adapt(conv_model, x)
+    same = bnkit.shift(conv_model, x)
+    moved = bnkit.shift(conv_model, x * 3.0 + 2.0)
+    # adapt normalises deeper layers with batch statistics, shift with the stored ones:
+    # the two agree once the statistics fit, so the divergence is close to zero
+    assert same.score < 0.01 and same.recommendation == "frozen"
+    assert moved.score > 50 * same.score and moved.recommendation != "frozen"
+    assert moved.layers[0].mean_offset > 1.0 and moved.layers[0].std_ratio > 2.0
+    doc = json.loads(moved.to_json())
+    assert doc["recommendation"] == moved.recommendation and len(doc["layers"]) == 2
+
+
+def test_recommendation_follows_the_calibrated_thresholds():
+    assert recommend(0.0) == "frozen"
+    assert recommend(ADAPT_THRESHOLD) == "adapt"
+    assert recommend(TRAIN_THRESHOLD) == "train"
+    assert ADAPT_THRESHOLD < TRAIN_THRESHOLD
+
+
+def test_shift_and_adapt_read_streams_and_reject_wrong_shapes(conv_model):
+    import tensorflow as tf
+
+    x = np.random.default_rng(3).normal(size=(20, 8, 8, 3)).astype("float32")
+    from_array = bnkit.shift(conv_model, x, batch_size=5)
+    from_tf = bnkit.shift(conv_model, tf.data.Dataset.from_tensor_slices(x).batch(5))
+    assert from_tf.samples == 20
+    np.testing.assert_allclose(from_tf.score, from_array.score, rtol=1e-5)
+    with pytest.raises(DataError, match=r"shape \(8, 8, 1\) but the model takes \(8, 8, 3\)"):
+        bnkit.adapt(conv_model, np.zeros((4, 8, 8, 1), "float32"))

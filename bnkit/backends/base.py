@@ -31,8 +31,9 @@ class Snapshot:
     stats: dict[str, dict[str, np.ndarray]]
 
 
-MomentSink = Callable[[str, np.ndarray, np.ndarray, int], None]
-"""Receives (layer path, batch mean, batch variance, values per channel)."""
+MomentPass = Callable[[np.ndarray], dict[str, tuple[np.ndarray, np.ndarray, int]]]
+"""Runs one batch; returns, per layer path, the per-channel mean and population variance
+of that BN layer's input and the number of values per channel."""
 
 
 class Backend(Protocol):
@@ -72,12 +73,18 @@ class Backend(Protocol):
         """Writes running statistics (`mean`, `var`) into the BN layers at the given paths."""
         ...
 
-    def bn_batch_moments(
-        self, model: Any, paths: Sequence[str], record: MomentSink
-    ) -> AbstractContextManager[None]:
-        """While open, each listed BN layer reports the per-channel mean and (population)
-        variance of its input batch to `record`, then normalises with them; nothing else
-        changes in the layer."""
+    def moments_pass(
+        self, model: Any, paths: Sequence[str], *, normalize: str
+    ) -> AbstractContextManager[MomentPass]:
+        """While open, gives a function that runs one batch through the model in inference
+        mode and returns the input moments of each listed BN layer. With `normalize="batch"`
+        those layers normalise with the batch moments (as in re-estimation); with
+        `"running"` the model computes exactly what it computes in inference."""
+        ...
+
+    def input_shape(self, model: Any) -> tuple[int | None, ...] | None:
+        """The shape of one input sample, None entries for free dimensions; None when the
+        model has no single fixed input."""
         ...
 
     def forward(self, model: Any, x: np.ndarray) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.base import MomentSink, Snapshot
+from bnkit.backends.base import MomentPass, Snapshot
 from bnkit.errors import BnkitError, ModelFileError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.report import CompileStatus, LayerRecord
@@ -370,19 +370,27 @@ class KerasBackend:
             layer.moving_variance.assign(values["var"].astype(layer.moving_variance.dtype))
 
     @contextlib.contextmanager
-    def bn_batch_moments(
-        self, model: Any, paths: Sequence[str], record: MomentSink
-    ) -> Iterator[None]:
-        layers = {n.path: n.layer for n in _walk(model)}
-        patched = [layers[p] for p in paths]
+    def moments_pass(
+        self, model: Any, paths: Sequence[str], *, normalize: str
+    ) -> Iterator[MomentPass]:
+        nodes = {n.path: n.layer for n in _walk(model)}
+        layers = [nodes[p] for p in paths]
+        captured: dict[str, tuple[Any, Any, Any]] = {}
         try:
-            for path, layer in zip(paths, patched, strict=True):
-                object.__setattr__(layer, "call", _moment_call(layer, path, record))
-            yield
+            for path, layer in zip(paths, layers, strict=True):
+                call = _moment_call(layer, path, captured, batch_stats=normalize == "batch")
+                object.__setattr__(layer, "call", call)
+            yield _compiled_pass(model, layers, captured, normalize)
         finally:
-            for layer in patched:
+            for layer in layers:
                 if "call" in vars(layer):
                     object.__delattr__(layer, "call")
+
+    def input_shape(self, model: Any) -> tuple[int | None, ...] | None:
+        inputs = getattr(model, "inputs", None)
+        if not inputs or len(inputs) != 1:
+            return None
+        return tuple(inputs[0].shape[1:])
 
     def forward(self, model: Any, x: np.ndarray) -> None:
         model(x, training=False)
@@ -429,17 +437,23 @@ def _set_trainable(layer: Any, value: bool) -> None:
         v.trainable = value
 
 
-def _moment_call(layer: Any, path: str, record: MomentSink) -> Any:
-    """A BN call that reports its input's batch moments and normalises with them."""
+def _moment_call(
+    layer: Any, path: str, captured: dict[str, tuple[Any, Any, Any]], *, batch_stats: bool
+) -> Any:
+    """A BN call that records its input's per-channel moments, then normalises with them
+    (`batch_stats`) or exactly as the layer would in inference."""
     ops = keras.ops
+    inference_call = type(layer).call
 
     def call(inputs: Any, training: Any = None, mask: Any = None) -> Any:
         x = ops.cast(inputs, "float32")
         axis = layer.axis % len(x.shape)
         reduce = [i for i in range(len(x.shape)) if i != axis]
         mean, var = ops.moments(x, axes=reduce)
-        n = int(np.prod([x.shape[i] for i in reduce]))
-        record(path, ops.convert_to_numpy(mean), ops.convert_to_numpy(var), n)
+        count = ops.cast(ops.size(x), "float32") / float(x.shape[axis])
+        captured[path] = (mean, var, count)
+        if not batch_stats:
+            return inference_call(layer, inputs, training=False, mask=mask)
         return ops.batch_normalization(
             x,
             mean,
@@ -451,6 +465,60 @@ def _moment_call(layer: Any, path: str, record: MomentSink) -> Any:
         )
 
     return call
+
+
+# model -> {fingerprint of the pass: compiled function}; traced once, reused across calls
+_PASSES: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_pass(
+    model: Any, layers: list[Any], captured: dict[str, tuple[Any, Any, Any]], normalize: str
+) -> MomentPass:
+    """One inference-mode forward pass returning each patched layer's input moments.
+
+    On TensorFlow the pass is a traced `tf.function` (as `predict` is), cached per model
+    and layer set; on torch it runs without autograd; on JAX it runs eagerly.
+    """
+    name = keras.backend.backend()
+
+    def step(x: Any) -> dict[str, tuple[Any, Any, Any]]:
+        captured.clear()
+        model(x, training=False)
+        return dict(captured)
+
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        key = (normalize, tuple(id(layer) for layer in layers), _structure(model))
+        cache = _PASSES.setdefault(model, {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = tf.function(step, reduce_retracing=True)
+        fn = cache[key]
+    elif name == "torch":
+        import torch
+
+        fn = torch.no_grad()(step)
+    else:
+        fn = step
+
+    def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        out = fn(x)
+        return {p: (_numpy(m), _numpy(v), round(float(_numpy(n)))) for p, (m, v, n) in out.items()}
+
+    return run
+
+
+def _structure(model: Any) -> tuple[tuple[int, type, bool, str], ...]:
+    """What a traced pass depends on besides weights: each layer, its class, flag and pin."""
+    return tuple(
+        (id(n.layer), type(n.layer), bool(n.layer.trainable), getattr(n.layer, "bn_mode", ""))
+        for n in _walk(model)
+    )
+
+
+def _numpy(v: Any) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(v))
 
 
 def _stat_variables(layer: Any) -> dict[str, Any]:
