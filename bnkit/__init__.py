@@ -8,6 +8,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from bnkit.compare import CompareResult, Strategy, compare
 from bnkit.errors import BackendError, BnkitError, BnkitWarning, ModelFileError, SelectorError
 from bnkit.freeze import freeze, recompile, unfreeze
 from bnkit.policy import (
@@ -37,6 +38,7 @@ __all__ = [
     "AllBN",
     "AllLayers",
     "BNState",
+    "CompareResult",
     "BackendError",
     "Block",
     "BnkitError",
@@ -54,9 +56,11 @@ __all__ = [
     "Report",
     "Rule",
     "SelectorError",
+    "Strategy",
     "ShiftReport",
     "WatchReport",
     "adapt",
+    "compare",
     "freeze",
     "inspect",
     "shift",

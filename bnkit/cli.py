@@ -249,6 +249,144 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
         yield lambda k: progress.update(task, completed=k)
 
 
+@cli.command("compare")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("train_data", type=click.Path(path_type=Path))
+@click.option(
+    "--val",
+    "val_data",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Labelled validation data (.npz with x and y, or a folder).",
+)
+@click.option(
+    "--strategies",
+    default="frozen,affine,train,adapt",
+    show_default=True,
+    help="Comma-separated BN modes; NAME:RULE;RULE for your own policy, e.g. "
+    "'preact:bn=train;re:preact_bn$=frozen'.",
+)
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--seeds", default=3, show_default=True, help="Seeds 0..N-1 per strategy.")
+@click.option("--train-from", metavar="NAME", help="First trained layer (default: all).")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--scale", metavar="FACTOR", help="Multiply inputs by FACTOR (e.g. 1/255).")
+@click.option("--preprocess", metavar="NAME", help="keras.applications preprocessing.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Write compare.json and compare.png into this folder.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def compare_cmd(
+    model: Path,
+    train_data: Path,
+    val_data: Path,
+    strategies: str,
+    epochs: int,
+    seeds: int,
+    train_from: str | None,
+    lr: float,
+    batch_size: int,
+    scale: str | None,
+    preprocess: str | None,
+    out_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Fine-tune MODEL on TRAIN_DATA once per BN strategy and seed; compare on --val."""
+    from bnkit.compare import compare
+    from bnkit.files import load_model
+
+    _check_out_dir(out_dir)
+    m = load_model(model)
+    train = _open_data(m, train_data, batch_size, scale, preprocess, None)
+    val = _open_data(m, val_data, batch_size, scale, preprocess, None)
+    with _CompareProgress() as bars:
+        result = compare(
+            m, train, val, _parse_strategies(strategies), epochs=epochs, seeds=seeds,
+            train_from=train_from, batch_size=batch_size, lr=lr, progress=bars,
+        )  # fmt: skip
+    if out_dir is not None:
+        _write_compare(result, out_dir)
+    if as_json:
+        click.echo(result.to_json())
+        return
+    _out.print(result.table())
+    _out.print(str(result), highlight=False)
+    if out_dir is not None:
+        _out.print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.png'}")
+
+
+def _parse_strategies(text: str) -> list[Any]:
+    specs: list[Any] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if ":" in item and item.split(":", 1)[0] not in (
+            "re",
+            "glob",
+            "type",
+            "index",
+            "from",
+            "depth",
+            "block",
+        ):
+            name, rules = item.split(":", 1)
+            specs.append((name, [r for r in rules.split(";") if r]))
+        else:
+            specs.append(item)
+    return specs
+
+
+def _check_out_dir(out_dir: Path | None) -> None:
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise BnkitError(f"{out_dir}: exists and is not a directory; give a folder for --out")
+
+
+def _write_compare(result: Any, out_dir: Path) -> None:
+    from bnkit.files import atomic_path
+    from bnkit.plots import compare_plot
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "compare.json") as tmp:
+        tmp.write_text(result.to_json())
+    compare_plot(result, out_dir / "compare.png")
+
+
+class _CompareProgress:
+    """An overall bar and one bar per run, on stderr."""
+
+    def __enter__(self) -> _CompareProgress:
+        from rich.progress import Progress
+
+        self._progress = Progress(console=_err, transient=True)
+        self._progress.__enter__()
+        self._overall = self._progress.add_task("runs", total=None)
+        self._task: Any = None
+        self._done = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def run_started(self, label: str, steps: int, index: int, total: int) -> None:
+        self._progress.update(self._overall, total=total, completed=index)
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(label, total=steps)
+
+    def step(self) -> None:
+        self._progress.advance(self._task)
+
+    def run_finished(self, run: Any) -> None:
+        self._done += 1
+        self._progress.update(
+            self._overall, completed=self._done, description=f"runs done: {self._done}"
+        )
+
+
 @cli.command("digits")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Split, patches and training seed.")

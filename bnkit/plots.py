@@ -51,3 +51,48 @@ def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
         fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
     return out
+
+
+def compare_plot(result: Any, out: Path) -> Path:
+    """Validation accuracy and loss by epoch, one line per strategy (mean over seeds, the
+    band spanning the seeds); diverged runs end early.
+
+    Example:
+        >>> import keras, numpy as np, bnkit, tempfile, pathlib
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(),
+        ...                       keras.layers.Dense(2)])
+        >>> x = np.random.rand(16, 4).astype("float32"); y = (x[:, 0] > .5).astype(int)
+        >>> r = bnkit.compare(m, (x, y), (x, y), ["frozen"], epochs=2, seeds=2)
+        >>> compare_plot(r, pathlib.Path(tempfile.mkdtemp()) / "c.png").stat().st_size > 0
+        True
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for summary in result.summaries:
+        runs = [r for r in result.runs if r.strategy == summary.strategy]
+        for ax, key in zip(axes, ("val_accuracy", "val_loss"), strict=True):
+            length = max(len(r.epochs) for r in runs)
+            if length == 0:
+                continue
+            grid = np.full((len(runs), length), np.nan)
+            for i, r in enumerate(runs):
+                grid[i, : len(r.epochs)] = [getattr(e, key) for e in r.epochs]
+            epochs = np.arange(1, length + 1)
+            (line,) = ax.plot(epochs, np.nanmean(grid, 0), marker="o", label=summary.strategy)
+            ax.fill_between(
+                epochs, np.nanmin(grid, 0), np.nanmax(grid, 0), color=line.get_color(), alpha=0.15
+            )
+    for ax, label in zip(axes, ("validation accuracy", "validation loss"), strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    seeds = max(s.runs for s in result.summaries)
+    fig.suptitle(f"BN strategies, mean and range over {seeds} seeds")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    plt.close(fig)
+    return out

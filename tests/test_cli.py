@@ -282,3 +282,47 @@ def test_digits_command_writes_data_model_and_evidence(capsys, tmp_path):
         )
         scores[domain] = json.loads(out)["score"]
     assert scores["target"] > 10 * scores["source"]
+
+
+def _labelled_npz(path: Path, n: int, seed: int, labels: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.5, 1.0, size=(n, 8, 8, 3)).astype("float32")
+    arrays = {"x": x, "y": rng.integers(0, 3, size=n)} if labels else {"x": x}
+    np.savez(path, **arrays)
+    return path
+
+
+def test_compare_command_prints_table_and_writes_json_and_plot(capsys, model_file, tmp_path):
+    train = _labelled_npz(tmp_path / "train.npz", 24, 0)
+    val = _labelled_npz(tmp_path / "val.npz", 12, 1)
+    out_dir = tmp_path / "results"
+    code, out, err = run(
+        capsys, "compare", str(model_file), str(train), "--val", str(val),
+        "--strategies", "frozen,train,mine:bn=frozen;glob:block2_*=train",
+        "--epochs", "2", "--seeds", "2", "--batch-size", "8", "--out", str(out_dir),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "mean ± std over 2 seeds" in out and "mine" in out
+    doc = json.loads((out_dir / "compare.json").read_text())
+    assert len(doc["runs"]) == 6 and {s["strategy"] for s in doc["summaries"]} == {
+        "frozen",
+        "train",
+        "mine",
+    }
+    assert (out_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("val_labels", "extra", "message"),
+    [
+        (False, [], "validation data has no labels"),
+        (True, ["--strategies", "frozn"], "frozn"),
+    ],
+    ids=["no-labels", "unknown-strategy"],
+)
+def test_compare_bad_input_gets_one_line(capsys, model_file, tmp_path, val_labels, extra, message):
+    train = _labelled_npz(tmp_path / "train.npz", 8, 0)
+    val = _labelled_npz(tmp_path / "val.npz", 8, 1, labels=val_labels)
+    code, _, err = run(capsys, "compare", str(model_file), str(train), "--val", str(val), *extra)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err

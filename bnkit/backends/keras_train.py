@@ -1,0 +1,305 @@
+"""Keras training for `compare`: new heads, guarded training runs and frozen-prefix caching."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from bnkit.backends.keras import _BN, _walk
+from bnkit.errors import BnkitError
+
+HEAD_DROPOUT = 0.2
+EVAL_BATCH = 256
+_STOCHASTIC = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+"""Layers that are not the identity in training: a prefix holding one cannot be cached."""
+
+
+def output_units(model: Any) -> int | None:
+    """The size of the model's last output axis, or None when it has several outputs."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs or len(outputs) != 1:
+        return None
+    return outputs[0].shape[-1]
+
+
+def with_head(model: Any, num_classes: int, head: Callable[[Any], Any] | None) -> Any:
+    """`model` with its top replaced when `head` is given or the output does not have
+    `num_classes` units: the features are the output of the last top-level layer whose
+    output is a feature map (rank 4), else the input of the last layer; the new top is
+    `head(features)` or GlobalAveragePooling2D (for a feature map), Dropout(0.2) and a
+    Dense layer of `num_classes` logits."""
+    if head is None and output_units(model) == num_classes:
+        return model
+    features = _features(model)
+    if head is not None:
+        outputs = head(features)
+    else:
+        x = features
+        if len(x.shape) == 4:
+            x = keras.layers.GlobalAveragePooling2D(name="bnkit_pool")(x)
+        x = keras.layers.Dropout(HEAD_DROPOUT, name="bnkit_dropout")(x)
+        outputs = keras.layers.Dense(num_classes, name="bnkit_head")(x)
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_new_head")
+
+
+def _features(model: Any) -> Any:
+    if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
+        raise BnkitError(
+            "a new head needs a functional or sequential Keras model with known inputs; "
+            "build the model with keras.Input, or pass head="
+        )
+    layers = [x for x in model.layers if not isinstance(x, keras.layers.InputLayer)]
+    for layer in reversed(layers):
+        out = _call_tensors(layer).output_tensors
+        if len(out) == 1 and len(out[0].shape) == 4:
+            return out[0]
+    inputs = _call_tensors(layers[-1]).input_tensors
+    if len(inputs) != 1:
+        raise BnkitError(f"cannot find the features before {layers[-1].name}: pass head=")
+    return inputs[0]
+
+
+def _call_tensors(layer: Any) -> Any:
+    """The node of a layer's call in its parent graph (a nested model's own `output` is a
+    tensor of its inner graph, not of the parent's)."""
+    nodes = layer._inbound_nodes
+    if len(nodes) != 1:
+        raise BnkitError(
+            f"layer {layer.name!r} is called {len(nodes)} times: bnkit cannot cut the model "
+            "there; pass head= or train_from= another layer"
+        )
+    return nodes[0]
+
+
+def from_logits(model: Any) -> bool:
+    """True unless the model ends in a softmax."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return False
+    activation = getattr(last, "activation", None)
+    return activation is not keras.activations.softmax
+
+
+def compile_for_run(model: Any, lr: float, logits: bool) -> None:
+    """A fresh Adam, sparse cross-entropy and accuracy."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=logits),
+        metrics=["accuracy"],
+    )
+
+
+# ---------------------------------------------------------------------- prefix caching
+
+
+@dataclass(frozen=True)
+class Split:
+    """A model cut into a frozen prefix and the trainable rest, sharing its layers."""
+
+    prefix: Any
+    suffix: Any
+
+
+def frozen_prefix(model: Any, train_from: str | None) -> Split | None:
+    """The split at top-level layer `train_from` when everything before it is frozen, in
+    inference mode and deterministic, and the rest depends on the prefix only through the
+    cut; None when the model cannot be cached that way."""
+    if train_from is None:
+        return None
+    names = [x.name for x in model.layers]
+    if train_from not in names:
+        return None
+    cut = model.layers[names.index(train_from)]
+    try:
+        (cut_tensor,) = _call_tensors(cut).input_tensors
+        prefix = keras.Model(model.inputs, cut_tensor)
+        suffix = keras.Model(cut_tensor, model.outputs)
+    except (BnkitError, ValueError, AttributeError, TypeError):
+        return None
+    if not all(_inert(layer) for layer in prefix._flatten_layers(include_self=False)):
+        return None
+    return Split(prefix, suffix)
+
+
+def _inert(layer: Any) -> bool:
+    """A layer that computes the same thing in training as in inference and trains nothing."""
+    if isinstance(layer, _STOCHASTIC) or type(layer).__name__.startswith("Random"):
+        return False
+    if layer.trainable_variables:
+        return False
+    if isinstance(layer, _BN):
+        return getattr(layer, "bn_mode", None) in ("frozen", "adapt") or not layer.trainable
+    return True
+
+
+def fingerprint(model: Any) -> str:
+    """A digest of every variable's value: equal digests, equal computations."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
+
+
+def save_weights(model: Any, path: Path) -> Path:
+    """Saves every variable of `model` to `path` (`.weights.h5`)."""
+    model.save_weights(path)
+    return path
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Restores every variable saved by `save_weights` (not the optimizer's: each run
+    compiles a fresh one)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
+
+
+def predict(model: Any, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Inference-mode outputs as a NumPy array."""
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+
+
+# ---------------------------------------------------------------------- guarded runs
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Diverged:
+    epoch: int
+    step: int
+    loss: float
+    layer: str | None
+    """the first layer whose output was non-finite on the offending batch, if any."""
+
+
+def order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample order of one epoch: fixed by the seed, the same for every strategy."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def guarded_fit(
+    model: Any,
+    paths_from: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    on_step: Callable[[], None] | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> Diverged | None:
+    """Trains `model` (compiled) step by step in the seed's data order, evaluating after
+    each epoch. A non-finite loss or weight stops the run: the weights that the last fully
+    finite step (finite loss, finite update) started from are restored, and the step and
+    the first layer (named as in `paths_from`) whose output was non-finite on that batch
+    are returned."""
+    keras.utils.set_random_seed(seed)
+    entered = _weights(model)  # the weights the next step starts from
+    last_ok = entered  # the weights the last fully finite step (loss and update) started from
+    steps = -(-len(x) // batch_size)
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        idx = order(len(x), seed, epoch)
+        loss_sum = acc_sum = 0.0
+        for step in range(steps):
+            b = idx[step * batch_size : (step + 1) * batch_size]
+            logs = model.train_on_batch(x[b], y[b], return_dict=True)
+            loss = float(logs["loss"])
+            new = _weights(model) if np.isfinite(loss) else None
+            if new is None or not all(np.isfinite(w).all() for w in new):
+                layer = first_nonfinite_layer(paths_from, model, x[b])
+                model.set_weights(last_ok)
+                return Diverged(epoch, step, loss, layer)
+            last_ok, entered = entered, new
+            loss_sum += loss * len(b)
+            acc_sum += float(logs.get("accuracy", np.nan)) * len(b)
+            if on_step is not None:
+                on_step()
+        val_loss, val_acc = evaluate(model, *val)
+        log = EpochLog(
+            epoch, loss_sum / len(x), acc_sum / len(x), val_loss, val_acc,
+            time.perf_counter() - start,
+        )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(log)
+    return None
+
+
+def _weights(model: Any) -> list[np.ndarray]:
+    """Copies of every weight (on torch, `get_weights` arrays share the tensors' memory)."""
+    return [np.array(w, copy=True) for w in model.get_weights()]
+
+
+def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Loss and accuracy in inference mode."""
+    out = model.evaluate(x, y, batch_size=EVAL_BATCH, verbose=0, return_dict=True)
+    return float(out["loss"]), float(out.get("accuracy", np.nan))
+
+
+def first_nonfinite_layer(paths_from: Any, model: Any, x: np.ndarray) -> str | None:
+    """Runs `x` through `model` in training mode, eagerly, and names the first leaf layer
+    whose output holds NaN or inf (None when every output is finite)."""
+    paths = {id(n.layer): n.path for n in _walk(paths_from)}
+    leaves = [n.layer for n in _walk(model) if not n.children and id(n.layer) in paths]
+    found: list[str] = []
+    with _checking(leaves, paths, found), contextlib.suppress(Exception):
+        model(x, training=True)
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def _checking(leaves: list[Any], paths: dict[int, str], found: list[str]) -> Iterator[None]:
+    try:
+        for layer in leaves:
+            object.__setattr__(layer, "call", _checked(layer, paths[id(layer)], found))
+        yield
+    finally:
+        for layer in leaves:
+            if "call" in vars(layer):
+                object.__delattr__(layer, "call")
+
+
+def _checked(layer: Any, path: str, found: list[str]) -> Any:
+    original = type(layer).call.__get__(layer)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if not found:
+            tensors = out if isinstance(out, list | tuple) else [out]
+            for t in tensors:
+                if not np.isfinite(keras.ops.convert_to_numpy(t)).all():
+                    found.append(path)
+                    break
+        return out
+
+    return call

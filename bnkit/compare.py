@@ -1,0 +1,432 @@
+"""Strategy sweep: each BN strategy for each seed from the same saved weights, with a
+divergence guard, frozen-prefix caching, and a summary that is honest about noise."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from bnkit.backends import get_backend
+from bnkit.data import DEFAULT_BATCH_SIZE, DataError, load
+from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.policy import Mode, Rule, parse_mode, parse_rule
+
+DEFAULT_STRATEGIES = ("frozen", "affine", "train", "adapt")
+DEFAULT_EPOCHS = 5
+DEFAULT_SEEDS = 3
+DEFAULT_LR = 1e-3
+
+
+class Progress(Protocol):
+    """Receives progress events; the CLI draws bars from them."""
+
+    def run_started(self, label: str, steps: int, index: int, total: int) -> None: ...
+
+    def step(self) -> None: ...
+
+    def run_finished(self, run: Run) -> None: ...
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A named way to treat BN while fine-tuning: a BN mode for the trained part, or rules.
+
+    `adapt` re-estimates every BN layer's statistics on the training inputs first, then
+    keeps them frozen.
+    """
+
+    name: str
+    mode: Mode | None = None
+    rules: tuple[Rule, ...] = ()
+
+    @classmethod
+    def of(cls, spec: str | Strategy | tuple[str, Sequence[str | Rule]]) -> Strategy:
+        """From a mode name, a Strategy, or `(name, rules)` with rules as `"SELECTOR=MODE"`."""
+        if isinstance(spec, Strategy):
+            return spec
+        if isinstance(spec, str):
+            return cls(spec, mode=parse_mode(spec))
+        name, rules = spec
+        parsed = tuple(r if isinstance(r, Rule) else parse_rule(r) for r in rules)
+        return cls(name, rules=parsed)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of one run."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+    bn_stats_moved: int
+    """BN layers whose running statistics changed during the epoch."""
+    bn_stats_delta: float
+    """largest change of any running mean or variance during the epoch."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One strategy with one seed."""
+
+    strategy: str
+    seed: int
+    epochs: tuple[EpochRecord, ...]
+    status: str
+    """`ok` or `diverged`."""
+    final_val_loss: float
+    final_val_accuracy: float
+    seconds: float
+    cached_prefix: bool
+    diverged_epoch: int | None = None
+    diverged_step: int | None = None
+    diverged_layer: str | None = None
+    """first layer whose output was non-finite on the offending batch (None: only the loss)."""
+    bn_stats_kept: int = 0
+    bn_layers: int = 0
+    plan_problems: tuple[str, ...] = ()
+    """differences between the strategy's plan and what `watch` saw."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Final validation results of one strategy over seeds."""
+
+    strategy: str
+    val_accuracy_mean: float
+    val_accuracy_std: float
+    val_loss_mean: float
+    val_loss_std: float
+    runs: int
+    diverged: int
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Every run, the per-strategy summary, and the verdict."""
+
+    runs: tuple[Run, ...]
+    summaries: tuple[Summary, ...]
+    best: str
+    decisive: bool
+    """False when the best strategy's lead is within the spread over seeds."""
+    verdict: str
+    head_replaced: bool
+    train_from: str | None
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> str:
+        """The whole result as a JSON document."""
+        doc = {
+            "best": self.best,
+            "decisive": self.decisive,
+            "verdict": self.verdict,
+            "head_replaced": self.head_replaced,
+            "train_from": self.train_from,
+            "notes": list(self.notes),
+            "summaries": [asdict(s) for s in self.summaries],
+            "runs": [asdict(r) for r in self.runs],
+        }
+        return json.dumps(doc, indent=2, allow_nan=True)
+
+    def table(self) -> Any:
+        """A rich table: mean ± standard deviation over seeds per strategy."""
+        from rich.table import Table
+
+        seeds = max(s.runs for s in self.summaries)
+        t = Table(title=f"final validation results, mean ± std over {seeds} seeds")
+        t.add_column("strategy", no_wrap=True)
+        for col in ("val accuracy", "val loss", "runs", "diverged"):
+            t.add_column(col, justify="right")
+        for s in sorted(self.summaries, key=lambda x: -x.val_accuracy_mean):
+            t.add_row(
+                s.strategy + (" *" if s.strategy == self.best else ""),
+                f"{s.val_accuracy_mean:.1%} ± {s.val_accuracy_std:.1%}",
+                f"{s.val_loss_mean:.3f} ± {s.val_loss_std:.3f}",
+                str(s.runs),
+                str(s.diverged),
+            )
+        return t
+
+    def __str__(self) -> str:
+        return "\n".join([self.verdict, *(f"note: {n}" for n in self.notes)])
+
+
+def compare(
+    model: Any,
+    train: Any,
+    val: Any,
+    strategies: Sequence[str | Strategy | tuple[str, Sequence[str | Rule]]] = DEFAULT_STRATEGIES,
+    *,
+    epochs: int = DEFAULT_EPOCHS,
+    seeds: int | Sequence[int] = DEFAULT_SEEDS,
+    train_from: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    num_classes: int | None = None,
+    head: Callable[[Any], Any] | None = None,
+    cache_prefix: bool = True,
+    progress: Progress | None = None,
+) -> CompareResult:
+    """Fine-tunes `model` once per strategy and seed and compares validation results.
+
+    Every run starts from the same weights, reloaded from one saved copy; for a given
+    seed every strategy sees the same data order and the same optimiser (Adam at `lr`,
+    sparse cross-entropy). Layers before `train_from` are frozen (BN `frozen`); the rest
+    trains with its BN layers in the strategy's mode (every BN layer when `train_from`
+    is None). When the model's output does not have one unit per class, its top is
+    replaced by global average pooling, dropout 0.2 and a Dense layer (or by `head`,
+    called on the features). A run whose loss or weights turn non-finite stops, gets
+    its last finite weights back and is marked `diverged`; the sweep goes on. When
+    everything before `train_from` is frozen and deterministic, the prefix runs once
+    and training uses its cached outputs.
+
+    Args:
+        model: a Keras classifier (not modified).
+        train: labelled training data, anything `bnkit.data.load` reads.
+        val: labelled validation data.
+        strategies: BN modes (`frozen`, `affine`, `train`, `adapt`), `Strategy`
+            objects, or `(name, ["SELECTOR=MODE", ...])` for your own policy.
+        epochs: epochs per run.
+        seeds: a number of seeds (0, 1, ...) or the seeds themselves.
+        train_from: first trained layer (the whole network when None).
+        batch_size: training batch size.
+        lr: Adam learning rate.
+        num_classes: classes in the labels (their maximum + 1 when None).
+        head: a function from the feature tensor to the new output tensor.
+        cache_prefix: allow frozen-prefix caching.
+        progress: receives run and step events.
+
+    Example:
+        >>> import keras, numpy as np, bnkit
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+        ...     keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+        >>> x = np.random.rand(32, 4).astype("float32"); y = (x[:, 0] > .5).astype(int)
+        >>> r = bnkit.compare(m, (x, y), (x, y), ["frozen", "train"], epochs=1, seeds=1)
+        >>> sorted(s.strategy for s in r.summaries)
+        ['frozen', 'train']
+    """
+    backend = get_backend(model)
+    x, y = _labelled(train, "training data")
+    xv, yv = _labelled(val, "validation data")
+    classes = num_classes or int(max(y.max(), yv.max())) + 1
+    for labels, what in ((y, "training"), (yv, "validation")):
+        if labels.min() < 0 or labels.max() >= classes:
+            raise DataError(f"{what} labels lie outside 0..{classes - 1}: check num_classes")
+    plans = [Strategy.of(s) for s in strategies]
+    if not plans:
+        raise BnkitError("no strategies given: name at least one of frozen, affine, train, adapt")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list or epochs < 1:
+        raise BnkitError("compare needs at least one seed and one epoch")
+    trainer = _trainer()
+    start_model = trainer.with_head(model, classes, head)
+    head_replaced = start_model is not model
+    logits = trainer.from_logits(start_model)
+    runs: list[Run] = []
+    notes: list[str] = []
+    features: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bnkit-compare-") as tmp:
+        # one working copy, independent of the caller's model (a new head shares its
+        # layers); each run restores its weights from the one saved copy
+        backend.save(start_model, Path(tmp) / "start.keras")
+        work = backend.load(Path(tmp) / "start.keras")
+        start = trainer.save_weights(work, Path(tmp) / "start.weights.h5")
+        total = len(seed_list) * len(plans)
+        for seed in seed_list:
+            for strategy in plans:
+                run = _one_run(
+                    backend, trainer, work, start, strategy, seed, (x, y), (xv, yv),
+                    epochs=epochs, batch_size=batch_size, lr=lr, logits=logits,
+                    train_from=train_from, cache_prefix=cache_prefix, progress=progress,
+                    run_index=(len(runs), total), features=features,
+                )  # fmt: skip
+                runs.append(run)
+                if progress is not None:
+                    progress.run_finished(run)
+    if cache_prefix and train_from is not None and not any(r.cached_prefix for r in runs):
+        notes.append(
+            f"frozen-prefix caching was not possible for train_from={train_from!r}: it needs a "
+            "top-level layer with only frozen, deterministic layers before it"
+        )
+    if head_replaced:
+        notes.append(f"the model's top was replaced by a new head with {classes} outputs")
+    summaries = tuple(_summarise(p.name, [r for r in runs if r.strategy == p.name]) for p in plans)
+    best, decisive, verdict = _verdict(summaries, len(seed_list))
+    return CompareResult(
+        tuple(runs), summaries, best, decisive, verdict, head_replaced, train_from, tuple(notes)
+    )
+
+
+def _trainer() -> Any:
+    from bnkit.backends import keras_train
+
+    return keras_train
+
+
+def _labelled(data: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = load(data).arrays()
+    if y is None:
+        raise DataError(f"{what} has no labels: compare needs (x, y), an .npz with y, or a folder")
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = y.argmax(axis=1)
+    y = y.reshape(len(y)).astype(np.int64)
+    if len(x) != len(y):
+        raise DataError(f"{what} has {len(x)} inputs but {len(y)} labels")
+    return x, y
+
+
+def _one_run(
+    backend: Any,
+    trainer: Any,
+    model: Any,
+    start: Path,
+    strategy: Strategy,
+    seed: int,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    logits: bool,
+    train_from: str | None,
+    cache_prefix: bool,
+    progress: Progress | None,
+    run_index: tuple[int, int],
+    features: dict[str, Any],
+) -> Run:
+    import time
+
+    from bnkit.freeze import freeze
+    from bnkit.stats import adapt
+    from bnkit.watch import watch
+
+    t0 = time.perf_counter()
+    backend.unfreeze(model)
+    trainer.load_weights(model, start)
+    x, y = train
+    if strategy.mode is Mode.ADAPT:
+        adapt(model, x, batch_size=batch_size)
+    mode = strategy.mode.value if strategy.mode is not None else None
+    with warnings.catch_warnings():  # the run compiles afresh right after
+        warnings.simplefilter("ignore", BnkitWarning)
+        plan = freeze(model, train_from=train_from, bn=mode, rules=strategy.rules)
+    split = trainer.frozen_prefix(model, train_from) if cache_prefix else None
+    target, xs, vs = model, x, val
+    if split is not None:
+        target = split.suffix
+        key = trainer.fingerprint(split.prefix)  # runs whose prefix is the same share outputs
+        if key not in features:
+            features[key] = (
+                trainer.predict(split.prefix, x),
+                trainer.predict(split.prefix, val[0]),
+            )
+        xs, vs = features[key][0], (features[key][1], val[1])
+    trainer.compile_for_run(target, lr, logits)
+    records: list[EpochRecord] = []
+    stats = [backend.snapshot(model).stats]
+
+    def on_epoch(log: Any) -> None:
+        now = backend.snapshot(model).stats
+        moved, delta = _drift(stats[-1], now)
+        stats.append(now)
+        records.append(EpochRecord(**asdict(log), bn_stats_moved=moved, bn_stats_delta=delta))
+
+    if progress is not None:
+        progress.run_started(
+            f"{strategy.name} seed {seed}", epochs * -(-len(x) // batch_size), *run_index
+        )
+    with watch(model, plan) as w:
+        diverged = trainer.guarded_fit(
+            target, model, xs, y, vs,
+            epochs=epochs, batch_size=batch_size, seed=seed,
+            on_step=progress.step if progress is not None else None, on_epoch=on_epoch,
+        )  # fmt: skip
+    val_loss, val_acc = trainer.evaluate(target, *vs)
+    report = w.report
+    if report is None:
+        raise BnkitError("internal: watch gave no report")
+    counts = report.counts()
+    return Run(
+        strategy=strategy.name,
+        seed=seed,
+        epochs=tuple(records),
+        status="ok" if diverged is None else "diverged",
+        final_val_loss=val_loss,
+        final_val_accuracy=val_acc,
+        seconds=time.perf_counter() - t0,
+        cached_prefix=split is not None,
+        diverged_epoch=None if diverged is None else diverged.epoch,
+        diverged_step=None if diverged is None else diverged.step,
+        diverged_layer=None if diverged is None else diverged.layer,
+        bn_stats_kept=counts["bn_stats_kept"],
+        bn_layers=counts["bn_layers"],
+        plan_problems=tuple(report.problems()) if diverged is None else (),
+    )
+
+
+def _drift(
+    before: Mapping[str, Mapping[str, np.ndarray]], after: Mapping[str, Mapping[str, np.ndarray]]
+) -> tuple[int, float]:
+    moved, delta = 0, 0.0
+    for path, old in before.items():
+        d = max(float(np.max(np.abs(after[path][k] - old[k]))) for k in old)
+        moved += d > 0
+        delta = max(delta, d)
+    return moved, delta
+
+
+def _summarise(name: str, runs: list[Run]) -> Summary:
+    acc = np.array([r.final_val_accuracy for r in runs])
+    loss = np.array([r.final_val_loss for r in runs])
+    ddof = 1 if len(runs) > 1 else 0
+    return Summary(
+        strategy=name,
+        val_accuracy_mean=float(acc.mean()),
+        val_accuracy_std=float(acc.std(ddof=ddof)),
+        val_loss_mean=float(loss.mean()),
+        val_loss_std=float(loss.std(ddof=ddof)),
+        runs=len(runs),
+        diverged=sum(r.status == "diverged" for r in runs),
+    )
+
+
+def _verdict(summaries: Sequence[Summary], n_seeds: int) -> tuple[str, bool, str]:
+    ranked = sorted(summaries, key=lambda s: -s.val_accuracy_mean)
+    best = ranked[0]
+    if len(ranked) == 1:
+        return best.strategy, True, f"only one strategy: {best.strategy}"
+    second = ranked[1]
+    lead = best.val_accuracy_mean - second.val_accuracy_mean
+    if n_seeds < 2:
+        return (
+            best.strategy,
+            False,
+            f"{best.strategy} leads {second.strategy} by {lead:.1%} on one seed, which gives "
+            "no measure of noise: run with more seeds before deciding",
+        )
+    spread = max(best.val_accuracy_std, second.val_accuracy_std)
+    if lead <= spread:
+        return (
+            best.strategy,
+            False,
+            f"{best.strategy} leads {second.strategy} by {lead:.1%}, within the spread over "
+            f"{n_seeds} seeds (± {spread:.1%}): no reliable difference; run more seeds or "
+            "more validation data",
+        )
+    return (
+        best.strategy,
+        True,
+        f"best: {best.strategy}, ahead of {second.strategy} by {lead:.1%}, more than the "
+        f"spread over {n_seeds} seeds (± {spread:.1%})",
+    )

@@ -1,0 +1,169 @@
+"""compare: runs from one saved start, identical data order per seed, divergence guard,
+new heads, frozen-prefix caching equal to the uncached path, and an honest verdict."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import CLASSES, INPUT, build_transfer
+
+import bnkit
+from bnkit.backends import keras_train
+from bnkit.compare import Summary, _verdict
+from bnkit.data import DataError
+
+
+@pytest.fixture
+def splits():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 1.0, size=(48, *INPUT)).astype("float32")
+    y = (x[..., 0].mean(axis=(1, 2)) > 0.5).astype(int) + (x[..., 1].mean(axis=(1, 2)) > 0.5)
+    return (x[:32], y[:32]), (x[32:], y[32:])
+
+
+def _numbers(result):
+    doc = json.loads(result.to_json())
+    for run in doc["runs"]:
+        run.pop("seconds")
+        for e in run["epochs"]:
+            e.pop("seconds")
+    return doc
+
+
+def test_same_inputs_and_seeds_give_identical_numbers_and_model_is_untouched(splits):
+    model, _ = build_transfer()
+    before = [np.array(w, copy=True) for w in model.get_weights()]
+    kwargs = {"epochs": 2, "seeds": 2, "batch_size": 8}
+    a = bnkit.compare(model, *splits, ["frozen", "train", "adapt"], **kwargs)
+    b = bnkit.compare(model, *splits, ["frozen", "train", "adapt"], **kwargs)
+    assert _numbers(a) == _numbers(b)
+    assert len(a.runs) == 6 and {r.status for r in a.runs} == {"ok"}
+    assert all(len(r.epochs) == 2 for r in a.runs)
+    assert all(np.array_equal(w0, w1) for w0, w1 in zip(before, model.get_weights(), strict=True))
+    by = {(r.strategy, r.seed): r for r in a.runs}
+    # watch saw each strategy do what it says: frozen/adapt keep statistics, train moves them
+    assert by["frozen", 0].bn_stats_kept == 4 and by["adapt", 0].bn_stats_kept == 4
+    assert by["train", 0].bn_stats_kept == 0 and by["train", 0].epochs[0].bn_stats_moved == 4
+    assert all(not r.plan_problems for r in a.runs)
+    # different seeds give different data orders
+    assert by["train", 0].final_val_loss != by["train", 1].final_val_loss
+
+
+def test_every_run_starts_from_the_same_weights(splits):
+    model, _ = build_transfer()
+    expected = model.compile(loss="sparse_categorical_crossentropy") or model.evaluate(
+        *splits[1], verbose=0
+    )
+    nothing = ("nothing", ["all=frozen"])  # a policy that trains nothing at all
+    result = bnkit.compare(model, *splits, [nothing], epochs=1, seeds=3, batch_size=8)
+    losses = [r.final_val_loss for r in result.runs]
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+
+def test_divergence_stops_the_run_restores_finite_weights_and_the_sweep_goes_on(splits):
+    model, _ = build_transfer()
+    result = bnkit.compare(
+        model, *splits, ["train", "frozen"], epochs=3, seeds=2, batch_size=8, lr=1e12
+    )
+    assert len(result.runs) == 4
+    diverged = [r for r in result.runs if r.status == "diverged"]
+    assert diverged, [r.final_val_loss for r in result.runs]
+    for r in diverged:
+        assert r.diverged_epoch is not None and r.diverged_step is not None
+        assert np.isfinite(r.final_val_loss)  # the last finite weights came back
+        assert r.diverged_layer is None or r.diverged_layer.startswith(("base/", "pool", "head"))
+    assert {s.strategy: s.diverged for s in result.summaries}["train"] >= 1
+
+
+def test_first_nonfinite_layer_names_the_culprit():
+    model, base = build_transfer()
+    conv = base.get_layer("block1_conv")
+    kernel = keras.ops.convert_to_numpy(conv.kernel).copy()
+    kernel[0, 0, 0, 0] = np.nan
+    conv.kernel.assign(kernel)
+    x = np.ones((2, *INPUT), "float32")
+    assert keras_train.first_nonfinite_layer(model, model, x) == "base/block1_conv"
+    assert "call" not in vars(conv)
+
+
+def test_new_head_when_the_classes_do_not_match(splits):
+    model, _ = build_transfer()  # 3 outputs
+    (x, y), (xv, yv) = splits
+    y5, yv5 = (y + 2) % 5, (yv + 2) % 5
+    result = bnkit.compare(model, (x, y5), (xv, yv5), ["frozen"], epochs=1, seeds=1)
+    assert result.head_replaced and "new head with 5 outputs" in " ".join(result.notes)
+    seen = []
+
+    def head(features):
+        seen.append(tuple(features.shape[1:]))
+        pooled = keras.layers.GlobalMaxPooling2D()(features)
+        return keras.layers.Dense(5, activation="softmax")(pooled)
+
+    result = bnkit.compare(model, (x, y5), (xv, yv5), ["frozen"], epochs=1, seeds=1, head=head)
+    assert seen == [(8, 8, 6)] and np.isfinite(result.runs[0].final_val_loss)
+    assert keras_train.output_units(model) == CLASSES  # the input model keeps its head
+
+
+def test_frozen_prefix_cache_gives_the_uncached_weights(splits):
+    (x, y), val = splits
+    finals = []
+    for cached in (True, False):
+        model, _ = build_transfer()
+        bnkit.freeze(model, train_from="pool", bn="frozen")
+        split = keras_train.frozen_prefix(model, "pool")
+        assert split is not None
+        target, xs, vs = model, x, val
+        if cached:
+            target, xs = split.suffix, keras_train.predict(split.prefix, x)
+            vs = (keras_train.predict(split.prefix, val[0]), val[1])
+        keras_train.compile_for_run(target, 1e-2, logits=False)
+        keras_train.guarded_fit(target, model, xs, y, vs, epochs=3, batch_size=8, seed=0)
+        finals.append(model.get_layer("head").get_weights())
+    for a, b in zip(*finals, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(finals[0][0], build_transfer()[0].get_layer("head").get_weights()[0])
+
+
+def test_prefix_is_cached_only_when_it_is_frozen_and_deterministic(splits):
+    model, _ = build_transfer()
+    on = bnkit.compare(model, *splits, ["frozen"], epochs=1, seeds=1, train_from="pool")
+    off = bnkit.compare(model, *splits, ["frozen"], epochs=1, seeds=1, train_from="pool",
+                        cache_prefix=False)  # fmt: skip
+    assert on.runs[0].cached_prefix and not off.runs[0].cached_prefix
+    np.testing.assert_allclose(on.runs[0].final_val_loss, off.runs[0].final_val_loss, rtol=1e-4)
+    nested = bnkit.compare(model, *splits, ["frozen"], epochs=1, seeds=1,
+                           train_from="block2_conv")  # fmt: skip
+    assert not nested.runs[0].cached_prefix and "caching was not possible" in nested.notes[0]
+    _, base = build_transfer()
+    inputs = keras.Input(INPUT)
+    h = keras.layers.Dropout(0.5, name="drop")(base(inputs))
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    noisy = keras.Model(inputs, keras.layers.Dense(CLASSES, name="head")(h))
+    bnkit.freeze(noisy, train_from="pool", bn="frozen")
+    assert keras_train.frozen_prefix(noisy, "pool") is None  # dropout is active in training
+    bnkit.freeze(noisy, train_from="drop", bn="frozen")
+    assert keras_train.frozen_prefix(noisy, "drop") is not None
+
+
+def test_labels_are_checked(splits):
+    model, _ = build_transfer()
+    (x, y), val = splits
+    with pytest.raises(DataError, match="no labels"):
+        bnkit.compare(model, x, val)
+    with pytest.raises(DataError, match=r"outside 0\.\.2"):
+        bnkit.compare(model, (x, y + 1), val, num_classes=3)
+
+
+def test_verdict_is_honest_about_the_spread():
+    def s(name, mean, std):
+        return Summary(name, mean, std, 1.0, 0.1, 3, 0)
+
+    best, decisive, text = _verdict([s("a", 0.80, 0.03), s("b", 0.78, 0.02)], 3)
+    assert best == "a" and not decisive and "within the spread" in text
+    best, decisive, text = _verdict([s("a", 0.70, 0.01), s("b", 0.80, 0.02)], 3)
+    assert best == "b" and decisive and "ahead of a by 10.0%" in text
+    _, decisive, text = _verdict([s("a", 0.9, 0.0), s("b", 0.5, 0.0)], 1)
+    assert not decisive and "one seed" in text
