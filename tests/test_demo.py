@@ -27,3 +27,25 @@ def test_seed_demo_shows_what_each_approach_does():
         row = rows[f"bnkit.freeze(bn='{mode}'), then base.trainable = True"]
         assert (row.stats_kept, row.affine_kept, row.problems) == (stats, affine, 0)
     assert len(json.loads(result.to_json())["rows"]) == 9
+
+
+def test_demo_command_tells_the_digits_story_and_writes_figures(tmp_path, capsys):
+    from test_cli import run
+
+    out = tmp_path / "demo"
+    code, text, err = run(
+        capsys, "demo", "--skip-traps", "--out", str(out),
+        "--labels-per-class", "3", "--epochs", "1", "--seeds", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    for marker in ("held-out source digits", "BN input shift", "after adapt", "mean ± std over 2"):
+        assert marker in text
+    doc = json.loads((out / "demo.json").read_text())
+    assert doc["labelled"] == 30 and doc["inspect"]["bn_layers"] == 9
+    assert doc["shift"]["recommendation"] == "adapt"
+    assert len(doc["compare"]["runs"]) == 8  # four strategies, two seeds
+    ev = doc["without_labels"]
+    assert ev["shift_target"] > 20 * ev["shift_source"]
+    for name in ("shift.png", "compare.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "compare.json").read_text())["best"] in doc["compare"]["best"]
