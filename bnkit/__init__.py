@@ -8,7 +8,9 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from bnkit.check import CheckReport, Finding, check
 from bnkit.compare import CompareResult, Strategy, compare
+from bnkit.deploy import ExportError, ExportReport, export
 from bnkit.errors import BackendError, BnkitError, BnkitWarning, ModelFileError, SelectorError
 from bnkit.freeze import freeze, recompile, unfreeze
 from bnkit.policy import (
@@ -38,11 +40,15 @@ __all__ = [
     "AllBN",
     "AllLayers",
     "BNState",
+    "CheckReport",
     "CompareResult",
     "BackendError",
     "Block",
     "BnkitError",
     "BnkitWarning",
+    "ExportError",
+    "ExportReport",
+    "Finding",
     "Depth",
     "FromLayer",
     "Glob",
@@ -60,7 +66,9 @@ __all__ = [
     "ShiftReport",
     "WatchReport",
     "adapt",
+    "check",
     "compare",
+    "export",
     "freeze",
     "inspect",
     "shift",

@@ -387,6 +387,86 @@ class _CompareProgress:
         )
 
 
+@cli.command("check")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--batch-size", type=int, help="The training batch size you plan (small-batch check)."
+)
+@click.option("--steps", type=int, help="The training steps you plan (momentum check).")
+@click.option(
+    "--select", metavar="SELECTOR", help="A BN selector you plan to use (coverage check)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def check_cmd(
+    model: Path, batch_size: int | None, steps: int | None, select: str | None, as_json: bool
+) -> None:
+    """Find BN pitfalls in MODEL; exit 1 when an error-level finding is present."""
+    from bnkit.check import check
+    from bnkit.files import load_model
+
+    report = check(load_model(model), batch_size=batch_size, steps=steps, select=select)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        if report.findings:
+            _out.print(report.table())
+        _out.print(str(report).splitlines()[0], highlight=False)
+    if report.errors:
+        sys.exit(EXIT_FINDINGS)
+
+
+@cli.command("export")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Where to write the export; never the input.",
+)
+@click.option("--no-fold", is_flag=True, help="Keep every BN layer (frozen) instead of folding.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["keras", "savedmodel", "onnx"]),
+    default="keras",
+    show_default=True,
+)
+@click.option(
+    "--check",
+    "check_data",
+    type=click.Path(path_type=Path),
+    help="Data to verify the export on (.npz or folder); random inputs by default.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export_cmd(
+    model: Path, output: Path, no_fold: bool, fmt: str, check_data: Path | None, as_json: bool
+) -> None:
+    """Write MODEL for deployment: BN frozen and folded, then verified (export vs original,
+    one sample vs a batch, training=True vs inference). Exit 1 when a check fails."""
+    from bnkit.deploy import ExportError, export
+    from bnkit.files import check_output, load_model
+
+    inputs = [model] + ([check_data] if check_data is not None else [])
+    if fmt != "savedmodel":  # a SavedModel is a folder: deploy checks its path
+        check_output(output, *inputs)
+    elif any(output.resolve() == p.resolve() for p in inputs):
+        raise BnkitError(f"{output}: output is an input; choose another -o path")
+    m = load_model(model)
+    data = None
+    if check_data is not None:
+        data = _open_data(m, check_data, 8, None, None, None)
+    try:
+        report = export(m, output, fold=not no_fold, format=fmt, check_data=data)
+    except ExportError as err:
+        click.echo(f"bnkit: export failed: {err}", err=True)
+        sys.exit(EXIT_FINDINGS)
+    if as_json:
+        click.echo(report.to_json())
+        return
+    _out.print(str(report), highlight=False)
+
+
 @cli.command("digits")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Split, patches and training seed.")

@@ -326,3 +326,30 @@ def test_compare_bad_input_gets_one_line(capsys, model_file, tmp_path, val_label
     code, _, err = run(capsys, "compare", str(model_file), str(train), "--val", str(val), *extra)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_check_command_exits_1_on_errors_and_0_when_clean(capsys, model_file, tmp_path):
+    code, out, _ = run(capsys, "check", str(model_file), "--batch-size", "4")
+    assert code == 1 and "BN001" in out and "BN004" in out
+    code, out, _ = run(capsys, "check", str(model_file), "--json")
+    assert code == 1 and {f["code"] for f in json.loads(out)["findings"]} == {"BN001"}
+    frozen = tmp_path / "frozen.keras"
+    assert run(capsys, "freeze", str(model_file), "-o", str(frozen), "--bn", "frozen")[0] == 0
+    code, out, _ = run(capsys, "check", str(frozen))
+    assert code == 0 and "0 errors" in out
+
+
+def test_export_command_writes_a_verified_model_and_leaves_the_input(capsys, model_file, tmp_path):
+    before = digest(model_file)
+    data = tmp_path / "check.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype("float32"))
+    out_path = tmp_path / "deploy.keras"
+    code, out, err = run(
+        capsys, "export", str(model_file), "-o", str(out_path), "--check", str(data), "--json"
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["folded"], doc["kept"], doc["samples"]) == (3, 1, 5)
+    assert digest(model_file) == before and out_path.exists()
+    code, _, err = run(capsys, "export", str(model_file), "-o", str(model_file))
+    assert code == 2 and "never overwrites its input" in err

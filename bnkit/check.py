@@ -1,0 +1,326 @@
+"""The pitfall finder: what will go wrong with a model's BN layers in training or
+deployment, each finding with a stable code, a severity, the layer, and the fix."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bnkit.backends import get_backend
+from bnkit.policy import Selector, parse_selector
+from bnkit.report import leaf_records
+
+SMALL_BATCH = 16
+"""Below this many images, batch statistics are noisy enough to hurt (Wu & He, 2018)."""
+STALE_SHARE = 0.5
+"""Momentum finding when more than this share of the old statistics survives the steps."""
+TINY_VARIANCE = 1e-5
+"""moving variance + epsilon below this scales a channel by more than 1/sqrt of it."""
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One pitfall found in a model."""
+
+    code: str
+    severity: str
+    """`error` (the model will not do what you think), `warning` or `info`."""
+    path: str
+    """the layer (or container) concerned; the model's name for model-wide findings."""
+    problem: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Every finding, errors first."""
+
+    model: str
+    findings: tuple[Finding, ...]
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        """The error-level findings (the CLI exits 1 when there is one)."""
+        return tuple(f for f in self.findings if f.severity == "error")
+
+    def to_json(self) -> str:
+        """The report as a JSON document."""
+        return json.dumps(
+            {"model": self.model, "findings": [asdict(f) for f in self.findings]}, indent=2
+        )
+
+    def table(self) -> Any:
+        """A rich table of the findings."""
+        from rich.table import Table
+
+        t = Table(title=f"bnkit check: {self.model}", show_lines=True)
+        for col in ("code", "severity", "layer", "problem", "fix"):
+            t.add_column(col, overflow="fold")
+        for f in self.findings:
+            t.add_row(f.code, f.severity, f.path, f.problem, f.fix)
+        return t
+
+    def __str__(self) -> str:
+        counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
+        return (
+            f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} notes"
+            + "".join(f"\n{f.code} {f.severity} {f.path}: {f.problem}" for f in self.findings)
+        )
+
+
+def check(
+    model: Any,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    select: Selector | str | None = None,
+) -> CheckReport:
+    """Finds the BN pitfalls in `model` as it would train in `fit` or run in deployment.
+
+    Findings (code, severity): BN001 error, a nested model called with
+    `training=False` whose BN layers `fit` still updates; BN002 info, BN layers in
+    `train` mode after frozen layers; BN003 warning, momentum so close to 1 that after
+    `steps` training steps most of the old statistics remain; BN004, a train-mode BN
+    with too small a `batch_size` (error when each channel sees one value); BN005,
+    non-finite, negative or near-zero moving variance (a cause of NaN); BN006, a BN
+    layer called at several places; BN007, BN layers whose modes differ in one trained
+    block (a name pattern that caught only some), or a `select` that covers only some
+    BN layers; BN008 error, trainable flags changed since `compile`; BN009 info, no BN
+    layer at all.
+
+    Args:
+        model: a Keras model.
+        batch_size: the training batch size you plan (enables BN004).
+        steps: the training steps you plan (enables BN003).
+        select: a selector (or its CLI form) you plan to pick BN layers with.
+
+    Example:
+        >>> import keras, bnkit
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+        ...                       keras.layers.BatchNormalization()])
+        >>> [f.code for f in bnkit.check(m, batch_size=4).findings]
+        ['BN004']
+    """
+    backend = get_backend(model)
+    records = backend.records(model)
+    facts = {f.path: f for f in _facts(model)}
+    bn = [r for r in records if r.is_bn]
+    name = getattr(model, "name", type(model).__name__)
+    found: list[Finding] = []
+    if not bn:
+        found.append(_no_bn(model, name))
+    found += _overridden(bn)
+    found += _train_after_frozen(bn, facts)
+    found += _momentum(bn, steps)
+    found += _batch(bn, facts, batch_size)
+    found += _variance(facts.values())
+    found += _shared(facts.values())
+    found += _partial(bn, facts, records, select)
+    found += _stale(backend.compile_status(model), name)
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    return CheckReport(name, tuple(sorted(found, key=lambda f: (order[f.severity], f.code))))
+
+
+def _facts(model: Any) -> list[Any]:
+    from bnkit.backends import keras_deploy
+
+    return keras_deploy.bn_facts(model)
+
+
+def _no_bn(model: Any, name: str) -> Finding:
+    from bnkit.backends import keras_deploy
+
+    others = keras_deploy.norm_layers(model)
+    has = ", ".join(f"{n} {k}" for k, n in sorted(others.items())) or "no normalisation layer"
+    return Finding(
+        "BN009",
+        "info",
+        name,
+        f"the model has no BatchNormalization layer ({has}): there are no BN statistics to "
+        "freeze, re-estimate or fold",
+        "nothing to do for BN; LayerNorm and GroupNorm behave the same in training and inference",
+    )
+
+
+def _overridden(bn: list[Any]) -> Iterator[Finding]:
+    for r in bn:
+        for note in r.notes:
+            if "training=False" in note:
+                yield Finding(
+                    "BN001",
+                    "error",
+                    r.path,
+                    note,
+                    "pin the mode: bnkit.freeze(model, bn='frozen') (or --rule for these "
+                    "layers); training=False at call time does not freeze BN in Keras 3",
+                )
+
+
+def _train_after_frozen(bn: list[Any], facts: dict[str, Any]) -> Iterator[Finding]:
+    for r in bn:
+        fact = facts.get(r.path)
+        if r.bn_mode == "train" and fact is not None and fact.producer_trainable is False:
+            yield Finding(
+                "BN002",
+                "info",
+                r.path,
+                "trains with batch statistics (and gamma/beta) while the layer feeding it is "
+                "frozen: cheap adaptation to new data, but its outputs depend on the batch "
+                "and its statistics drift from what the frozen layers after it expect",
+                "keep it if BN-only adaptation is what you want; use mode 'affine' to train "
+                "gamma/beta with fixed statistics, or 'adapt' to re-estimate them once",
+            )
+
+
+def _momentum(bn: list[Any], steps: int | None) -> Iterator[Finding]:
+    if steps is None:
+        return
+    for r in bn:
+        if r.bn_state is None or not r.bn_state.stats_update or r.momentum is None:
+            continue
+        remain = r.momentum**steps
+        if remain > STALE_SHARE:
+            yield Finding(
+                "BN003",
+                "warning",
+                r.path,
+                f"momentum {r.momentum:g}: after {steps} steps {remain:.0%} of the running "
+                "statistics are still the old ones, so inference will use statistics that "
+                "lag the trained weights",
+                f"lower the momentum (for example to {_momentum_for(steps):.3g}), train "
+                "longer, or re-estimate the statistics after training with bnkit.adapt",
+            )
+
+
+def _momentum_for(steps: int, keep: float = 0.05) -> float:
+    return float(keep ** (1.0 / steps))
+
+
+def _batch(bn: list[Any], facts: dict[str, Any], batch_size: int | None) -> Iterator[Finding]:
+    if batch_size is None:
+        return
+    for r in bn:
+        if r.bn_state is None or not r.bn_state.batch_stats:
+            continue
+        fact = facts.get(r.path)
+        values = None if fact is None or fact.spatial is None else batch_size * fact.spatial
+        if values == 1:
+            yield Finding(
+                "BN004",
+                "error",
+                r.path,
+                "trains on batch statistics of a single value per channel: the batch "
+                "variance is 0, so every input gives the output beta (PyTorch raises here)",
+                "use a batch size of at least 2 (16 or more for stable statistics), or "
+                "freeze this BN (mode 'frozen' or 'affine')",
+            )
+        elif batch_size < SMALL_BATCH:
+            yield Finding(
+                "BN004",
+                "warning",
+                r.path,
+                f"trains on batch statistics of only {batch_size} images: noisy statistics, "
+                "and training and inference see different normalisations",
+                f"use a batch of {SMALL_BATCH} or more, or mode 'affine'/'frozen' for this BN",
+            )
+
+
+def _variance(facts: Any) -> Iterator[Finding]:
+    for f in facts:
+        if f.nonfinite or f.min_var + f.epsilon <= 0:
+            yield Finding(
+                "BN005",
+                "error",
+                f.path,
+                f"moving statistics hold {f.nonfinite} non-finite values"
+                if f.nonfinite
+                else f"moving variance {f.min_var:g} plus epsilon is not positive",
+                "inference outputs NaN: re-estimate the statistics (bnkit.adapt) or reload "
+                "weights saved before training diverged",
+            )
+        elif f.min_var + f.epsilon < TINY_VARIANCE:
+            yield Finding(
+                "BN005",
+                "warning",
+                f.path,
+                f"moving variance {f.min_var:.2g} with epsilon {f.epsilon:g}: that channel is "
+                f"multiplied by {1 / (f.min_var + f.epsilon) ** 0.5:.3g}, so tiny input "
+                "changes explode (and overflow to inf/NaN in float16)",
+                "re-estimate the statistics on representative data (bnkit.adapt) or raise epsilon",
+            )
+
+
+def _shared(facts: Any) -> Iterator[Finding]:
+    for f in facts:
+        if f.calls > 1:
+            yield Finding(
+                "BN006",
+                "warning",
+                f.path,
+                f"called at {f.calls} places: in training its running statistics average "
+                "inputs from every call site, so in inference no call site is normalised "
+                "with its own statistics",
+                "give each call site its own BatchNormalization layer",
+            )
+
+
+def _partial(
+    bn: list[Any], facts: dict[str, Any], records: list[Any], select: Selector | str | None
+) -> Iterator[Finding]:
+    if select is not None:
+        yield from _selector_coverage(records, select)
+    groups: dict[str, list[Any]] = {}
+    for r in bn:
+        fact = facts.get(r.path)
+        if fact is not None and not fact.pinned and fact.producer_trainable is not False:
+            groups.setdefault(r.path.rsplit("/", 1)[0] if "/" in r.path else "", []).append(r)
+    for parent, rows in groups.items():
+        frozen = [r for r in rows if r.bn_mode == "frozen"]
+        if frozen and len(frozen) < len(rows):
+            where = f"in '{parent}'" if parent else "in the model"
+            yield Finding(
+                "BN007",
+                "warning",
+                parent or "(model)",
+                f"{len(frozen)} of {len(rows)} BN layers {where} not after frozen layers are "
+                f"frozen and the others train (frozen: {_names(frozen)}): if a name pattern "
+                "picked them, it caught only some",
+                "select BN layers by type, not by name: bnkit.freeze(model, bn=...) or "
+                "--rule 'bn=frozen'; check with bnkit inspect --bn-only",
+            )
+
+
+def _selector_coverage(records: list[Any], select: Selector | str) -> Iterator[Finding]:
+    selector = parse_selector(select) if isinstance(select, str) else select
+    _, infos = leaf_records(records)
+    hits = selector.match(infos)
+    bn_hits = sum(infos[i].is_bn for i in hits)
+    total = sum(i.is_bn for i in infos)
+    if 0 < bn_hits < total:
+        yield Finding(
+            "BN007",
+            "warning",
+            str(selector),
+            f"selects {bn_hits} of the model's {total} BN layers",
+            "if you meant every BN layer, select by type (AllBN, 'bn'); otherwise this is "
+            "intended and bnkit.inspect --bn-only lists the rest",
+        )
+
+
+def _names(rows: list[Any], n: int = 3) -> str:
+    names = [r.name for r in rows[:n]]
+    return ", ".join(names) + (f" and {len(rows) - n} more" if len(rows) > n else "")
+
+
+def _stale(status: Any, name: str) -> Iterator[Finding]:
+    if status.stale:
+        yield Finding(
+            "BN008",
+            "error",
+            name,
+            status.message(),
+            "recompile after changing trainable flags: bnkit.recompile(model) keeps loss, "
+            "metrics and optimizer settings with a fresh optimizer",
+        )

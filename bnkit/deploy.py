@@ -1,0 +1,223 @@
+"""Deployment: every BN in inference mode and folded where it can be, the export verified
+(original against export, one sample against a batch, training against inference) before
+anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnkit.backends import get_backend
+from bnkit.data import DataError, check_input_shape, load
+from bnkit.errors import BnkitError
+
+TOLERANCE = 1e-4
+"""Largest accepted difference, relative to max(1, largest absolute reference output)."""
+CHECK_SAMPLES = 8
+FORMATS = ("keras", "savedmodel", "onnx")
+
+
+class ExportError(BnkitError):
+    """An export whose checks failed; nothing was written."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `export` wrote and what its checks measured."""
+
+    path: str
+    format: str
+    bn_layers: int
+    folded: int
+    kept: int
+    dropped: tuple[str, ...]
+    samples: int
+    tolerance: float
+    max_diff_original: float
+    """largest |export - original in inference| (relative to the output scale)."""
+    max_diff_single: float
+    """largest |one sample alone - the same sample in the batch|, relative."""
+    max_diff_training: float
+    """largest |called with training=True - inference|, relative."""
+
+    def to_json(self) -> str:
+        """The report as a JSON document."""
+        return json.dumps(asdict(self), indent=2)
+
+    def __str__(self) -> str:
+        return (
+            f"exported {self.path} ({self.format}): {self.folded} of {self.bn_layers} BN "
+            f"layers folded, {self.kept} kept frozen, {len(self.dropped)} dropout/noise layers "
+            f"dropped; checked on {self.samples} samples (relative tolerance "
+            f"{self.tolerance:g}): export vs original {self.max_diff_original:.1e}, one "
+            f"sample vs batch {self.max_diff_single:.1e}, training=True vs inference "
+            f"{self.max_diff_training:.1e}"
+        )
+
+
+def export(
+    model: Any,
+    path: str | Path,
+    *,
+    fold: bool = True,
+    format: str = "keras",
+    check_data: Any = None,
+) -> ExportReport:
+    """Writes an inference-only copy of `model` that is safe to deploy, after checking it.
+
+    Every BN is put in inference mode; with `fold`, each BN fed directly by a Conv2D,
+    DepthwiseConv2D or Dense layer that feeds nothing else is folded into that layer's
+    kernel and bias; the others stay as frozen BatchNormalization layers; dropout and
+    noise layers are dropped. The copy uses plain Keras layers only, so it loads with
+    `keras.models.load_model` without bnkit. Before writing, three checks run on
+    `check_data` (8 samples of random normal inputs when None): the export matches the
+    original model in inference mode, each sample predicted alone matches it predicted
+    in a batch, and calling the export with `training=True` matches inference; each
+    within TOLERANCE relative to the output scale. A failed check raises ExportError
+    with the numbers and writes nothing. `model` is not modified.
+
+    Args:
+        model: a Keras model.
+        path: where to write (`.keras` file, SavedModel folder, or `.onnx` file).
+        fold: fold BN into the preceding layer where possible.
+        format: `keras`, `savedmodel` (TensorFlow backend) or `onnx` (needs the
+            backend's exporter: onnx and onnxscript on torch).
+        check_data: inputs to check on, anything `bnkit.data.load` reads.
+
+    Example:
+        >>> import keras, bnkit, tempfile, pathlib
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+        ...                       keras.layers.BatchNormalization()])
+        >>> r = bnkit.export(m, pathlib.Path(tempfile.mkdtemp()) / "m.keras")
+        >>> (r.folded, r.kept)
+        (1, 0)
+    """
+    if format not in FORMATS:
+        raise BnkitError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    backend = get_backend(model)
+    deploy = _deployer()
+    out = Path(path)
+    _check_path(out, format)
+    problem = deploy.format_problem(format)
+    if problem is not None:
+        raise BnkitError(problem)
+    copy = deploy.inference_copy(model, fold=fold)
+    x = _check_inputs(backend, model, check_data)
+    ref = deploy.outputs(model, x)
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    diffs = _verify(deploy, copy.model, ref, x, scale)
+    with tempfile.TemporaryDirectory(prefix="bnkit-export-", dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        _write(deploy, copy.model, staged, format, x, ref, scale)
+        if out.exists():
+            _remove(out)
+        os.replace(staged, out)
+    bn_layers = len(copy.folded) + len(copy.kept)
+    return ExportReport(
+        path=str(out),
+        format=format,
+        bn_layers=bn_layers,
+        folded=len(copy.folded),
+        kept=len(copy.kept),
+        dropped=copy.dropped,
+        samples=len(x),
+        tolerance=TOLERANCE,
+        max_diff_original=diffs[0],
+        max_diff_single=diffs[1],
+        max_diff_training=diffs[2],
+    )
+
+
+def _deployer() -> Any:
+    from bnkit.backends import keras_deploy
+
+    return keras_deploy
+
+
+def _check_path(out: Path, format: str) -> None:
+    suffix = {"keras": ".keras", "onnx": ".onnx"}.get(format)
+    if suffix is not None and out.suffix != suffix:
+        raise BnkitError(f"{out}: a {format} export must end in '{suffix}'")
+    if not out.parent.exists():
+        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
+    if format == "savedmodel" and out.exists() and not out.is_dir():
+        raise BnkitError(f"{out}: exists and is not a directory; give a SavedModel folder name")
+
+
+def _check_inputs(backend: Any, model: Any, check_data: Any) -> np.ndarray:
+    shape = backend.input_shape(model)
+    if check_data is not None:
+        x = next(iter(load(check_data, batch_size=CHECK_SAMPLES).inputs()))
+        if shape is not None:
+            check_input_shape(x, shape, "check data")
+        return x
+    if shape is None or any(d is None for d in shape):
+        raise DataError(
+            "the model's input shape is not fixed: give check_data (--check DATA) to verify "
+            "the export on"
+        )
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(CHECK_SAMPLES, *shape)).astype(np.float32)
+
+
+def _relative(a: np.ndarray, b: np.ndarray, scale: float) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    diff = np.abs(a - b)
+    if not np.isfinite(diff).all():
+        return float("inf")
+    return float(diff.max()) / scale
+
+
+def _verify(deploy: Any, copy: Any, ref: np.ndarray, x: np.ndarray, scale: float) -> tuple:
+    got = deploy.outputs(copy, x)
+    alone = np.concatenate([deploy.outputs(copy, x[i : i + 1]) for i in range(len(x))])
+    training = deploy.outputs(copy, x, training=True)
+    diffs = (
+        _relative(got, ref, scale),
+        _relative(alone, got, scale),
+        _relative(training, got, scale),
+    )
+    names = ("export vs original", "one sample vs batch", "training=True vs inference")
+    failed = [f"{n} {d:.2e}" for n, d in zip(names, diffs, strict=True) if d > TOLERANCE]
+    if failed:
+        raise ExportError(
+            f"export check failed (relative tolerance {TOLERANCE:g}): {'; '.join(failed)}; "
+            "nothing was written"
+        )
+    return diffs
+
+
+def _write(
+    deploy: Any, model: Any, staged: Path, format: str, x: np.ndarray, ref: np.ndarray, scale: float
+) -> None:
+    """Writes the export to `staged` and checks what was written against `ref`."""
+    if format == "keras":
+        model.save(staged)
+        got = deploy.outputs(deploy.load_plain(staged), x)
+    elif format == "savedmodel":
+        deploy.export_savedmodel(model, staged)
+        got = deploy.run_savedmodel(staged, x)
+    else:
+        deploy.export_onnx(model, staged)
+        got = deploy.run_onnx(staged, x)
+    diff = _relative(got, ref, scale)
+    if diff > TOLERANCE:
+        raise ExportError(
+            f"the written {format} export differs from the original by {diff:.2e} (relative "
+            f"tolerance {TOLERANCE:g}); nothing was written"
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -1,0 +1,146 @@
+"""export: BN folded and frozen, dropout dropped, verified on real keras.applications
+architectures with randomised statistics, loadable without bnkit; and the speed-free
+facts of each format."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import INPUT, build_transfer
+
+import bnkit
+from bnkit.deploy import TOLERANCE, ExportError
+
+
+def randomise_bn(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, c).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.2, c).astype("float32"))
+
+
+@pytest.mark.parametrize(
+    ("arch", "folded", "kept", "dropped"),
+    [
+        ("MobileNetV2", 52, 0, 0),
+        ("ResNet50V2", 32, 17, 0),  # 16 pre-activation BNs and post_bn follow an Add/pooling
+        ("EfficientNetB0", 49, 0, 10),
+        ("DenseNet121", 59, 62, 0),  # BNs after a Concatenate cannot fold
+    ],
+)
+def test_export_folds_and_verifies_real_architectures(tmp_path, arch, folded, kept, dropped):
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, arch)(weights=None, input_shape=(32, 32, 3), classes=10)
+    randomise_bn(model)
+    before = [np.array(w, copy=True) for w in model.get_weights()]
+    report = bnkit.export(model, tmp_path / "m.keras")
+    assert (report.folded, report.kept, len(report.dropped)) == (folded, kept, dropped)
+    for diff in (report.max_diff_original, report.max_diff_single, report.max_diff_training):
+        assert diff <= TOLERANCE
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    bn = [x for x in loaded._flatten_layers() if isinstance(x, keras.layers.BatchNormalization)]
+    assert len(bn) == kept and not any(x.trainable for x in bn)
+    x = np.random.default_rng(1).normal(size=(4, 32, 32, 3)).astype("float32")
+    ref = keras.ops.convert_to_numpy(model(x, training=False))
+    got = keras.ops.convert_to_numpy(loaded(x, training=True))  # inference even so
+    np.testing.assert_allclose(got, ref, atol=TOLERANCE * max(1.0, np.abs(ref).max()))
+
+
+def test_export_of_a_model_saved_by_freeze_loads_without_bnkit(tmp_path):
+    model, _ = build_transfer()
+    randomise_bn(model)
+    bnkit.freeze(model, train_from="block2_conv", bn="affine")
+    model.save(tmp_path / "frozen.keras")
+    loaded = keras.models.load_model(tmp_path / "frozen.keras")
+    report = bnkit.export(loaded, tmp_path / "deploy.keras")
+    assert (report.folded, report.kept) == (3, 1)  # block2_preact_bn follows an Add
+    x = np.random.default_rng(0).normal(size=(3, *INPUT)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "ref.npy", keras.ops.convert_to_numpy(model(x, training=False)))
+    script = (
+        "import keras, numpy as np, sys\n"
+        "d = sys.argv[1]\n"
+        "m = keras.models.load_model(d + '/deploy.keras')\n"
+        "out = keras.ops.convert_to_numpy(m(np.load(d + '/x.npy'), training=True))\n"
+        "np.testing.assert_allclose(out, np.load(d + '/ref.npy'), atol=1e-4)\n"
+        "print('bnkit' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True, text=True, env=dict(os.environ), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_only_a_layer_that_feeds_nothing_else_is_folded(tmp_path):
+    inputs = keras.Input((6,))
+    dense = keras.layers.Dense(4, use_bias=True, name="shared_out")(inputs)
+    a = keras.layers.BatchNormalization(name="bn_a")(dense)
+    b = keras.layers.Dense(4, name="b")(dense)  # dense also feeds another layer
+    c = keras.layers.Dense(4, use_bias=False, name="c")(inputs)
+    c = keras.layers.BatchNormalization(name="bn_c")(c)
+    out = keras.layers.Dropout(0.5, name="drop")(keras.layers.Concatenate()([a, b, c]))
+    model = keras.Model(inputs, out)
+    randomise_bn(model)
+    report = bnkit.export(model, tmp_path / "m.keras")
+    assert (report.folded, report.kept, report.dropped) == (1, 1, ("drop",))
+    no_fold = bnkit.export(model, tmp_path / "n.keras", fold=False)
+    assert (no_fold.folded, no_fold.kept) == (0, 2)
+
+
+class TrainOnly(keras.layers.Layer):
+    def call(self, x, training=None):
+        return x + 1.0 if training else x
+
+
+def test_failed_check_raises_with_numbers_and_writes_nothing(tmp_path):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, TrainOnly()(keras.layers.BatchNormalization()(inputs)))
+    with pytest.raises(ExportError, match=r"training=True vs inference \d"):
+        bnkit.export(model, tmp_path / "m.keras")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="SavedModel: TF backend")
+def test_savedmodel_export_is_checked_against_keras(tmp_path):
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+    randomise_bn(model)
+    report = bnkit.export(model, tmp_path / "saved", format="savedmodel")
+    assert (tmp_path / "saved" / "saved_model.pb").exists() and report.folded == 52
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch" or importlib.util.find_spec("onnxscript") is None,
+    reason="ONNX via torch.onnx needs the torch backend with onnx and onnxscript",
+)
+def test_onnx_export_is_checked_with_onnxruntime(tmp_path):
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+    randomise_bn(model)
+    report = bnkit.export(model, tmp_path / "m.onnx", format="onnx")
+    assert (tmp_path / "m.onnx").stat().st_size > 0 and report.folded == 52
+
+
+def test_unavailable_format_says_what_to_do(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+    if keras.backend.backend() == "tensorflow":
+        with pytest.raises(bnkit.BnkitError, match="tf2onnx"):
+            bnkit.export(model, tmp_path / "m.onnx", format="onnx")
+    else:
+        with pytest.raises(bnkit.BnkitError, match="needs the TensorFlow backend"):
+            bnkit.export(model, tmp_path / "saved", format="savedmodel")
+    with pytest.raises(bnkit.BnkitError, match=r"must end in '\.keras'"):
+        bnkit.export(model, tmp_path / "m.h5")
