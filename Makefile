@@ -1,5 +1,5 @@
-# `make demo` runs the main job; `make test` runs lint, types and the tests under
-# the Keras torch and TensorFlow backends. Both create .venv when it is missing.
+# `make demo` runs the main job; `make test` runs lint, types, the tests and the
+# docstring examples under the Keras torch and TensorFlow backends. Both create .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,8 +25,8 @@ lint: $(STAMP)
 	$(PY) -m mypy bnkit
 
 test: lint
-	KERAS_BACKEND=torch $(PY) -m pytest -q tests
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests
+	KERAS_BACKEND=torch $(PY) -m pytest -q tests bnkit --doctest-modules
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests bnkit --doctest-modules
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bnkit-demo

@@ -59,7 +59,7 @@ def pretrained_digits(
 
     Example:
         >>> net = pretrained_digits(epochs=1, cache=Path(tempfile.mkdtemp()))  # doctest: +SKIP
-        >>> net.model.output_shape
+        >>> net.model.output_shape  # doctest: +SKIP
         (None, 10)
     """
     import keras
@@ -117,7 +117,7 @@ def adabn_evidence(model: Any, *, size: int = 32, seed: int = 0) -> Evidence:
 
     Example:
         >>> ev = adabn_evidence(pretrained_digits().model)  # doctest: +SKIP
-        >>> ev.accuracy_adapted > ev.accuracy_target
+        >>> ev.accuracy_adapted > ev.accuracy_target  # doctest: +SKIP
         True
     """
     from bnkit.backends.keras_zoo import accuracy, clone

@@ -102,6 +102,20 @@ def test_only_a_layer_that_feeds_nothing_else_is_folded(tmp_path):
     assert (no_fold.folded, no_fold.kept) == (0, 2)
 
 
+def test_sequential_models_export_too(tmp_path):
+    inner = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization()],
+        name="inner",
+    )
+    model = keras.Sequential(
+        [inner, keras.layers.RandomFlip(), keras.layers.Flatten(), keras.layers.Dense(3),
+         keras.layers.BatchNormalization(), keras.layers.Dropout(0.3)]
+    )  # fmt: skip
+    randomise_bn(model)
+    report = bnkit.export(model, tmp_path / "m.keras")
+    assert (report.folded, report.kept, len(report.dropped)) == (2, 0, 2)
+
+
 class TrainOnly(keras.layers.Layer):
     def call(self, x, training=None):
         return x + 1.0 if training else x

@@ -133,14 +133,16 @@ class Folded:
     kept: tuple[str, ...]
     """BN layers kept, as plain frozen BatchNormalization."""
     dropped: tuple[str, ...]
-    """layers dropped because they are the identity in inference (dropout, noise)."""
+    """layers that are the identity in inference (dropout, noise), replaced by Identity."""
 
 
 def inference_copy(model: Any, fold: bool = True) -> Folded:
     """A copy of `model` for deployment, built from plain Keras layers only: each BN that
     can be folded is folded into the Conv2D/DepthwiseConv2D/Dense feeding it (that layer
     gains a bias), every other BN becomes a non-trainable BatchNormalization (inference
-    mode even when called with `training=True`), and dropout and noise layers are dropped.
+    mode even when called with `training=True`); folded BN layers and dropout, noise and
+    random augmentation layers become `Identity` layers (no computation; works for
+    Sequential and Functional models alike, nested ones included).
     """
     pairs = fold_pairs(model) if fold else {}
     into = {id(conv): bn for bn_id, conv in pairs.items() for bn in [_by_id(model, bn_id)]}
@@ -150,17 +152,19 @@ def inference_copy(model: Any, fold: bool = True) -> Folded:
 
     def clone_layer(layer: Any) -> Any:
         config = layer.get_config()
+        if id(layer) in pairs:
+            folded.append(layer.name)
+            return keras.layers.Identity(name=layer.name)
+        if _identity_at_inference(layer):
+            dropped.append(layer.name)
+            return keras.layers.Identity(name=layer.name)
         if isinstance(layer, _BN):
             config.pop("bn_mode", None)
             config["trainable"] = False
-            (folded if id(layer) in pairs else kept).append(layer.name)
+            kept.append(layer.name)
             return keras.layers.BatchNormalization.from_config(config)
         if id(layer) in into:
             config["use_bias"] = True
-            config["trainable"] = False
-            return layer.__class__.from_config(config)
-        if _identity_at_inference(layer):
-            dropped.append(layer.name)
         clone = layer.__class__.from_config(config)
         clone.trainable = False
         return clone
@@ -169,13 +173,15 @@ def inference_copy(model: Any, fold: bool = True) -> Folded:
     skip |= {layer.name for layer in _leaves(model) if _identity_at_inference(layer)}
 
     def call_layer(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        # functional graphs: a skipped layer is not called at all (its stored call
+        # arguments, such as mask, would not fit Identity); Sequential graphs, which
+        # Keras clones without call_function, call the Identity clones instead
         if layer.name in skip:
             return args[0]
         return layer(*args, **kwargs)
 
-    copy = keras.models.clone_model(
-        model, clone_function=clone_layer, call_function=call_layer, recursive=True
-    )
+    calls = {} if isinstance(model, keras.Sequential) else {"call_function": call_layer}
+    copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True, **calls)
     _copy_weights(model, copy, pairs, into)
     copy.trainable = False
     return Folded(copy, tuple(folded), tuple(kept), tuple(dropped))
@@ -206,7 +212,7 @@ def _copy_weights(source: Any, copy: Any, pairs: dict[int, Any], into: dict[int,
     targets = {layer.name: layer for layer in _leaves(copy)}
     for layer in _leaves(source):
         target = targets.get(layer.name)
-        if target is None or id(layer) in pairs:
+        if target is None or id(layer) in pairs or _identity_at_inference(layer):
             continue
         if id(layer) in into:
             kernel, bias = folded_weights(layer, into[id(layer)])
