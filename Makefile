@@ -1,5 +1,6 @@
 # `make demo` runs the main job; `make test` runs lint, types, the tests and the
-# docstring examples under the Keras torch and TensorFlow backends. Both create .venv when it is missing.
+# docstring examples under the Keras torch and TensorFlow backends. Both create
+# .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
