@@ -155,7 +155,7 @@ def inference_copy(model: Any, fold: bool = True) -> Folded:
         if id(layer) in pairs:
             folded.append(layer.name)
             return keras.layers.Identity(name=layer.name)
-        if _identity_at_inference(layer):
+        if identity_at_inference(layer):
             dropped.append(layer.name)
             return keras.layers.Identity(name=layer.name)
         if isinstance(layer, _BN):
@@ -170,7 +170,7 @@ def inference_copy(model: Any, fold: bool = True) -> Folded:
         return clone
 
     skip = {layer.name for layer in _leaves(model) if id(layer) in pairs}
-    skip |= {layer.name for layer in _leaves(model) if _identity_at_inference(layer)}
+    skip |= {layer.name for layer in _leaves(model) if identity_at_inference(layer)}
 
     def call_layer(layer: Any, *args: Any, **kwargs: Any) -> Any:
         # functional graphs: a skipped layer is not called at all (its stored call
@@ -187,7 +187,7 @@ def inference_copy(model: Any, fold: bool = True) -> Folded:
     return Folded(copy, tuple(folded), tuple(kept), tuple(dropped))
 
 
-def _identity_at_inference(layer: Any) -> bool:
+def identity_at_inference(layer: Any) -> bool:
     """Dropout, noise and random augmentation layers: the identity in inference."""
     if isinstance(layer, IDENTITY_AT_INFERENCE):
         return True
@@ -212,7 +212,7 @@ def _copy_weights(source: Any, copy: Any, pairs: dict[int, Any], into: dict[int,
     targets = {layer.name: layer for layer in _leaves(copy)}
     for layer in _leaves(source):
         target = targets.get(layer.name)
-        if target is None or id(layer) in pairs or _identity_at_inference(layer):
+        if target is None or id(layer) in pairs or identity_at_inference(layer):
             continue
         if id(layer) in into:
             kernel, bias = folded_weights(layer, into[id(layer)])

@@ -13,20 +13,11 @@ import keras
 import numpy as np
 
 from bnkit.backends.keras import _BN, _walk
+from bnkit.backends.keras_deploy import identity_at_inference
 from bnkit.errors import BnkitError
 
 HEAD_DROPOUT = 0.2
 EVAL_BATCH = 256
-_STOCHASTIC = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-)
-"""Layers that are not the identity in training: a prefix holding one cannot be cached."""
 
 
 def output_units(model: Any) -> int | None:
@@ -138,7 +129,7 @@ def frozen_prefix(model: Any, train_from: str | None) -> Split | None:
 
 def _inert(layer: Any) -> bool:
     """A layer that computes the same thing in training as in inference and trains nothing."""
-    if isinstance(layer, _STOCHASTIC) or type(layer).__name__.startswith("Random"):
+    if identity_at_inference(layer):  # dropout, noise, augmentation: random in training
         return False
     if layer.trainable_variables:
         return False
