@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bnkit.backends import get_backend
+from bnkit.backends import get_backend, require_keras
 from bnkit.policy import Selector, parse_selector
 from bnkit.report import leaf_records
 
@@ -104,6 +104,7 @@ def check(
         ['BN004']
     """
     backend = get_backend(model)
+    require_keras(backend, "check")
     records = backend.records(model)
     facts = {f.path: f for f in _facts(model)}
     bn = [r for r in records if r.is_bn]

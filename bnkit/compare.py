@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bnkit.backends import get_backend
+from bnkit.backends import get_backend, require_keras
 from bnkit.data import DEFAULT_BATCH_SIZE, DataError, load
 from bnkit.errors import BnkitError, BnkitWarning
 from bnkit.policy import Mode, Rule, parse_mode, parse_rule
@@ -216,6 +216,7 @@ def compare(
         ['frozen', 'train']
     """
     backend = get_backend(model)
+    require_keras(backend, "compare")
     x, y = _labelled(train, "training data")
     xv, yv = _labelled(val, "validation data")
     classes = num_classes or int(max(y.max(), yv.max())) + 1

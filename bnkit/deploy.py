@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bnkit.backends import get_backend
+from bnkit.backends import get_backend, require_keras
 from bnkit.data import DataError, check_input_shape, load
 from bnkit.errors import BnkitError
 
@@ -102,6 +102,7 @@ def export(
     if format not in FORMATS:
         raise BnkitError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     backend = get_backend(model)
+    require_keras(backend, "export")
     deploy = _deployer()
     out = Path(path)
     _check_path(out, format)

@@ -13,7 +13,8 @@ KERAS_SUFFIXES = (".keras",)
 
 
 def get_backend(model: Any) -> Backend:
-    """The backend for `model`, chosen among frameworks already imported.
+    """The backend for `model`, chosen among frameworks already imported (never importing
+    one the user has not loaded).
 
     Keras is tried first: under KERAS_BACKEND=torch every Keras layer is also
     a torch.nn.Module.
@@ -23,9 +24,24 @@ def get_backend(model: Any) -> Backend:
 
         if keras_backend.is_model(model):
             return keras_backend.KerasBackend()
+    if "torch" in sys.modules:
+        from bnkit.backends import torch as torch_backend
+
+        if torch_backend.is_model(model):
+            return torch_backend.TorchBackend()
     raise BackendError(
-        f"expected a Keras 3 model or layer, got {type(model).__module__}.{type(model).__name__}"
+        f"expected a Keras 3 model or a torch.nn.Module, got "
+        f"{type(model).__module__}.{type(model).__name__}"
     )
+
+
+def require_keras(backend: Backend, what: str) -> None:
+    """Raises BackendError when `what` is asked of a model that is not a Keras model."""
+    if not backend.name.startswith("keras"):
+        raise BackendError(
+            f"{what} works on Keras 3 models; for PyTorch modules bnkit offers inspect, "
+            "freeze, unfreeze, watch, adapt and shift"
+        )
 
 
 def backend_for_file(path: Path) -> Backend:

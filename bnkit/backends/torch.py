@@ -1,0 +1,339 @@
+"""PyTorch backend (plain `torch.nn.Module` models).
+
+PyTorch's switches mapped onto bnkit's BN state:
+- `requires_grad` of weight and bias: gamma/beta trained;
+- the module's `training` flag, which `model.train()` sets on every child (undoing an
+  earlier `bn.eval()`): batch statistics, and their update when `track_running_stats`;
+- a pinned BN (`PinnedBatchNorm1d/2d/3d`, a class swap in place, no weights copied)
+  normalises with its running statistics and never updates them outside mode `train`,
+  whatever `train()`/`eval()` say.
+
+A model's "BN mode" is what it does in a training loop, after `model.train()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bnkit.backends.base import MomentPass, Snapshot
+from bnkit.errors import BackendError, BnkitError
+from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
+from bnkit.report import CompileStatus, LayerRecord
+
+_BN = nn.modules.batchnorm._BatchNorm
+# module -> the requires_grad of each of its own parameters before bnkit first touched it
+_ORIGINAL: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def is_model(obj: Any) -> bool:
+    """True for a torch.nn.Module."""
+    return isinstance(obj, nn.Module)
+
+
+class _TorchPin:
+    """Mixin of the pinned BN classes: outside mode `train`, always the running statistics."""
+
+    _bnkit_mode: str = "frozen"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._bnkit_mode == Mode.TRAIN.value:
+            return super().forward(x)  # type: ignore[misc]
+        bn: Any = self
+        bn._check_input_dim(x)
+        return F.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
+
+
+class PinnedBatchNorm1d(_TorchPin, nn.BatchNorm1d):
+    """A BatchNorm1d whose mode bnkit pinned."""
+
+
+class PinnedBatchNorm2d(_TorchPin, nn.BatchNorm2d):
+    """A BatchNorm2d whose mode bnkit pinned."""
+
+
+class PinnedBatchNorm3d(_TorchPin, nn.BatchNorm3d):
+    """A BatchNorm3d whose mode bnkit pinned."""
+
+
+_PINNED = {
+    nn.BatchNorm1d: PinnedBatchNorm1d,
+    nn.BatchNorm2d: PinnedBatchNorm2d,
+    nn.BatchNorm3d: PinnedBatchNorm3d,
+}
+_PLAIN = {v: k for k, v in _PINNED.items()}
+
+
+@dataclass(frozen=True)
+class _Node:
+    path: str
+    module: Any
+    children: bool
+    parents: tuple[Any, ...]
+
+
+def _walk(model: Any) -> list[_Node]:
+    """Every submodule in registration order, with its dotted path and its parents."""
+    nodes: list[_Node] = []
+
+    def visit(module: Any, prefix: str, parents: tuple[Any, ...]) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            kids = list(child.children())
+            nodes.append(_Node(path, child, bool(kids), parents))
+            visit(child, path, (*parents, child))
+
+    visit(model, "", (model,))
+    return nodes
+
+
+def _pinned(module: Any) -> bool:
+    return isinstance(module, _TorchPin)
+
+
+def _own(module: Any) -> list[tuple[str, Any]]:
+    return list(module.named_parameters(recurse=False))
+
+
+def _bn_state(bn: Any) -> BNState:
+    affine = any(p.requires_grad for _, p in _own(bn))
+    if _pinned(bn):
+        if bn._bnkit_mode == Mode.TRAIN.value:
+            return BNState(affine, bn.track_running_stats, True)
+        return BNState(affine, False, False)
+    return BNState(affine, bool(bn.track_running_stats), True)
+
+
+def _bn_mode_name(bn: Any, state: BNState) -> str:
+    if _pinned(bn) and bn._bnkit_mode == Mode.ADAPT.value:
+        return Mode.ADAPT.value
+    return mode_of(state)
+
+
+def _bn_notes(bn: Any, state: BNState) -> list[str]:
+    notes: list[str] = []
+    if _pinned(bn):
+        return notes
+    if not bn.training:
+        notes.append(
+            "in eval() now, but model.train() puts it back in training mode: its statistics "
+            "will update (pin it with bnkit.freeze)"
+        )
+    if not state.affine_trained and state.stats_update:
+        notes.append(
+            "requires_grad=False does not stop running-statistic updates in train(): "
+            "gamma/beta are fixed but the statistics still move"
+        )
+    if not bn.track_running_stats:
+        notes.append(
+            "track_running_stats=False: it normalises with batch statistics in eval() too, "
+            "so one image alone gets different outputs than in a batch"
+        )
+    return notes
+
+
+class TorchBackend:
+    """bnkit's operations on PyTorch modules."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.name = f"torch {torch.__version__}"
+
+    # ------------------------------------------------------------------ reading
+
+    def records(self, model: Any) -> list[LayerRecord]:
+        return [self._record(n) for n in _walk(model)]
+
+    def _record(self, node: _Node) -> LayerRecord:
+        module = node.module
+        own = _own(module)
+        n_train = sum(p.numel() for _, p in own if p.requires_grad)
+        n_fixed = sum(p.numel() for _, p in own if not p.requires_grad)
+        n_fixed += sum(b.numel() for b in module.buffers(recurse=False) if b.is_floating_point())
+        sub = [p for p in module.parameters()]
+        trainable = any(p.requires_grad for p in sub) if sub else True
+        bn_fields: dict[str, Any] = {}
+        notes: list[str] = []
+        if isinstance(module, _BN):
+            state = _bn_state(module)
+            notes = _bn_notes(module, state)
+            momentum = None if module.momentum is None else 1.0 - float(module.momentum)
+            bn_fields = dict(
+                is_bn=True,
+                bn_mode=_bn_mode_name(module, state),
+                bn_state=state,
+                momentum=momentum,
+            )
+        return LayerRecord(
+            path=node.path,
+            name=node.path.rsplit(".", 1)[-1],
+            class_name=type(module).__name__,
+            is_container=node.children,
+            trainable=trainable,
+            effective_trainable=n_train > 0,
+            trainable_params=n_train,
+            non_trainable_params=n_fixed,
+            notes=tuple(notes),
+            **bn_fields,
+        )
+
+    def compile_status(self, model: Any) -> CompileStatus:
+        return CompileStatus(compiled=False)
+
+    def input_shape(self, model: Any) -> tuple[int | None, ...] | None:
+        return None
+
+    # ------------------------------------------------------------------ changing
+
+    def apply(self, model: Any, decisions: Sequence[LayerDecision]) -> None:
+        leaves = [n for n in _walk(model) if not n.children]
+        if len(leaves) != len(decisions):
+            raise BnkitError("the plan does not match this model's modules: run freeze again")
+        for node, d in zip(leaves, decisions, strict=True):
+            _ORIGINAL.setdefault(node.module, {n: p.requires_grad for n, p in _own(node.module)})
+            if d.rule is None:
+                continue
+            if d.is_bn and d.bn_mode is not None:
+                self.set_bn_mode(node.module, Mode(d.bn_mode))
+            else:
+                for _, p in _own(node.module):
+                    p.requires_grad_(d.trainable)
+
+    def set_bn_mode(self, layer: Any, mode: Mode) -> None:
+        base = _PLAIN.get(type(layer), type(layer))
+        if base not in _PINNED:
+            raise BnkitError(
+                f"{type(layer).__name__} is not BatchNorm1d/2d/3d: bnkit cannot pin it"
+            )
+        _ORIGINAL.setdefault(layer, {n: p.requires_grad for n, p in _own(layer)})
+        layer.__class__ = _PINNED[base]
+        layer._bnkit_mode = mode.value
+        for _, p in _own(layer):
+            p.requires_grad_(MODE_STATES[mode].affine_trained)
+
+    def unfreeze(self, model: Any) -> int:
+        released = 0
+        for node in _walk(model):
+            module = node.module
+            if _pinned(module):
+                module.__class__ = _PLAIN[type(module)]
+                del module._bnkit_mode
+                released += 1
+            original = _ORIGINAL.pop(module, None)
+            if original is not None:
+                for name, p in _own(module):
+                    p.requires_grad_(original.get(name, p.requires_grad))
+        return released
+
+    def recompile(self, model: Any) -> None:
+        raise BnkitError(
+            "PyTorch models are not compiled: build the optimizer after freeze, from the "
+            "parameters that require grad"
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def snapshot(self, model: Any) -> Snapshot:
+        weights: dict[str, dict[str, np.ndarray]] = {}
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        for node in _walk(model):
+            module = node.module
+            own = {n: p.detach().cpu().numpy().copy() for n, p in _own(module)}
+            if own:
+                weights[node.path] = own
+            if isinstance(module, _BN) and module.running_mean is not None:
+                bn: Any = module
+                stats[node.path] = {
+                    "mean": bn.running_mean.detach().cpu().numpy().copy(),
+                    "var": bn.running_var.detach().cpu().numpy().copy(),
+                }
+        return Snapshot(weights, stats)
+
+    def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:
+        modules = {n.path: n.module for n in _walk(model)}
+        with torch.no_grad():
+            for path, values in stats.items():
+                bn = modules[path]
+                bn.running_mean.copy_(torch.as_tensor(values["mean"], dtype=bn.running_mean.dtype))
+                bn.running_var.copy_(torch.as_tensor(values["var"], dtype=bn.running_var.dtype))
+
+    @contextlib.contextmanager
+    def moments_pass(
+        self, model: Any, paths: Sequence[str], *, normalize: str
+    ) -> Iterator[MomentPass]:
+        modules = {n.path: n.module for n in _walk(model)}
+        layers = [modules[p] for p in paths]
+        for path, layer in zip(paths, layers, strict=True):
+            if layer.running_mean is None:
+                raise BnkitError(f"{path}: track_running_stats=False, no statistics to measure")
+        captured: dict[str, tuple[Any, Any, Any]] = {}
+        was_training = [m.training for m in model.modules()]
+        try:
+            for path, layer in zip(paths, layers, strict=True):
+                layer.forward = _moment_forward(layer, path, captured, normalize == "batch")
+            model.eval()
+            yield _pass(model, captured)
+        finally:
+            for layer in layers:
+                if "forward" in vars(layer):
+                    del layer.forward
+            for m, flag in zip(model.modules(), was_training, strict=True):
+                m.training = flag
+
+    def forward(self, model: Any, x: np.ndarray) -> None:
+        with torch.no_grad():
+            model(torch.as_tensor(x))
+
+    # ------------------------------------------------------------------ files
+
+    def load(self, path: Path) -> Any:
+        raise BackendError(_NO_FILES)
+
+    def save(self, model: Any, path: Path) -> None:
+        raise BackendError(_NO_FILES)
+
+
+_NO_FILES = (
+    "bnkit handles PyTorch models in Python (bnkit.inspect, freeze, watch, adapt, shift on "
+    "the module); the command line reads Keras '.keras' files only"
+)
+
+
+def _moment_forward(
+    layer: Any, path: str, captured: dict[str, tuple[Any, Any, Any]], batch_stats: bool
+) -> Any:
+    original = type(layer).forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(x.dim()) if d != 1]
+        xf = x.float()
+        mean = xf.mean(dim=dims)
+        var = xf.var(dim=dims, unbiased=False)
+        captured[path] = (mean, var, x.numel() // x.shape[1])
+        if not batch_stats:
+            return original(layer, x)
+        return F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+
+    return forward
+
+
+def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
+    def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        captured.clear()
+        with torch.no_grad():
+            model(torch.as_tensor(x))
+        return {p: (m.cpu().numpy(), v.cpu().numpy(), int(n)) for p, (m, v, n) in captured.items()}
+
+    return run

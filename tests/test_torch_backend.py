@@ -1,0 +1,137 @@
+"""The PyTorch backend, tested with plain torch modules: inspect sees the PyTorch traps,
+freeze pins modes that survive model.train(), unfreeze undoes it, adapt and shift work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        )
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def batch(seed: int = 0, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 6, 6, generator=g) * 2 + 1, torch.randint(0, 3, (n,), generator=g)
+
+
+def train_steps(model: nn.Module, steps: int = 3) -> None:
+    """The usual loop: model.train(), an optimizer over what requires grad."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    model.train()
+    for k in range(steps):
+        x, y = batch(k)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def state(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def moved(before: dict[str, np.ndarray], after: dict[str, np.ndarray], key: str) -> bool:
+    return not np.array_equal(before[key], after[key])
+
+
+def test_inspect_sees_the_pytorch_traps():
+    model = net()
+    report = bnkit.inspect(model)
+    assert report.totals()["bn_layers"] == 2 and report.bn_counts() == {"train": 2}
+    bn = model.stem[1]
+    bn.eval()  # the "frozen" BN of many tutorials
+    for p in bn.parameters():
+        p.requires_grad_(False)
+    rec = next(r for r in bnkit.inspect(model).layers if r.path == "stem.1")
+    assert rec.bn_mode == "stats-only"
+    assert any("model.train() puts it back" in n for n in rec.notes)
+    assert any("requires_grad=False does not stop" in n for n in rec.notes)
+    before = state(bn)
+    train_steps(model)  # model.train() undoes bn.eval(): the statistics move
+    after = state(bn)
+    assert moved(before, after, "running_mean") and not moved(before, after, "weight")
+
+
+@pytest.mark.parametrize(
+    ("mode", "stats_move", "affine_moves"),
+    [("frozen", False, False), ("affine", False, True), ("train", True, True)],
+)
+def test_modes_survive_model_train(mode, stats_move, affine_moves):
+    model = net()
+    plan = bnkit.freeze(model, bn=mode)
+    assert plan.bn_counts() == {mode: 2}
+    before = {k: state(m) for k, m in (("bn", model.stem[1]), ("conv", model.stem[0]))}
+    with bnkit.watch(model) as w:
+        train_steps(model)
+    assert w.report is not None and w.report.ok, w.report.problems()
+    after = {k: state(m) for k, m in (("bn", model.stem[1]), ("conv", model.stem[0]))}
+    assert moved(before["bn"], after["bn"], "running_mean") == stats_move
+    assert moved(before["bn"], after["bn"], "weight") == affine_moves
+    assert moved(before["conv"], after["conv"], "weight")
+    if mode != "train":  # pinned: one image alone gives its row of the batch result
+        model.train()
+        x, _ = batch(5)
+        with torch.no_grad():
+            np.testing.assert_allclose(model(x[:1]).numpy(), model(x)[:1].numpy(), atol=1e-5)
+
+
+def test_train_from_freezes_everything_before_and_unfreeze_restores():
+    model = net()
+    model.block[0].weight.requires_grad_(False)  # a user's own choice, restored later
+    bnkit.freeze(model, train_from="head", bn="frozen")
+    assert [p.requires_grad for p in model.head.parameters()] == [True, True]
+    before = state(model)
+    train_steps(model)
+    after = state(model)
+    changed = {k for k in before if moved(before, after, k)}
+    assert changed == {"head.weight", "head.bias"}
+    assert type(model.stem[1]).__name__ == "PinnedBatchNorm2d"
+    assert bnkit.unfreeze(model) == 2
+    assert type(model.stem[1]) is nn.BatchNorm2d and not hasattr(model.stem[1], "_bnkit_mode")
+    assert model.stem[0].weight.requires_grad and not model.block[0].weight.requires_grad
+
+
+def test_adapt_matches_numpy_and_shift_measures_the_distance():
+    model = net()
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(40, 3, 6, 6)).astype("float32")
+    report = bnkit.adapt(model, x, batch_size=16)
+    assert (report.batches, report.samples) == (3, 40)
+    with torch.no_grad():
+        conv_out = model.stem[0](torch.as_tensor(x)).numpy().astype(np.float64)
+    np.testing.assert_allclose(
+        model.stem[1].running_mean.numpy(), conv_out.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        model.stem[1].running_var.numpy(), conv_out.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4
+    )
+    same = bnkit.shift(model, x)
+    far = bnkit.shift(model, x * 3 - 5)
+    assert same.score < 0.01 < far.score and [r.path for r in far.layers] == ["stem.1", "block.1"]
+    assert model.training  # the passes left the model's mode as it was
+
+
+def test_keras_only_capabilities_say_so():
+    with pytest.raises(bnkit.BackendError, match="works on Keras 3 models"):
+        bnkit.check(net())
