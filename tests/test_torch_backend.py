@@ -102,6 +102,7 @@ def test_train_from_freezes_everything_before_and_unfreeze_restores():
     model.block[0].weight.requires_grad_(False)  # a user's own choice, restored later
     bnkit.freeze(model, train_from="head", bn="frozen")
     assert [p.requires_grad for p in model.head.parameters()] == [True, True]
+    assert bnkit.inspect(model).totals()["trainable_layers"] == 1  # ReLU too is "fixed"
     before = state(model)
     train_steps(model)
     after = state(model)

@@ -33,6 +33,8 @@ from bnkit.report import CompileStatus, LayerRecord
 _BN = nn.modules.batchnorm._BatchNorm
 # module -> the requires_grad of each of its own parameters before bnkit first touched it
 _ORIGINAL: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
+# parameter-free module -> the trainable flag a plan gave it (torch has none to set)
+_FLAGS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def is_model(obj: Any) -> bool:
@@ -163,7 +165,7 @@ class TorchBackend:
         n_fixed = sum(p.numel() for _, p in own if not p.requires_grad)
         n_fixed += sum(b.numel() for b in module.buffers(recurse=False) if b.is_floating_point())
         sub = [p for p in module.parameters()]
-        trainable = any(p.requires_grad for p in sub) if sub else True
+        trainable = any(p.requires_grad for p in sub) if sub else _FLAGS.get(module, True)
         bn_fields: dict[str, Any] = {}
         notes: list[str] = []
         if isinstance(module, _BN):
@@ -182,7 +184,7 @@ class TorchBackend:
             class_name=type(module).__name__,
             is_container=node.children,
             trainable=trainable,
-            effective_trainable=n_train > 0,
+            effective_trainable=n_train > 0 if own else trainable,
             trainable_params=n_train,
             non_trainable_params=n_fixed,
             notes=tuple(notes),
@@ -207,6 +209,8 @@ class TorchBackend:
                 continue
             if d.is_bn and d.bn_mode is not None:
                 self.set_bn_mode(node.module, Mode(d.bn_mode))
+            elif not _own(node.module):
+                _FLAGS[node.module] = d.trainable
             else:
                 for _, p in _own(node.module):
                     p.requires_grad_(d.trainable)
@@ -231,6 +235,7 @@ class TorchBackend:
                 module.__class__ = _PLAIN[type(module)]
                 del module._bnkit_mode
                 released += 1
+            _FLAGS.pop(module, None)
             original = _ORIGINAL.pop(module, None)
             if original is not None:
                 for name, p in _own(module):
