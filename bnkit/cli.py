@@ -342,7 +342,7 @@ def _parse_strategies(text: str) -> list[Any]:
 
 def _check_out_dir(out_dir: Path | None) -> None:
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise BnkitError(f"{out_dir}: exists and is not a directory; give a folder for --out")
+        raise BnkitError(f"{out_dir}: exists and is not a directory; give a folder")
 
 
 def _write_compare(result: Any, out_dir: Path) -> None:
@@ -474,17 +474,15 @@ def export_cmd(
 def digits_cmd(folder: Path, seed: int, size: int) -> None:
     """Write the embedded digits (source and MNIST-M-style target, train/val/test .npz) and
     the model pretrained on the source into FOLDER; print the shift and AdaBN evidence."""
-    from bnkit.files import atomic_path
+    from bnkit.files import save_model
     from bnkit.pretrain import adabn_evidence, pretrained_digits, write_digits
 
-    if folder.exists() and not folder.is_dir():
-        raise BnkitError(f"{folder}: exists and is not a directory; give a folder")
+    _check_out_dir(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with _err.status("pretraining on the source digits (cached after the first run)..."):
         net = pretrained_digits(size=size, seed=seed)
     model_path = folder / "digits-resnet.keras"
-    with atomic_path(model_path) as tmp:
-        net.model.save(tmp)
+    save_model(net.model, model_path)
     written = write_digits(folder, size=size, seed=seed)
     with _err.status("measuring shift and the effect of adapt..."):
         evidence = adabn_evidence(net.model, size=size, seed=seed)

@@ -74,62 +74,6 @@ class DemoResult:
         return self.table()
 
 
-def _bn_layers(base: Any) -> list[Any]:
-    import keras
-
-    return [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
-
-
-def _set_bn_untrainable(base: Any, pick: Callable[[Any], bool]) -> int:
-    chosen = [layer for layer in _bn_layers(base) if pick(layer)]
-    for layer in chosen:
-        layer.trainable = False
-    return len(chosen)
-
-
-def _bn_flag_then_unfreeze(base: Any) -> int:
-    n = _set_bn_untrainable(base, lambda layer: True)
-    base.trainable = False
-    base.trainable = True
-    return n
-
-
-def _training_false_then_unfreeze(base: Any) -> int:
-    base.trainable = False
-    base.trainable = True
-    return 0
-
-
-def _keras_approaches() -> list[tuple[str, Callable[[Any], int]]]:
-    return [
-        ("bn.trainable = False (every BN)", lambda b: _set_bn_untrainable(b, lambda layer: True)),
-        ("bn.trainable = False, then base.trainable = True", _bn_flag_then_unfreeze),
-        ("base(x, training=False), then base.trainable = True", _training_false_then_unfreeze),
-        (
-            "BN picked by name.startswith('bn')",
-            lambda b: _set_bn_untrainable(b, lambda layer: layer.name.startswith("bn")),
-        ),
-        (
-            "BN picked by 'preact_bn' in name",
-            lambda b: _set_bn_untrainable(b, lambda layer: "preact_bn" in layer.name),
-        ),
-    ]
-
-
-def build_demo_model(input_size: int = 32) -> tuple[Any, Any]:
-    """ResNet50V2 (`weights=None`) called with `training=False` under a new head, as guides do."""
-    import keras
-
-    base = keras.applications.ResNet50V2(
-        weights=None, include_top=False, input_shape=(input_size, input_size, 3)
-    )
-    inputs = keras.Input((input_size, input_size, 3))
-    x = base(inputs, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(DEMO_CLASSES, activation="softmax")(x)
-    return keras.Model(inputs, outputs, name="transfer"), base
-
-
 def demo_images(n: int, input_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Generated images: noise plus a class-dependent colour offset, and their labels."""
     rng = np.random.default_rng(seed)
@@ -149,27 +93,27 @@ def seed_demo(
         >>> [r.stats_kept for r in result.rows][-1] == result.rows[-1].bn_layers
         True
     """
-    import keras
+    from bnkit.backends import keras_zoo
 
-    keras.utils.set_random_seed(seed)
-    model, _ = build_demo_model(input_size)
+    keras_zoo.seed_everything(seed)
+    model, _ = keras_zoo.traps_model(input_size, DEMO_CLASSES)
     start = model.get_weights()
     x, y = demo_images(steps * batch_size, input_size, seed)
     rows = []
-    for label, setup in _keras_approaches():
+    for label, setup in keras_zoo.trap_approaches():
         rows.append(_run(label, setup, start, x, y, input_size, batch_size, use_plan=False))
     for mode in Mode:
         label = f"bnkit.freeze(bn='{mode.value}'), then base.trainable = True"
         rows.append(_run(label, _bnkit_setup(mode), start, x, y, input_size, batch_size, True))
-    return DemoResult(f"keras {keras.__version__} ({keras.backend.backend()})", steps, tuple(rows))
+    return DemoResult(keras_zoo.version(), steps, tuple(rows))
 
 
 def _bnkit_setup(mode: Mode) -> Callable[[Any], int]:
     def setup(base: Any) -> int:
-        freeze(base, bn=mode)
+        plan = freeze(base, bn=mode)
         base.trainable = False
         base.trainable = True
-        return len(_bn_layers(base))
+        return sum(plan.bn_counts().values())
 
     return setup
 
@@ -184,14 +128,13 @@ def _run(
     batch_size: int,
     use_plan: bool,
 ) -> ApproachResult:
-    import keras
+    from bnkit.backends import keras_zoo
 
-    model, base = build_demo_model(input_size)
+    model, base = keras_zoo.traps_model(input_size, DEMO_CLASSES)
     model.set_weights(start)
     targeted = setup(base)
-    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
     with watch(base) as w:
-        model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+        keras_zoo.fit_once(model, x, y, batch_size)
     assert w.report is not None
     k = w.report.counts()
     return ApproachResult(

@@ -62,29 +62,26 @@ def pretrained_digits(
         >>> net.model.output_shape  # doctest: +SKIP
         (None, 10)
     """
-    import keras
-
-    from bnkit.backends.keras_zoo import digits_resnet, train_classifier
-    from bnkit.files import atomic_path
+    from bnkit.backends import keras_zoo
+    from bnkit.files import save_model
     from bnkit.stats import adapt
 
     folder = cache if cache is not None else cache_dir()
     name = f"digits-resnet-v{RECIPE_VERSION}-{size}px-seed{seed}-{epochs}ep"
-    path = folder / f"{name}-{keras.backend.backend()}.keras"
+    path = folder / f"{name}-{keras_zoo.backend_name()}.keras"
     if path.exists():
-        return Pretrained(keras.models.load_model(path), path, cached=True)
+        return Pretrained(keras_zoo.load(path), path, cached=True)
     if on_status is not None:
         on_status(f"pretraining on the source digits ({epochs} epochs, cached in {folder})")
     data = digits("source", size=size, seed=seed)
-    keras.utils.set_random_seed(seed)
-    model = digits_resnet(size, data.num_classes)
-    train_classifier(
+    keras_zoo.seed_everything(seed)
+    model = keras_zoo.digits_resnet(size, data.num_classes)
+    keras_zoo.train_classifier(
         model, *data.train, epochs=epochs, batch_size=BATCH_SIZE, seed=seed, lr=LEARNING_RATE
     )
     adapt(model, data.train[0])
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        model.save(tmp)
+    save_model(model, path)
     return Pretrained(model, path, cached=False)
 
 

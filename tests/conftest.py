@@ -81,5 +81,18 @@ def bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     ]
 
 
+def randomise_bn(model: keras.Model, seed: int = 0) -> None:
+    """Non-trivial BN statistics and gamma/beta, so folding and shift measure something."""
+    rng = np.random.default_rng(seed)
+    for layer in bn_layers(model):
+        c = layer.moving_mean.shape[0]
+        layer.moving_mean.assign(rng.normal(0, 0.5, c).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
+        if layer.scale:
+            layer.gamma.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
+        if layer.center:
+            layer.beta.assign(rng.normal(0, 0.2, c).astype("float32"))
+
+
 def changed(before: dict[str, np.ndarray], after: dict[str, np.ndarray], name: str) -> bool:
     return not np.array_equal(before[name], after[name])

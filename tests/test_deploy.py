@@ -12,23 +12,10 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import INPUT, build_transfer
+from conftest import INPUT, build_transfer, randomise_bn
 
 import bnkit
 from bnkit.deploy import TOLERANCE, ExportError
-
-
-def randomise_bn(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers():
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.5, c).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
-            if layer.scale:
-                layer.gamma.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
-            if layer.center:
-                layer.beta.assign(rng.normal(0, 0.2, c).astype("float32"))
 
 
 @pytest.mark.parametrize(

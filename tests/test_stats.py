@@ -7,7 +7,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import bn_layers, weights_of
+from conftest import bn_layers, randomise_bn, weights_of
 
 import bnkit
 from bnkit.data import DataError
@@ -115,16 +115,8 @@ def _inference_inputs(model, x):
     return seen
 
 
-def _randomise_statistics(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for bn in bn_layers(model):
-        c = bn.moving_mean.shape[0]
-        bn.moving_mean.assign(rng.normal(0, 1, c).astype("float32"))
-        bn.moving_variance.assign(rng.uniform(0.5, 4, c).astype("float32"))
-
-
 def test_shift_matches_numpy_gaussian_kl_and_changes_nothing(conv_model):
-    _randomise_statistics(conv_model)
+    randomise_bn(conv_model)
     x = np.random.default_rng(1).normal(1.0, 2.0, size=(24, 8, 8, 3)).astype("float32")
     before = {layer.name: weights_of(layer) for layer in conv_model.layers}
     out_before = keras.ops.convert_to_numpy(conv_model(x, training=False))

@@ -1,7 +1,9 @@
-"""Small Keras models bnkit builds itself: the residual CNN of the embedded demo."""
+"""Small Keras models bnkit builds itself: the residual CNN of the embedded demo and the
+ResNet50V2 set-ups of the traps table."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -68,3 +70,90 @@ def clone(model: keras.Model) -> keras.Model:
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     return copy
+
+
+# ---------------------------------------------------------------------- the traps table
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and the Keras backend."""
+    keras.utils.set_random_seed(seed)
+
+
+def version() -> str:
+    """Keras' version and backend, as reports name them."""
+    return f"keras {keras.__version__} ({keras.backend.backend()})"
+
+
+def traps_model(input_size: int, num_classes: int) -> tuple[keras.Model, keras.Model]:
+    """ResNet50V2 (`weights=None`) called with `training=False` under a new head, as guides
+    do; returns the model and its base."""
+    base = keras.applications.ResNet50V2(
+        weights=None, include_top=False, input_shape=(input_size, input_size, 3)
+    )
+    inputs = keras.Input((input_size, input_size, 3))
+    x = base(inputs, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name="transfer"), base
+
+
+def fit_once(model: keras.Model, x: Any, y: Any, batch_size: int) -> None:
+    """One epoch of plain SGD, in order, as the traps table trains each approach."""
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+
+
+def _bn_layers(base: keras.Model) -> list[Any]:
+    return [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def _set_bn_untrainable(base: keras.Model, pick: Callable[[Any], bool]) -> int:
+    chosen = [layer for layer in _bn_layers(base) if pick(layer)]
+    for layer in chosen:
+        layer.trainable = False
+    return len(chosen)
+
+
+def _bn_flag_then_unfreeze(base: keras.Model) -> int:
+    n = _set_bn_untrainable(base, lambda layer: True)
+    base.trainable = False
+    base.trainable = True
+    return n
+
+
+def _training_false_then_unfreeze(base: keras.Model) -> int:
+    base.trainable = False
+    base.trainable = True
+    return 0
+
+
+def trap_approaches() -> list[tuple[str, Callable[[keras.Model], int]]]:
+    """The ways guides and forum answers freeze BN in Keras, each returning how many BN
+    layers its code touched."""
+    return [
+        ("bn.trainable = False (every BN)", lambda b: _set_bn_untrainable(b, lambda layer: True)),
+        ("bn.trainable = False, then base.trainable = True", _bn_flag_then_unfreeze),
+        ("base(x, training=False), then base.trainable = True", _training_false_then_unfreeze),
+        (
+            "BN picked by name.startswith('bn')",
+            lambda b: _set_bn_untrainable(b, lambda layer: layer.name.startswith("bn")),
+        ),
+        (
+            "BN picked by 'preact_bn' in name",
+            lambda b: _set_bn_untrainable(b, lambda layer: "preact_bn" in layer.name),
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------- the digits model
+
+
+def backend_name() -> str:
+    """The Keras backend in use (`tensorflow`, `torch`, `jax`)."""
+    return keras.backend.backend()
+
+
+def load(path: Any) -> keras.Model:
+    """Loads a `.keras` file."""
+    return keras.models.load_model(path)
