@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bnkit.backends import get_backend, require_keras
-from bnkit.policy import Selector, parse_selector
+from bnkit.errors import BnkitError, SelectorError
+from bnkit.policy import Selector, no_match_message, parse_selector
 from bnkit.report import leaf_records
 
 SMALL_BATCH = 16
@@ -103,6 +104,9 @@ def check(
         >>> [f.code for f in bnkit.check(m, batch_size=4).findings]
         ['BN004']
     """
+    for value, name in ((batch_size, "batch_size"), (steps, "steps")):
+        if value is not None and value < 1:
+            raise BnkitError(f"{name} must be at least 1, got {value}")
     backend = get_backend(model)
     require_keras(backend, "check")
     records = backend.records(model)
@@ -297,6 +301,8 @@ def _selector_coverage(records: list[Any], select: Selector | str) -> Iterator[F
     selector = parse_selector(select) if isinstance(select, str) else select
     _, infos = leaf_records(records)
     hits = selector.match(infos)
+    if not hits:
+        raise SelectorError(no_match_message(selector, infos))
     bn_hits = sum(infos[i].is_bn for i in hits)
     total = sum(i.is_bn for i in infos)
     if 0 < bn_hits < total:

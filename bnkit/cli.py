@@ -87,6 +87,9 @@ def inspect_cmd(model: Path, as_json: bool, bn_only: bool) -> None:
     "block:conv5_block3=train, type:Dense=train.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output that bnkit wrote before."
+)
 def freeze_cmd(
     model: Path,
     output: Path,
@@ -94,22 +97,36 @@ def freeze_cmd(
     bn: str | None,
     rules: tuple[str, ...],
     as_json: bool,
+    overwrite: bool,
 ) -> None:
     """Apply a freeze policy and save the model with its BN modes pinned."""
-    from bnkit.files import check_output, load_model
+    from bnkit.files import check_model_file, check_output, keras_layer_names, load_model
     from bnkit.freeze import freeze
+    from bnkit.policy import find_layer_name, parse_rule
 
-    check_output(output, model, suffix=".keras")
+    parsed = [parse_rule(r) for r in rules]  # checked before any framework starts
+    check_model_file(model)
+    if train_from is not None:
+        find_layer_name(train_from, keras_layer_names(model))
+    check_output(output, model, suffix=".keras", overwrite=overwrite)
     m = load_model(model)
-    plan = freeze(m, train_from=train_from, bn=bn, rules=list(rules))
+    plan = freeze(m, train_from=train_from, bn=bn, rules=parsed)
     _save_and_render(m, output, plan, as_json)
 
 
 def _data_options(fn: Any) -> Any:
     """The options every command that reads data shares."""
     options = [
-        click.option("--batch-size", default=32, show_default=True, help="Batch size."),
-        click.option("--max-batches", type=int, help="Stop after this many batches."),
+        click.option(
+            "--batch-size",
+            default=32,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Batch size.",
+        ),
+        click.option(
+            "--max-batches", type=click.IntRange(min=1), help="Stop after this many batches."
+        ),
         click.option(
             "--scale",
             metavar="FACTOR",
@@ -174,6 +191,9 @@ def _progress_total(data: Any, max_batches: int | None) -> int | None:
 )
 @_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer summary as JSON.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output that bnkit wrote before."
+)
 def adapt_cmd(
     model: Path,
     data: Path,
@@ -184,13 +204,17 @@ def adapt_cmd(
     preprocess: str | None,
     channels: str | None,
     as_json: bool,
+    overwrite: bool,
 ) -> None:
     """Re-estimate BN statistics on DATA: an .npz with array x, or a folder of class
     sub-folders of images (resized to the model's input). Labels are unused."""
-    from bnkit.files import check_output, load_model
+    from bnkit.data import parse_scaling
+    from bnkit.files import check_model_file, check_output, load_model
     from bnkit.stats import adapt
 
-    check_output(output, model, data, suffix=".keras")
+    parse_scaling(scale, preprocess)
+    check_model_file(model)
+    check_output(output, model, data, suffix=".keras", overwrite=overwrite)
     m = load_model(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
     with _progress("re-estimating BN statistics", _progress_total(source, max_batches)) as tick:
@@ -204,6 +228,9 @@ def adapt_cmd(
 @_data_options
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of shift by depth.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output that bnkit wrote before."
+)
 def shift_cmd(
     model: Path,
     data: Path,
@@ -214,15 +241,19 @@ def shift_cmd(
     channels: str | None,
     plot: Path | None,
     as_json: bool,
+    overwrite: bool,
 ) -> None:
     """Measure how far DATA is from each BN layer's stored statistics, and say whether
     to keep BN frozen, re-estimate it (adapt) or train it."""
-    from bnkit.files import check_output, load_model
+    from bnkit.data import parse_scaling
+    from bnkit.files import check_model_file, check_output, load_model
     from bnkit.plots import shift_plot
     from bnkit.stats import shift
 
+    parse_scaling(scale, preprocess)
+    check_model_file(model)
     if plot is not None:
-        check_output(plot, model, data, suffix=".png")
+        check_output(plot, model, data, suffix=".png", overwrite=overwrite)
     m = load_model(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
     with _progress("measuring BN input statistics", _progress_total(source, max_batches)) as tick:
@@ -266,11 +297,13 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     help="Comma-separated BN modes; NAME:RULE;RULE for your own policy, e.g. "
     "'preact:bn=train;re:preact_bn$=frozen'.",
 )
-@click.option("--epochs", default=5, show_default=True)
-@click.option("--seeds", default=3, show_default=True, help="Seeds 0..N-1 per strategy.")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0..N-1."
+)
 @click.option("--train-from", metavar="NAME", help="First trained layer (default: all).")
 @click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--scale", metavar="FACTOR", help="Multiply inputs by FACTOR (e.g. 1/255).")
 @click.option("--preprocess", metavar="NAME", help="keras.applications preprocessing.")
 @click.option(
@@ -296,16 +329,23 @@ def compare_cmd(
     as_json: bool,
 ) -> None:
     """Fine-tune MODEL on TRAIN_DATA once per BN strategy and seed; compare on --val."""
-    from bnkit.compare import compare
-    from bnkit.files import load_model
+    from bnkit.compare import Strategy, compare
+    from bnkit.data import parse_scaling
+    from bnkit.files import check_model_file, check_out_dir, load_model
 
-    _check_out_dir(out_dir)
+    specs = _parse_strategies(strategies)
+    for spec in specs:
+        Strategy.of(spec)
+    parse_scaling(scale, preprocess)
+    check_model_file(model)
+    if out_dir is not None:  # checked before the sweep, not after it
+        check_out_dir(out_dir, COMPARE_FILES, model, train_data, val_data)
     m = load_model(model)
     train = _open_data(m, train_data, batch_size, scale, preprocess, None)
     val = _open_data(m, val_data, batch_size, scale, preprocess, None)
     with _CompareProgress() as bars:
         result = compare(
-            m, train, val, _parse_strategies(strategies), epochs=epochs, seeds=seeds,
+            m, train, val, specs, epochs=epochs, seeds=seeds,
             train_from=train_from, batch_size=batch_size, lr=lr, progress=bars,
         )  # fmt: skip
     if out_dir is not None:
@@ -317,6 +357,9 @@ def compare_cmd(
     _out.print(str(result), highlight=False)
     if out_dir is not None:
         _out.print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.png'}")
+
+
+COMPARE_FILES = ("compare.json", "compare.png")
 
 
 def _parse_strategies(text: str) -> list[Any]:
@@ -340,19 +383,14 @@ def _parse_strategies(text: str) -> list[Any]:
     return specs
 
 
-def _check_out_dir(out_dir: Path | None) -> None:
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise BnkitError(f"{out_dir}: exists and is not a directory; give a folder")
-
-
 def _write_compare(result: Any, out_dir: Path) -> None:
-    from bnkit.files import atomic_path
+    """compare.json and compare.png, moved into place together."""
+    from bnkit.files import atomic_files
     from bnkit.plots import compare_plot
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "compare.json") as tmp:
-        tmp.write_text(result.to_json())
-    compare_plot(result, out_dir / "compare.png")
+    with atomic_files(out_dir, COMPARE_FILES) as paths:
+        paths["compare.json"].write_text(result.to_json())
+        compare_plot(result, paths["compare.png"])
 
 
 class _CompareProgress:
@@ -390,9 +428,13 @@ class _CompareProgress:
 @cli.command("check")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
-    "--batch-size", type=int, help="The training batch size you plan (small-batch check)."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="The training batch size you plan (small-batch check).",
 )
-@click.option("--steps", type=int, help="The training steps you plan (momentum check).")
+@click.option(
+    "--steps", type=click.IntRange(min=1), help="The training steps you plan (momentum check)."
+)
 @click.option(
     "--select", metavar="SELECTOR", help="A BN selector you plan to use (coverage check)."
 )
@@ -402,8 +444,12 @@ def check_cmd(
 ) -> None:
     """Find BN pitfalls in MODEL; exit 1 when an error-level finding is present."""
     from bnkit.check import check
-    from bnkit.files import load_model
+    from bnkit.files import check_model_file, load_model
+    from bnkit.policy import parse_selector
 
+    if select is not None:
+        parse_selector(select)
+    check_model_file(model)
     report = check(load_model(model), batch_size=batch_size, steps=steps, select=select)
     if as_json:
         click.echo(report.to_json())
@@ -439,25 +485,44 @@ def check_cmd(
     help="Data to verify the export on (.npz or folder); random inputs by default.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output that bnkit wrote before."
+)
 def export_cmd(
-    model: Path, output: Path, no_fold: bool, fmt: str, check_data: Path | None, as_json: bool
+    model: Path,
+    output: Path,
+    no_fold: bool,
+    fmt: str,
+    check_data: Path | None,
+    as_json: bool,
+    overwrite: bool,
 ) -> None:
     """Write MODEL for deployment: BN frozen and folded, then verified (export vs original,
     one sample vs a batch, training=True vs inference). Exit 1 when a check fails."""
     from bnkit.deploy import ExportError, export
-    from bnkit.files import check_output, load_model
+    from bnkit.files import (
+        check_dir_output,
+        check_model_file,
+        check_out_dir,
+        check_output,
+        load_model,
+    )
 
     inputs = [model] + ([check_data] if check_data is not None else [])
-    if fmt != "savedmodel":  # a SavedModel is a folder: deploy checks its path
-        check_output(output, *inputs)
-    elif any(output.resolve() == p.resolve() for p in inputs):
-        raise BnkitError(f"{output}: output is an input; choose another -o path")
+    check_model_file(model)
+    if fmt == "savedmodel":  # a folder
+        check_out_dir(output, (), *inputs)
+        check_dir_output(output, kind="savedmodel", overwrite=overwrite)
+    else:
+        check_output(output, *inputs, suffix=f".{fmt}", overwrite=overwrite)
     m = load_model(model)
     data = None
     if check_data is not None:
         data = _open_data(m, check_data, 8, None, None, None)
     try:
-        report = export(m, output, fold=not no_fold, format=fmt, check_data=data)
+        report = export(
+            m, output, fold=not no_fold, format=fmt, check_data=data, overwrite=overwrite
+        )
     except ExportError as err:
         click.echo(f"bnkit: export failed: {err}", err=True)
         sys.exit(EXIT_FINDINGS)
@@ -470,26 +535,28 @@ def export_cmd(
 @cli.command("digits")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Split, patches and training seed.")
-@click.option("--size", default=32, show_default=True, help="Image side in pixels.")
+@click.option(
+    "--size", default=32, show_default=True, type=click.IntRange(min=8), help="Image side."
+)
 def digits_cmd(folder: Path, seed: int, size: int) -> None:
     """Write the embedded digits (source and MNIST-M-style target, train/val/test .npz) and
     the model pretrained on the source into FOLDER; print the shift and AdaBN evidence."""
-    from bnkit.files import save_model
-    from bnkit.pretrain import adabn_evidence, pretrained_digits, write_digits
+    from bnkit.files import atomic_files, check_out_dir, save_model
+    from bnkit.pretrain import DIGITS_FILES, adabn_evidence, pretrained_digits, write_digits
 
-    _check_out_dir(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    model_name = "digits-resnet.keras"
+    check_out_dir(folder, (model_name, *DIGITS_FILES))
     with _err.status("pretraining on the source digits (cached after the first run)..."):
         net = pretrained_digits(size=size, seed=seed)
-    model_path = folder / "digits-resnet.keras"
-    save_model(net.model, model_path)
-    written = write_digits(folder, size=size, seed=seed)
-    with _err.status("measuring shift and the effect of adapt..."):
-        evidence = adabn_evidence(net.model, size=size, seed=seed)
+    with atomic_files(folder, (model_name, *DIGITS_FILES)) as paths:
+        save_model(net.model, paths[model_name])
+        written = write_digits(paths[model_name].parent, size=size, seed=seed)
+        with _err.status("measuring shift and the effect of adapt..."):
+            evidence = adabn_evidence(net.model, size=size, seed=seed)
     _out.print(str(evidence), highlight=False)
     _out.print(
-        f"wrote {model_path} and {len(written)} .npz files ({', '.join(p.name for p in written)})"
-        f" into {folder}",
+        f"wrote {folder / model_name} and {len(written)} .npz files "
+        f"({', '.join(p.name for p in written)}) into {folder}",
         highlight=False,
     )
 
@@ -507,19 +574,21 @@ def digits_cmd(folder: Path, seed: int, size: int) -> None:
     "--labels-per-class",
     default=20,
     show_default=True,
+    type=click.IntRange(1, 100),
     help="Labelled target images per class for the fine-tunes.",
 )
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--seeds", default=3, show_default=True)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--skip-traps", is_flag=True, help="Leave out the ResNet50V2 traps table.")
 def demo_cmd(
     out_dir: Path, labels_per_class: int, epochs: int, seeds: int, skip_traps: bool
 ) -> None:
     """The whole story on the embedded data: the Keras traps, a model pretrained on the
     source digits, inspect and shift on the target, and compare of the BN strategies."""
-    from bnkit.demo import digits_story
+    from bnkit.demo import STORY_FILES, digits_story
+    from bnkit.files import check_out_dir
 
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir, STORY_FILES)
     if not skip_traps:
         _out.rule("1. What each way of freezing BN really does (ResNet50V2, Keras 3)")
         _traps(steps=2, input_size=32)
@@ -556,8 +625,20 @@ def demo_cmd(
 
 
 @cli.command("traps")
-@click.option("--steps", default=2, show_default=True, help="Training steps per approach.")
-@click.option("--input-size", default=32, show_default=True, help="Image side in pixels.")
+@click.option(
+    "--steps",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training steps per approach.",
+)
+@click.option(
+    "--input-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=32),
+    help="Image side in pixels (ResNet50V2 needs 32 or more).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def traps_cmd(steps: int, input_size: int, as_json: bool) -> None:
     """Show what each way of freezing BN really does to ResNet50V2 in Keras 3."""
@@ -591,6 +672,9 @@ def _save_and_render(model: Any, output: Path, result: Any, as_json: bool) -> No
 
 def main() -> None:
     """Entry point: runs the CLI and turns bnkit errors into one line and exit status 2."""
+    from bnkit.files import terminate_cleanly
+
+    terminate_cleanly()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -601,6 +685,10 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     except BnkitError as err:
         click.echo(f"bnkit: error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as err:  # a file system refusal not foreseen by the checks: one line
+        where = f"{err.filename}: " if err.filename else ""
+        click.echo(f"bnkit: error: {where}{err.strerror or err}", err=True)
         sys.exit(EXIT_USAGE)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)

@@ -215,6 +215,10 @@ def compare(
         >>> sorted(s.strategy for s in r.summaries)
         ['frozen', 'train']
     """
+    if not np.isfinite(lr) or lr <= 0:
+        raise BnkitError(f"the learning rate must be a positive number, got {lr}")
+    if batch_size < 1:
+        raise BnkitError(f"batch_size must be at least 1, got {batch_size}")
     backend = get_backend(model)
     require_keras(backend, "compare")
     x, y = _labelled(train, "training data")
@@ -226,6 +230,10 @@ def compare(
     plans = [Strategy.of(s) for s in strategies]
     if not plans:
         raise BnkitError("no strategies given: name at least one of frozen, affine, train, adapt")
+    names = [p.name for p in plans]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BnkitError(f"strategy {twice[0]!r} is named twice: give each strategy once")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list or epochs < 1:
         raise BnkitError("compare needs at least one seed and one epoch")
@@ -280,10 +288,15 @@ def _labelled(data: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{what} has no labels: compare needs (x, y), an .npz with y, or a folder")
     if y.ndim == 2 and y.shape[1] > 1:
         y = y.argmax(axis=1)
-    y = y.reshape(len(y)).astype(np.int64)
+    y = y.reshape(len(y))
+    if not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0):
+        raise DataError(
+            f"{what} has non-integer labels (e.g. {y[np.mod(y, 1) != 0][0]:g}): give class "
+            "indices 0..N-1 or one-hot rows"
+        )
     if len(x) != len(y):
         raise DataError(f"{what} has {len(x)} inputs but {len(y)} labels")
-    return x, y
+    return x, y.astype(np.int64)
 
 
 def _one_run(
@@ -403,8 +416,23 @@ def _summarise(name: str, runs: list[Run]) -> Summary:
 
 
 def _verdict(summaries: Sequence[Summary], n_seeds: int) -> tuple[str, bool, str]:
-    ranked = sorted(summaries, key=lambda s: -s.val_accuracy_mean)
+    ranked = sorted(
+        (s for s in summaries if s.diverged == 0 and np.isfinite(s.val_accuracy_mean)),
+        key=lambda s: -s.val_accuracy_mean,
+    )
+    if not ranked:
+        return (
+            "",
+            False,
+            "no strategy finished every run without diverging: lower the learning rate, "
+            "check the data's scale, then compare again",
+        )
     best = ranked[0]
+    dropped = [s.strategy for s in summaries if s not in ranked]
+    if dropped:
+        note = f" ({', '.join(dropped)} left out: runs diverged)"
+        best_s, decisive, verdict = _verdict(ranked, n_seeds)
+        return best_s, decisive, verdict + note
     if len(ranked) == 1:
         return best.strategy, True, f"only one strategy: {best.strategy}"
     second = ranked[1]

@@ -3,6 +3,7 @@ batches, checked and scaled before any model sees them; and the embedded demo da
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,8 @@ def parse_scaling(scale: float | str | None = None, preprocess: str | None = Non
         'tf'
     """
     factor = _parse_factor(scale) if scale is not None else 1.0
+    if not np.isfinite(factor) or factor == 0.0:
+        raise DataError(f"scale must be a finite, non-zero number such as 1/255, got {scale!r}")
     if preprocess is None:
         return Scaling(factor)
     name = preprocess.strip().lower()
@@ -136,19 +139,23 @@ class Data:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         count = 0
         for k, (x, y) in enumerate(_pairs(self.source, self.batch_size)):
+            x = to_numpy(x)
+            check_array(x, f"batch {k} of {self.description}")
             x = np.asarray(x, dtype=np.float32)
-            if x.size == 0:
-                continue
             _check_finite(x, k)
             if self.image_size is not None and x.ndim == 4 and x.shape[1:3] != self.image_size:
                 x = _resize_batch(x, self.image_size)
             if self.channels is not None and x.ndim == 4 and x.shape[-1] != self.channels:
                 x = _convert_channels(x, self.channels, k)
             if y is not None:
+                y = to_numpy(y)
+                check_labels_array(y, f"the labels of batch {k}")
                 y = np.asarray(y)
                 _check_labels(y, len(x), self.num_classes, k)
+            x = self.scaling(x)
+            _check_finite(x, k, scaled=str(self.scaling) != "none")
             count += 1
-            yield self.scaling(x), y
+            yield x, y
         if count == 0:
             raise DataError(f"{self.description} is empty: give at least one sample")
 
@@ -223,12 +230,16 @@ def load(
             x, y = load_npz(path)
             return Data((x, y), description=str(path), size=len(x), **common)
         raise DataError(f"{path}: no such file or directory; check the path")
+    source = _from_tensors(source)
     if isinstance(source, np.ndarray) or (
         isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], np.ndarray)
     ):
         x = source if isinstance(source, np.ndarray) else source[0]
-        if isinstance(source, tuple) and source[1] is not None and len(source[1]) != len(x):
-            raise DataError(f"x has {len(x)} samples but y has {len(source[1])}: give one each")
+        check_array(x, "x")
+        if isinstance(source, tuple) and source[1] is not None:
+            check_labels_array(source[1], "y")
+            if len(source[1]) != len(x):
+                raise DataError(f"x has {len(x)} samples but y has {len(source[1])}: give one each")
         return Data(source, description="the array", size=len(x), **common)
     if _is_pydataset(source) or isinstance(source, Iterable):
         return Data(source, description=type(source).__name__, **common)
@@ -236,6 +247,37 @@ def load(
         f"cannot read data of type {type(source).__name__}: give a folder, an .npz file, "
         "an array, a tf.data.Dataset, a PyDataset or an iterable of batches"
     )
+
+
+def _is_tensor(obj: Any) -> bool:
+    """A framework tensor (torch, TensorFlow, JAX) that converts to NumPy, recognised
+    without importing any framework."""
+    return (
+        not isinstance(obj, np.ndarray)
+        and hasattr(obj, "shape")
+        and hasattr(obj, "dtype")
+        and (hasattr(obj, "detach") or hasattr(obj, "numpy") or hasattr(obj, "__array__"))
+    )
+
+
+def to_numpy(obj: Any) -> Any:
+    """A tensor as a NumPy array (torch tensors detached and moved to the CPU); anything
+    else unchanged."""
+    if not _is_tensor(obj):
+        return obj
+    if hasattr(obj, "detach"):
+        obj = obj.detach().cpu()
+        if str(obj.dtype) in ("torch.bfloat16",):
+            obj = obj.float()
+    return np.asarray(obj)
+
+
+def _from_tensors(source: Any) -> Any:
+    if _is_tensor(source):
+        return to_numpy(source)
+    if isinstance(source, tuple | list) and len(source) == 2 and _is_tensor(source[0]):
+        return to_numpy(source[0]), None if source[1] is None else to_numpy(source[1])
+    return source
 
 
 def batches(
@@ -250,20 +292,41 @@ def batches(
     return load(data, batch_size=batch_size).inputs(max_batches)
 
 
-def check_input_shape(x: np.ndarray, expected: Sequence[int | None], what: str = "data") -> None:
-    """Raises DataError when samples of `x` cannot go into a model taking `expected`."""
+def check_input_shape(
+    x: np.ndarray,
+    expected: Sequence[int | None],
+    what: str = "data",
+    channels_first: bool = False,
+) -> None:
+    """Raises DataError when samples of `x` cannot go into a model taking `expected`
+    (images channels-last, or channels-first with `channels_first`)."""
     got = tuple(x.shape[1:])
     want = tuple(expected)
     if len(got) == len(want) and all(w is None or w == g for g, w in zip(got, want, strict=True)):
         return
     hint = ""
-    if len(got) == len(want) == 3 and got[-1] != want[-1]:
-        hint = f"; convert the channels (channels={want[-1]}, --channels {want[-1]})"
-    elif len(got) == len(want) == 3:
-        hint = f"; resize the images (image_size={want[:2]})"
+    if len(got) == len(want) == 3:
+        hint = _image_hint(got, want, channels_first)
     raise DataError(
         f"{what} has samples of shape {got} but the model takes {_shape_str(want)}{hint}"
     )
+
+
+def _image_hint(got: tuple[int, ...], want: tuple[int | None, ...], channels_first: bool) -> str:
+    """What to do about an image batch of the wrong shape: transpose, convert or resize."""
+    channels = want[0] if channels_first else want[-1]
+    size = want[1:] if channels_first else want[:2]
+    swapped = got[-1] == channels if channels_first else got[0] == channels
+    if swapped and channels in (1, 3, 4):
+        layout, fix = (
+            ("first (N, C, H, W)", "x.transpose(0, 3, 1, 2)")
+            if channels_first
+            else ("last (N, H, W, C)", "x.transpose(0, 2, 3, 1)")
+        )
+        return f"; the model takes channels-{layout} images: {fix}"
+    if (got[0] if channels_first else got[-1]) != channels:
+        return f"; convert the channels (channels={channels}, --channels {channels})"
+    return f"; resize the images (image_size={tuple(size)})"
 
 
 def _shape_str(shape: Sequence[int | None]) -> str:
@@ -307,11 +370,16 @@ def _num_batches(source: Any) -> int:
     return int(n)
 
 
-def _check_finite(x: np.ndarray, k: int) -> None:
+def _check_finite(x: np.ndarray, k: int, scaled: bool = False) -> None:
     finite = np.isfinite(x)
     if finite.all():
         return
     bad = int(finite.size - finite.sum())
+    if scaled:
+        raise DataError(
+            f"batch {k} holds {bad} NaN or inf values after scaling: values too large for "
+            "float32 after the scale factor; check --scale"
+        )
     raise DataError(f"batch {k} holds {bad} NaN or inf values: clean or drop those samples")
 
 
@@ -469,19 +537,51 @@ def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory without class folders; give an .npz file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes); give an .npz file with x")
+    if not zipfile.is_zipfile(path):
+        raise DataError(
+            f"{path}: not a readable .npz file (not a zip archive; truncated or another "
+            "format): write it with numpy.savez(path, x=..., y=...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise DataError(f"{path}: not a readable .npz file ({err})") from None
     if "x" not in arrays:
         raise DataError(f"{path}: no array named 'x' (found: {', '.join(arrays) or 'none'})")
     x, y = arrays["x"], arrays.get("y")
-    if len(x) == 0:
-        raise DataError(f"{path}: 'x' is empty")
+    check_array(x, f"{path}: 'x'")
+    if y is not None:
+        check_labels_array(y, f"{path}: 'y'")
     if y is not None and len(y) != len(x):
         raise DataError(f"{path}: 'x' has {len(x)} samples but 'y' has {len(y)}")
     return x, y
+
+
+def check_array(x: Any, what: str) -> None:
+    """Raises DataError unless `x` is a non-empty numeric array of samples."""
+    x = np.asarray(x) if not hasattr(x, "dtype") else x
+    if x.ndim == 0:
+        raise DataError(f"{what} is a single value, not an array of samples")
+    if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
+        raise DataError(f"{what} holds {x.dtype} values, not numbers: give numeric arrays")
+    if len(x) == 0:
+        raise DataError(f"{what} is empty: give at least one sample")
+
+
+def check_labels_array(y: Any, what: str) -> None:
+    """Raises DataError unless `y` holds class indices (or one-hot rows) as numbers."""
+    y = np.asarray(y)
+    if y.ndim == 0:
+        raise DataError(f"{what} is a single value, not one label per sample")
+    if not (np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.bool_)):
+        raise DataError(
+            f"{what} holds {y.dtype} labels: give class indices 0..N-1 (map names to numbers)"
+        )
 
 
 # ---------------------------------------------------------------------- embedded data

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from bnkit.errors import BnkitError
 from bnkit.freeze import freeze
 from bnkit.policy import Mode
 from bnkit.watch import watch
@@ -95,6 +96,11 @@ def seed_demo(
     """
     from bnkit.backends import keras_zoo
 
+    if input_size < 32 or steps < 1:
+        raise BnkitError(
+            f"the traps table needs input_size >= 32 (ResNet50V2's minimum) and steps >= 1, "
+            f"got {input_size} and {steps}"
+        )
     keras_zoo.seed_everything(seed)
     model, _ = keras_zoo.traps_model(input_size, DEMO_CLASSES)
     start = model.get_weights()
@@ -149,6 +155,7 @@ def _run(
 
 # ---------------------------------------------------------------------- the digits story
 
+STORY_FILES = ("shift.png", "compare.png", "compare.json", "demo.json")
 STORY_LABELS_PER_CLASS = 20
 STORY_EPOCHS = 10
 STORY_SEEDS = 3
@@ -192,7 +199,12 @@ def few_labels(
     x: np.ndarray, y: np.ndarray, per_class: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """`per_class` examples of every class, chosen by `seed`."""
+    from bnkit.data import DataError
+
     rng = np.random.default_rng(seed)
+    fewest = min(int((y == c).sum()) for c in np.unique(y))
+    if not 1 <= per_class <= fewest:
+        raise DataError(f"labels per class must lie in 1..{fewest} here, got {per_class}")
     idx = [rng.choice(np.flatnonzero(y == c), per_class, replace=False) for c in np.unique(y)]
     pick = np.sort(np.concatenate(idx))
     return x[pick], y[pick]
@@ -218,19 +230,17 @@ def digits_story(
     from bnkit.backends.keras_zoo import accuracy
     from bnkit.compare import compare
     from bnkit.data import digits
-    from bnkit.files import atomic_path
+    from bnkit.files import atomic_files, check_out_dir
     from bnkit.plots import compare_plot, shift_plot
     from bnkit.pretrain import adabn_evidence, pretrained_digits
     from bnkit.report import inspect
     from bnkit.stats import shift
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    net = pretrained_digits(on_status=on_status)
+    out = check_out_dir(Path(out_dir), STORY_FILES)
     source, target = digits("source"), digits("target")
-    shift_report = shift(net.model, target.train[0])
-    shift_plot(shift_report, out / "shift.png", title="shift of the target digits from the source")
     train = few_labels(*target.train, labels_per_class)
+    net = pretrained_digits(on_status=on_status)
+    shift_report = shift(net.model, target.train[0])
     result = compare(
         net.model,
         train,
@@ -241,10 +251,7 @@ def digits_story(
         lr=STORY_LR,
         progress=progress,
     )
-    compare_plot(result, out / "compare.png")
-    with atomic_path(out / "compare.json") as tmp:
-        tmp.write_text(result.to_json())
-    files = tuple(str(out / n) for n in ("shift.png", "compare.png", "compare.json", "demo.json"))
+    files = tuple(str(out / n) for n in STORY_FILES)
     story = Story(
         pretrained_cached=net.cached,
         source_accuracy=accuracy(net.model, *source.test),
@@ -255,6 +262,11 @@ def digits_story(
         labelled=len(train[1]),
         files=files,
     )
-    with atomic_path(out / "demo.json") as tmp:
-        tmp.write_text(story.to_json())
+    with atomic_files(out, STORY_FILES) as paths:
+        shift_plot(
+            shift_report, paths["shift.png"], title="shift of the target digits from the source"
+        )
+        compare_plot(result, paths["compare.png"])
+        paths["compare.json"].write_text(result.to_json())
+        paths["demo.json"].write_text(story.to_json())
     return story

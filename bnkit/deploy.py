@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import numpy as np
 from bnkit.backends import get_backend, require_keras
 from bnkit.data import DataError, check_input_shape, load
 from bnkit.errors import BnkitError
+from bnkit.files import atomic_dir, atomic_path, check_dir_output, check_output
 
 TOLERANCE = 1e-4
 """Largest accepted difference, relative to max(1, largest absolute reference output)."""
@@ -69,6 +68,7 @@ def export(
     fold: bool = True,
     format: str = "keras",
     check_data: Any = None,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Writes an inference-only copy of `model` that is safe to deploy, after checking it.
 
@@ -90,6 +90,8 @@ def export(
         format: `keras`, `savedmodel` (TensorFlow backend) or `onnx` (needs the
             backend's exporter: onnx and onnxscript on torch).
         check_data: inputs to check on, anything `bnkit.data.load` reads.
+        overwrite: replace an existing output, only when it is one bnkit wrote of the
+            same format (a SavedModel folder carries bnkit's marker file).
 
     Example:
         >>> import keras, bnkit, tempfile, pathlib
@@ -105,7 +107,7 @@ def export(
     require_keras(backend, "export")
     deploy = _deployer()
     out = Path(path)
-    _check_path(out, format)
+    _check_path(out, format, overwrite)
     problem = deploy.format_problem(format)
     if problem is not None:
         raise BnkitError(problem)
@@ -114,12 +116,16 @@ def export(
     ref = deploy.outputs(model, x)
     scale = max(1.0, float(np.max(np.abs(ref))))
     diffs = _verify(deploy, copy.model, ref, x, scale)
-    with tempfile.TemporaryDirectory(prefix="bnkit-export-", dir=out.parent) as tmp:
-        staged = Path(tmp) / out.name
-        _write(deploy, copy.model, staged, format, x, ref, scale)
-        if out.exists():
-            _remove(out)
-        os.replace(staged, out)
+    if format == "savedmodel":
+        with atomic_dir(out, kind="savedmodel", overwrite=overwrite) as staged:
+            _write(deploy, copy.model, staged / "model", format, x, ref, scale)
+            for item in (staged / "model").iterdir():
+                os.replace(item, staged / item.name)
+            (staged / "model").rmdir()
+    else:
+        with atomic_path(out) as staged:
+            staged.unlink()  # exporters refuse or append to an existing file
+            _write(deploy, copy.model, staged, format, x, ref, scale)
     bn_layers = len(copy.folded) + len(copy.kept)
     return ExportReport(
         path=str(out),
@@ -142,14 +148,16 @@ def _deployer() -> Any:
     return keras_deploy
 
 
-def _check_path(out: Path, format: str) -> None:
+def _check_path(out: Path, format: str, overwrite: bool) -> None:
+    """Checks the output before any work: a file output as `check_output` does; a
+    SavedModel folder must be new, or a SavedModel bnkit wrote (with `overwrite`)."""
     suffix = {"keras": ".keras", "onnx": ".onnx"}.get(format)
     if suffix is not None and out.suffix != suffix:
         raise BnkitError(f"{out}: a {format} export must end in '{suffix}'")
-    if not out.parent.exists():
-        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
-    if format == "savedmodel" and out.exists() and not out.is_dir():
-        raise BnkitError(f"{out}: exists and is not a directory; give a SavedModel folder name")
+    if format != "savedmodel":
+        check_output(out, suffix=suffix, overwrite=overwrite)
+        return
+    check_dir_output(out, kind="savedmodel", overwrite=overwrite)
 
 
 def _check_inputs(backend: Any, model: Any, check_data: Any) -> np.ndarray:
@@ -215,10 +223,3 @@ def _write(
             f"the written {format} export differs from the original by {diff:.2e} (relative "
             f"tolerance {TOLERANCE:g}); nothing was written"
         )
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()

@@ -1,24 +1,35 @@
 """Model files in, outputs out: input checks and atomic writes.
 
-bnkit never overwrites an input file and never leaves a half-written output.
+bnkit never overwrites an input file, never removes or replaces what it did not write,
+and never leaves a half-written output: every output is written to a fresh temporary
+sibling and renamed into place, with the permissions the user's umask gives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
+import signal
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from bnkit.errors import BnkitError, ModelFileError
 
+MARKER = ".bnkit-output"
+"""A file bnkit puts in every folder it writes, naming what it wrote there: the proof that
+a later run may replace the folder's bnkit files."""
+_TEMP_PREFIX = ".bnkit-tmp-"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
 
 def check_model_file(path: Path) -> Path:
     """Returns `path` if it looks like a Keras model; raises ModelFileError saying why not."""
-    if not path.exists():
+    if not _exists(path):
         raise ModelFileError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise ModelFileError(f"{path}: is a directory; give a '.keras' model file")
@@ -34,7 +45,7 @@ def check_model_file(path: Path) -> Path:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ModelFileError(f"{path}: corrupt Keras archive ({err}); re-save the model") from None
     if bad is not None:
         raise ModelFileError(f"{path}: corrupt Keras archive (member {bad!r} fails its CRC)")
@@ -43,47 +54,303 @@ def check_model_file(path: Path) -> Path:
     return path
 
 
+def keras_layer_names(path: Path) -> set[str]:
+    """Every layer name in a `.keras` archive's config, read without loading a framework
+    (so that a misspelt layer name is reported before seconds of framework start-up)."""
+    with zipfile.ZipFile(check_model_file(path)) as z:
+        config = json.loads(z.read("config.json"))
+    names: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("config"), dict) and isinstance(node.get("class_name"), str):
+                name = node["config"].get("name")
+                if isinstance(name, str):
+                    names.add(name)
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(config)
+    return names
+
+
 def load_model(path: Path) -> Any:
     """Checks and loads a model file with the backend for its type."""
     from bnkit.backends import backend_for_file
 
+    check_model_file(path)
     backend = backend_for_file(path)
-    return backend.load(check_model_file(path))
+    return backend.load(path)
 
 
-def check_output(out: Path, *inputs: Path, suffix: str | None = None) -> Path:
-    """Refuses an output path that is an input, a directory, or in a missing directory."""
+# ---------------------------------------------------------------------- output checks
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError:
+        return False
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop raises RuntimeError in 3.11
+        raise BnkitError(f"{path}: cannot resolve this path ({err}); give another") from None
+
+
+def check_writable(folder: Path) -> None:
+    """Raises BnkitError unless a file can be created in `folder` (tried for real: an
+    immutable folder or a read-only file system refuses even root)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
+    except OSError as err:
+        raise BnkitError(
+            f"{folder}: cannot write here ({err.strerror or err}); choose another output folder"
+        ) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _check_name(out: Path) -> None:
+    try:
+        limit = os.pathconf(out.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(out.name.encode()) > limit:
+        raise BnkitError(
+            f"{out.name[:40]}...: the output name has {len(out.name.encode())} bytes, more than "
+            f"this file system allows ({limit}); choose a shorter name"
+        )
+
+
+def same_kind(path: Path, suffix: str) -> bool:
+    """True when the existing file at `path` is what bnkit writes with `suffix` (so that
+    replacing it cannot destroy anything else)."""
+    if path.suffix != suffix or not path.is_file():
+        return False
+    try:
+        head = path.read_bytes()[:8]
+    except OSError:
+        return False
+    if suffix in (".keras", ".npz", ".pt2"):
+        return zipfile.is_zipfile(path)
+    if suffix == ".png":
+        return head == _PNG_MAGIC
+    return True
+
+
+def check_output(
+    out: Path, *inputs: Path, suffix: str | None = None, overwrite: bool = False
+) -> Path:
+    """Refuses an output path that is an input, a directory, in a missing or unwritable
+    directory, too long, or an existing file (unless `overwrite`, and then only a file of
+    the same kind)."""
+    target = _resolve(out)
     for inp in inputs:
-        if out.resolve() == inp.resolve():
+        if _exists(inp) and target == _resolve(inp):
             raise BnkitError(
                 f"{out}: output is the input file; bnkit never overwrites its input, "
                 "choose another -o path"
             )
-    if out.is_dir():
-        raise BnkitError(f"{out}: is a directory; give a file name for -o")
-    if not out.parent.exists():
-        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
     if suffix is not None and out.suffix != suffix:
         raise BnkitError(f"{out}: output must end in '{suffix}'")
+    if out.is_dir():
+        raise BnkitError(f"{out}: is a directory; give a file name for -o")
+    if not out.parent.is_dir():
+        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
+    _check_name(out)
+    check_writable(out.parent)
+    if _exists(out):
+        kind = suffix or out.suffix
+        if not overwrite:
+            raise BnkitError(f"{out}: exists; pass --overwrite to replace it, or choose another")
+        if not same_kind(out, kind):
+            raise BnkitError(
+                f"{out}: exists and is not a '{kind}' file bnkit writes; bnkit will not replace "
+                "it, choose another name"
+            )
     return out
+
+
+def check_out_dir(out_dir: Path, names: Sequence[str], *inputs: Path) -> Path:
+    """Refuses an output folder that is a file, inside a missing or unwritable parent, an
+    input, or one holding any of `names` that bnkit did not write there."""
+    target = _resolve(out_dir)
+    for inp in inputs:
+        if _exists(inp) and target == _resolve(inp):
+            raise BnkitError(f"{out_dir}: output folder is an input; choose another")
+    if _exists(out_dir) and not out_dir.is_dir():
+        raise BnkitError(f"{out_dir}: exists and is not a directory; give a folder")
+    parent = out_dir if out_dir.is_dir() else out_dir.parent
+    if not parent.is_dir():
+        raise BnkitError(f"{parent}: does not exist; create it first")
+    _check_name(out_dir)
+    check_writable(parent)
+    if out_dir.is_dir() and not (out_dir / MARKER).is_file():
+        clash = [n for n in names if _exists(out_dir / n)]
+        if clash:
+            raise BnkitError(
+                f"{out_dir}: already holds {', '.join(clash)}, which bnkit did not write; "
+                "choose another folder"
+            )
+    return out_dir
+
+
+# ---------------------------------------------------------------------- atomic writes
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fresh(parent: Path, suffix: str, folder: bool = False) -> Path:
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, suffix=suffix, dir=parent))
+    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=suffix, dir=parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _publish_mode(path: Path) -> None:
+    """Gives a finished output the permissions a plain `open()` would (umask honoured)."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
 
 
 @contextlib.contextmanager
 def atomic_path(out: Path) -> Iterator[Path]:
     """Yields a temporary path beside `out`; moves it onto `out` only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _fresh(out.parent, out.suffix)
     try:
         yield tmp_path
+        _publish_mode(tmp_path)
         os.replace(tmp_path, out)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
+def check_dir_output(out: Path, *, kind: str, overwrite: bool = False) -> Path:
+    """Refuses a folder output (a SavedModel, say) in a missing or unwritable parent, or
+    that exists, unless `overwrite` and bnkit's marker says it is an output of `kind`."""
+    if not out.parent.is_dir():
+        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
+    _check_name(out)
+    check_writable(out.parent)
+    if not _exists(out):
+        return out
+    if not out.is_dir():
+        raise BnkitError(f"{out}: exists and is not a folder; bnkit will not replace it")
+    if not overwrite:
+        raise BnkitError(f"{out}: exists; pass --overwrite to replace it, or choose another")
+    if _marker_kind(out) != kind:
+        raise BnkitError(
+            f"{out}: exists and is not a {kind} that bnkit wrote; bnkit will not remove it, "
+            "choose another name"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, *, kind: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary folder beside `out` to write a folder output into (a
+    SavedModel, say); on success it becomes `out`. An existing `out` is replaced only
+    when `overwrite` and bnkit's marker says it holds an output of the same `kind`;
+    otherwise nothing is removed and BnkitError says why."""
+    check_dir_output(out, kind=kind, overwrite=overwrite)
+    staged = _fresh(out.parent, "", folder=True)
+    try:
+        yield staged
+        (staged / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+        _publish_mode(staged)
+        if _exists(out):
+            trash = _fresh(out.parent, "", folder=True)
+            os.replace(out, trash / "old")
+            os.replace(staged, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staged, out)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def _marker_kind(folder: Path) -> str | None:
+    try:
+        return str(json.loads((folder / MARKER).read_text()).get("kind"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def atomic_files(out_dir: Path, names: Sequence[str]) -> Iterator[dict[str, Path]]:
+    """Yields temporary paths for the files `names` in `out_dir`; when the block succeeds
+    they are all moved into place together (no run leaves one without the others), and
+    `out_dir` is created (and marked as bnkit's) if needed. On failure nothing is left."""
+    created = not _exists(out_dir)
+    if created:
+        out_dir.mkdir(parents=True)
+    staged = _fresh(out_dir, "", folder=True)
+    try:
+        paths = {n: staged / n for n in names}
+        yield paths
+        for path in paths.values():
+            if not path.exists():
+                raise BnkitError(f"internal: {path.name} was not written")
+            _publish_mode(path)
+        marker = out_dir / MARKER
+        if not marker.exists():
+            with atomic_path(marker) as tmp:
+                tmp.write_text(json.dumps({"kind": "files"}) + "\n")
+        for name, path in paths.items():
+            os.replace(path, out_dir / name)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(staged, ignore_errors=True)
+
+
 def save_model(model: Any, out: Path) -> None:
-    """Saves `model` to `out` atomically with its backend."""
+    """Saves `model` to `out` atomically with its backend, after checking that every
+    weight and statistic is finite (bnkit never writes a model holding NaN or inf)."""
     from bnkit.backends import get_backend
 
+    backend = get_backend(model)
+    check_finite_model(backend, model)
     with atomic_path(out) as tmp:
-        get_backend(model).save(model, tmp)
+        backend.save(model, tmp)
+
+
+def check_finite_model(backend: Any, model: Any) -> None:
+    """Raises BnkitError naming the first layer holding a NaN or inf weight or statistic."""
+    import numpy as np
+
+    snap = backend.snapshot(model)
+    for group in (snap.weights, snap.stats):
+        for path, values in group.items():
+            for name, value in values.items():
+                if not np.isfinite(value).all():
+                    raise BnkitError(
+                        f"{path}: {name} holds {int((~np.isfinite(value)).sum())} NaN or inf "
+                        "values; bnkit will not write this model (check the data's scale and "
+                        "the learning rate)"
+                    )
+
+
+def terminate_cleanly() -> None:
+    """Turns SIGTERM into SystemExit, so that temporary outputs are removed on the way out
+    (the default action kills the process before any `finally` runs)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, handler)

@@ -9,7 +9,7 @@ import enum
 import fnmatch
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 
 from bnkit.errors import SelectorError, closest
@@ -258,6 +258,14 @@ def find_layer(layers: Sequence[LayerInfo], name: str) -> int:
     raise SelectorError(f"no layer named {name!r}" + (f" ({hint})" if hint else ""))
 
 
+def find_layer_name(name: str, names: Collection[str]) -> None:
+    """Raises SelectorError unless `name` (or the last part of a path) is in `names`."""
+    if name in names or name.rsplit("/", 1)[-1] in names:
+        return
+    hint = closest(name, names)
+    raise SelectorError(f"no layer named {name!r}" + (f" ({hint})" if hint else ""))
+
+
 _SELECTOR_HELP = (
     "bn, all, type:CLASS, glob:PATTERN, re:REGEX, index:A:B, from:NAME, "
     "depth:A[:B], block:PREFIX, or a layer name"
@@ -469,7 +477,7 @@ def resolve(
     for k, rule in enumerate(policy.rules):
         picked = rule.select.match(layers)
         if not picked:
-            raise SelectorError(_no_match_message(rule.select, layers))
+            raise SelectorError(no_match_message(rule.select, layers))
         if rule.trainable is None and not any(layers[i].is_bn for i in picked):
             raise SelectorError(f"rule {rule} sets a BN mode but selects no BN layer")
         for i in picked:
@@ -501,7 +509,8 @@ def _apply_rule(entry: _Entry, is_bn: bool, rule: Rule, k: int) -> None:
         entry.rule = k
 
 
-def _no_match_message(select: Selector, layers: Sequence[LayerInfo]) -> str:
+def no_match_message(select: Selector, layers: Sequence[LayerInfo]) -> str:
+    """Says that `select` matched nothing, naming the closest layer names or classes."""
     if isinstance(select, AllBN):
         return (
             "the model has no BatchNormalization layer (subclasses and synchronized BN "

@@ -133,6 +133,11 @@ def adabn_evidence(model: Any, *, size: int = 32, seed: int = 0) -> Evidence:
     )
 
 
+SPLITS = ("train", "val", "test")
+DIGITS_FILES = tuple(f"{d}_{s}.npz" for d in ("source", "target") for s in SPLITS)
+"""The files `write_digits` writes."""
+
+
 def write_digits(folder: Path, *, size: int = 32, seed: int = 0) -> list[Path]:
     """Writes both domains' splits as `.npz` files (`x` in [0, 1], `y`) into `folder`,
     atomically; returns the paths."""
@@ -143,7 +148,7 @@ def write_digits(folder: Path, *, size: int = 32, seed: int = 0) -> list[Path]:
     written = []
     for domain in ("source", "target"):
         d = digits(domain, size, seed)
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             x, y = getattr(d, split)
             path = folder / f"{domain}_{split}.npz"
             with atomic_path(path) as tmp, tmp.open("wb") as f:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from bnkit.backends import get_backend
-from bnkit.data import DEFAULT_BATCH_SIZE, Data, check_input_shape, load
+from bnkit.data import DEFAULT_BATCH_SIZE, Data, DataError, check_input_shape, load
 from bnkit.errors import BnkitError
 from bnkit.policy import AllBN, Selector
 from bnkit.report import leaf_records
@@ -124,8 +124,23 @@ def adapt(
     )
     before = backend.snapshot(model).stats
     new = {p: moments[p].result() for p in paths}
+    _check_finite_stats(new)
     backend.set_bn_stats(model, new)
     return AdaptReport(tuple(_summary(p, before[p], new[p]) for p in paths), n_batches, n_samples)
+
+
+def _check_finite_stats(stats: dict[str, dict[str, np.ndarray]]) -> None:
+    """Raises DataError (the model unchanged) when a re-estimated statistic is not finite
+    or too large for float32, which happens when the data's values are huge."""
+    limit = float(np.finfo(np.float32).max)
+    for path, values in stats.items():
+        for name, value in values.items():
+            if not np.isfinite(value).all() or np.abs(value).max() > limit:
+                raise DataError(
+                    f"{path}: the {name} of this layer's inputs on the data is not finite in "
+                    "float32 (the inputs are too large); check the data's scale (--scale); "
+                    "the model was not changed"
+                )
 
 
 def _bn_paths(model: Any, select: Selector | None) -> tuple[Any, list[str]]:
@@ -151,6 +166,8 @@ def _collect(
     on_batch: Callable[[int], None] | None,
 ) -> tuple[dict[str, _Moments], int, int]:
     """One pass over the data; each layer's input moments combined over all batches."""
+    if max_batches is not None and max_batches < 1:
+        raise DataError(f"max_batches (--max-batches) must be at least 1, got {max_batches}")
     source = data if isinstance(data, Data) else load(data, batch_size=batch_size)
     expected = backend.input_shape(model)
     moments = {p: _Moments() for p in paths}
@@ -335,7 +352,9 @@ def shift(
         backend, model, paths, data, "running", batch_size, max_batches, on_batch
     )
     stored = backend.snapshot(model).stats
-    layers = tuple(_layer_shift(p, k, moments[p].result(), stored[p]) for k, p in enumerate(paths))
+    measured = {p: moments[p].result() for p in paths}
+    _check_finite_stats(measured)
+    layers = tuple(_layer_shift(p, k, measured[p], stored[p]) for k, p in enumerate(paths))
     score = float(np.mean([x.kl_mean for x in layers]))
     return ShiftReport(layers, n_samples, n_batches, score, recommend(score))
 

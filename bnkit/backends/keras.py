@@ -14,6 +14,7 @@ Keras' switches mapped onto bnkit's BN state:
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -399,7 +400,8 @@ class KerasBackend:
 
     def load(self, path: Path) -> Any:
         try:
-            return keras.models.load_model(path)
+            with _tensorflow_left_unloaded():
+                return keras.models.load_model(path)
         except Exception as err:  # Keras raises many types for a bad archive
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelFileError(
@@ -409,7 +411,27 @@ class KerasBackend:
             ) from None
 
     def save(self, model: Any, path: Path) -> None:
-        model.save(path)
+        with _tensorflow_left_unloaded():
+            model.save(path)
+
+
+@contextlib.contextmanager
+def _tensorflow_left_unloaded() -> Iterator[None]:
+    """Keeps Keras' (de)serialisation from importing TensorFlow on another backend: it
+    asks `tf.available` only to test objects for TensorFlow types, which cannot exist
+    while TensorFlow is not imported (and importing it costs seconds and log lines)."""
+    from keras.src.utils import module_utils
+
+    lazy = module_utils.tensorflow
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        yield
+        return
+    saved = lazy._available
+    lazy._available = False
+    try:
+        yield
+    finally:
+        lazy._available = saved
 
 
 def _containers_needed(

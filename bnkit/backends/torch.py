@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnkit.backends.base import MomentPass, Snapshot
+from bnkit.data import DataError
 from bnkit.errors import BackendError, BnkitError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.report import CompileStatus, LayerRecord
@@ -299,7 +300,7 @@ class TorchBackend:
 
     def forward(self, model: Any, x: np.ndarray) -> None:
         with torch.no_grad():
-            model(torch.as_tensor(x))
+            call(model, x)
 
     # ------------------------------------------------------------------ files
 
@@ -316,6 +317,32 @@ _NO_FILES = (
 )
 
 
+def as_input(model: Any, x: np.ndarray) -> torch.Tensor:
+    """A NumPy batch as a tensor of the model's floating dtype, on its device."""
+    t = torch.as_tensor(np.ascontiguousarray(x))
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is not None and t.is_floating_point():
+        t = t.to(device=p.device, dtype=p.dtype)
+    return t
+
+
+def call(model: Any, x: np.ndarray) -> Any:
+    """Runs `model` on a NumPy batch; a model that rejects the batch raises DataError
+    naming the shape and, for channels-last images, the transpose that fixes them."""
+    try:
+        return model(as_input(model, x))
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        hint = ""
+        if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            hint = (
+                "; PyTorch modules take channels-first images (N, C, H, W): x.transpose(0, 3, 1, 2)"
+            )
+        raise DataError(
+            f"the model cannot take a batch of shape {tuple(x.shape)} ({first}){hint}"
+        ) from None
+
+
 def _moment_forward(
     layer: Any, path: str, captured: dict[str, tuple[Any, Any, Any]], batch_stats: bool
 ) -> Any:
@@ -329,16 +356,23 @@ def _moment_forward(
         captured[path] = (mean, var, x.numel() // x.shape[1])
         if not batch_stats:
             return original(layer, x)
-        return F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        out = F.batch_norm(
+            xf, None, None, _float(layer.weight), _float(layer.bias), True, 0.0, layer.eps
+        )
+        return out.to(x.dtype)
 
     return forward
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         captured.clear()
         with torch.no_grad():
-            model(torch.as_tensor(x))
+            call(model, x)
         return {p: (m.cpu().numpy(), v.cpu().numpy(), int(n)) for p, (m, v, n) in captured.items()}
 
     return run
