@@ -681,7 +681,7 @@ def main() -> None:
         _err.print("bnkit: aborted")
         sys.exit(EXIT_USAGE)
     except click.ClickException as err:
-        err.show()
+        click.echo(f"bnkit: error: {err.format_message()} (see bnkit --help)", err=True)
         sys.exit(EXIT_USAGE)
     except BnkitError as err:
         click.echo(f"bnkit: error: {err}", err=True)

@@ -96,6 +96,13 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _resolve(path: Path) -> Path:
     try:
         return path.resolve()
@@ -159,11 +166,11 @@ def check_output(
             )
     if suffix is not None and out.suffix != suffix:
         raise BnkitError(f"{out}: output must end in '{suffix}'")
-    if out.is_dir():
-        raise BnkitError(f"{out}: is a directory; give a file name for -o")
-    if not out.parent.is_dir():
-        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
     _check_name(out)
+    if _is_dir(out):
+        raise BnkitError(f"{out}: is a directory; give a file name for -o")
+    if not _is_dir(out.parent):
+        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
     check_writable(out.parent)
     if _exists(out):
         kind = suffix or out.suffix
@@ -184,14 +191,14 @@ def check_out_dir(out_dir: Path, names: Sequence[str], *inputs: Path) -> Path:
     for inp in inputs:
         if _exists(inp) and target == _resolve(inp):
             raise BnkitError(f"{out_dir}: output folder is an input; choose another")
-    if _exists(out_dir) and not out_dir.is_dir():
-        raise BnkitError(f"{out_dir}: exists and is not a directory; give a folder")
-    parent = out_dir if out_dir.is_dir() else out_dir.parent
-    if not parent.is_dir():
-        raise BnkitError(f"{parent}: does not exist; create it first")
     _check_name(out_dir)
+    if _exists(out_dir) and not _is_dir(out_dir):
+        raise BnkitError(f"{out_dir}: exists and is not a directory; give a folder")
+    parent = out_dir if _is_dir(out_dir) else out_dir.parent
+    if not _is_dir(parent):
+        raise BnkitError(f"{parent}: does not exist; create it first")
     check_writable(parent)
-    if out_dir.is_dir() and not (out_dir / MARKER).is_file():
+    if _is_dir(out_dir) and not (out_dir / MARKER).is_file():
         clash = [n for n in names if _exists(out_dir / n)]
         if clash:
             raise BnkitError(
@@ -239,13 +246,13 @@ def atomic_path(out: Path) -> Iterator[Path]:
 def check_dir_output(out: Path, *, kind: str, overwrite: bool = False) -> Path:
     """Refuses a folder output (a SavedModel, say) in a missing or unwritable parent, or
     that exists, unless `overwrite` and bnkit's marker says it is an output of `kind`."""
-    if not out.parent.is_dir():
-        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
     _check_name(out)
+    if not _is_dir(out.parent):
+        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
     check_writable(out.parent)
     if not _exists(out):
         return out
-    if not out.is_dir():
+    if not _is_dir(out):
         raise BnkitError(f"{out}: exists and is not a folder; bnkit will not replace it")
     if not overwrite:
         raise BnkitError(f"{out}: exists; pass --overwrite to replace it, or choose another")

@@ -355,3 +355,201 @@ def test_export_command_writes_a_verified_model_and_leaves_the_input(capsys, mod
     assert digest(model_file) == before and out_path.exists()
     code, _, err = run(capsys, "export", str(model_file), "-o", str(model_file))
     assert code == 2 and "never overwrites its input" in err
+
+
+# ---------------------------------------------------------------------- hostile input
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["folder", "cwd"])
+def test_export_savedmodel_never_removes_an_existing_folder(
+    capsys, model_file, tmp_path, monkeypatch, where
+):
+    (tmp_path / "notes.txt").write_text("keep me")
+    before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    out = "." if where == "cwd" else str(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(
+            capsys, "export", str(model_file), "-o", out, "--format", "savedmodel", *extra
+        )
+        assert code == 2 and _one_line(err).startswith("bnkit: error:")
+    assert {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_export_replaces_only_its_own_output_when_asked(capsys, model_file, tmp_path):
+    out = tmp_path / "deploy.keras"
+    assert run(capsys, "export", str(model_file), "-o", str(out))[0] == 0
+    code, _, err = run(capsys, "export", str(model_file), "-o", str(out))
+    assert code == 2 and "--overwrite" in _one_line(err)
+    assert run(capsys, "export", str(model_file), "-o", str(out), "--overwrite")[0] == 0
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["unwritable", "long", "loop"])
+@pytest.mark.parametrize("command", ["freeze", "adapt", "export", "shift", "compare"])
+def test_bad_output_paths_get_one_line_and_exit_2(capsys, model_file, tmp_path, kind, command):
+    if kind == "unwritable":
+        folder = tmp_path / "locked"
+        folder.mkdir()
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            folder = Path("/sys")
+    elif kind == "loop":
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        folder = tmp_path / "loop"
+    else:
+        folder = tmp_path
+    name = ("x" * 300 if kind == "long" else "out") + (".png" if command == "shift" else ".keras")
+    data = _labelled_npz(tmp_path / "d.npz", 8, 0)
+    args = {
+        "freeze": ["freeze", str(model_file), "--bn", "frozen", "-o", str(folder / name)],
+        "adapt": ["adapt", str(model_file), str(data), "-o", str(folder / name)],
+        "export": ["export", str(model_file), "-o", str(folder / name)],
+        "shift": ["shift", str(model_file), str(data), "--plot", str(folder / name)],
+        "compare": ["compare", str(model_file), str(data), "--val", str(data),
+                    "--out", str(folder / name.replace(".keras", ""))],
+    }[command]  # fmt: skip
+    try:
+        code, _, err = run(capsys, *args)
+    finally:
+        if kind == "unwritable" and folder != Path("/sys"):
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert code == 2 and _one_line(err).startswith("bnkit: error:"), err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty (0 bytes)"),
+        ("truncated", "not a readable .npz"),
+        ({"x": np.array(["a", "b"])}, "not numbers"),
+        ({"x": np.float32(3.0)}, "single value"),
+    ],
+    ids=["0-byte", "truncated", "strings", "0-d"],
+)
+def test_unreadable_npz_gets_one_line(capsys, model_file, tmp_path, content, message):
+    data = tmp_path / "d.npz"
+    if content == "truncated":
+        np.savez(data, x=np.zeros((4, 8, 8, 3), "float32"))
+        data.write_bytes(data.read_bytes()[:200])
+    elif isinstance(content, bytes):
+        data.write_bytes(content)
+    else:
+        np.savez(data, **content)
+    code, _, err = run(capsys, "shift", str(model_file), str(data))
+    assert code == 2 and message in _one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("x", "args", "message"),
+    [
+        (np.full((4, 8, 8, 3), 1.0), ["--scale", "nan"], "finite, non-zero"),
+        (np.full((4, 8, 8, 3), 1e30), [], "not finite"),
+        (np.full((4, 8, 8, 3), 1.0), ["--max-batches", "0"], "--max-batches"),
+    ],
+    ids=["scale-nan", "huge-values", "max-batches-0"],
+)
+def test_adapt_never_writes_a_model_with_non_finite_statistics(
+    capsys, model_file, tmp_path, x, args, message
+):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x.astype("float32"))
+    out = tmp_path / "adapted.keras"
+    code, _, err = run(capsys, "adapt", str(model_file), str(data), "-o", str(out), *args)
+    assert code == 2 and message in _one_line(err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("labels", "extra", "message"),
+    [
+        (None, ["--lr", "nan"], "learning rate"),
+        (None, ["--strategies", "frozen,frozen"], "named twice"),
+        (np.array([0.5, 1, 2, 0, 1, 2, 0, 1]), [], "non-integer labels"),
+        (np.array(["a", "b"] * 4), [], "labels"),
+    ],
+    ids=["lr-nan", "duplicate", "float-labels", "string-labels"],
+)
+def test_compare_refuses_what_would_give_a_wrong_verdict(
+    capsys, model_file, tmp_path, labels, extra, message
+):
+    train = _labelled_npz(tmp_path / "train.npz", 8, 0)
+    if labels is not None:
+        np.savez(train, x=np.load(train)["x"], y=labels)
+    code, _, err = run(capsys, "compare", str(model_file), str(train), "--val", str(train), *extra)
+    assert code == 2 and message in _one_line(err)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["traps", "--input-size", "1"],
+        ["traps", "--steps", "0"],
+        ["check", "{model}", "--steps", "-5"],
+        ["check", "{model}", "--batch-size", "0"],
+        ["demo", "--labels-per-class", "0", "--out", "{tmp}/demo"],
+        ["digits", "{tmp}/digits", "--size", "2"],
+    ],
+)
+def test_out_of_range_numbers_get_one_line_and_create_nothing(capsys, model_file, tmp_path, args):
+    args = [a.format(model=model_file, tmp=tmp_path) for a in args]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run(capsys, *args)
+    assert code == 2 and _one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_check_select_matching_nothing_is_an_error(capsys, model_file):
+    code, _, err = run(capsys, "check", str(model_file), "--select", "glob:zz*")
+    assert code == 2 and "matches no layer" in _one_line(err)
+
+
+def test_digits_never_overwrites_a_users_files(capsys, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "source_train.npz").write_text("the user's")
+    code, _, err = run(capsys, "digits", str(folder))
+    assert code == 2 and "did not write" in _one_line(err)
+    assert (folder / "source_train.npz").read_text() == "the user's"
+
+
+def test_bad_rules_and_layer_names_are_reported_before_the_framework_starts(model_file, tmp_path):
+    code = (
+        "import sys\n"
+        "from bnkit.cli import main\n"
+        f"sys.argv = ['bnkit', 'freeze', {str(model_file)!r}, '-o', "
+        f"{str(tmp_path / 'o.keras')!r}, '--train-from', 'block2_cnv']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(code, 'keras' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+    assert "block2_conv" in proc.stderr
+
+
+def test_saving_on_the_torch_backend_does_not_import_tensorflow(model_file, tmp_path):
+    if keras.backend.backend() != "torch":
+        pytest.skip("about the torch backend")
+    code = (
+        "import sys\n"
+        "from bnkit.cli import main\n"
+        f"sys.argv = ['bnkit', 'freeze', {str(model_file)!r}, '-o', "
+        f"{str(tmp_path / 'o.keras')!r}, '--bn', 'frozen']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.stdout.split()[-1] == "False", proc.stdout + proc.stderr
+    assert "oneDNN" not in proc.stderr and (tmp_path / "o.keras").exists()

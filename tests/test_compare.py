@@ -166,3 +166,15 @@ def test_verdict_is_honest_about_the_spread():
     assert best == "b" and decisive and "ahead of a by 10.0%" in text
     _, decisive, text = _verdict([s("a", 0.9, 0.0), s("b", 0.5, 0.0)], 1)
     assert not decisive and "one seed" in text
+
+
+def test_a_strategy_with_diverged_runs_is_never_best():
+    def s(name, mean, diverged):
+        return Summary(name, mean, 0.01, 1.0, 0.1, 3, diverged)
+
+    best, _, text = _verdict([s("a", 0.95, 1), s("b", 0.60, 0)], 3)
+    assert best == "b" and "a left out: runs diverged" in text
+    best, decisive, text = _verdict([s("a", float("nan"), 3), s("b", 0.5, 3)], 3)
+    assert best == "" and not decisive and "lower the learning rate" in text
+    table = bnkit.CompareResult((), (s("a", 0.9, 3),), best, decisive, text, False, None).table()
+    assert "*" not in str(table.columns[0]._cells)

@@ -136,3 +136,28 @@ def test_adapt_matches_numpy_and_shift_measures_the_distance():
 def test_keras_only_capabilities_say_so():
     with pytest.raises(bnkit.BackendError, match="works on Keras 3 models"):
         bnkit.check(net())
+
+
+def test_adapt_takes_tensors_and_half_precision_models():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(24, 3, 6, 6)).astype("float32")
+    from_numpy, from_tensor = net(), net()
+    bnkit.adapt(from_numpy, x, batch_size=8)
+    bnkit.adapt(from_tensor, torch.as_tensor(x), batch_size=8)  # what a PyTorch user passes
+    assert torch.equal(from_numpy.stem[1].running_var, from_tensor.stem[1].running_var)
+    half = net().half()
+    bnkit.adapt(half, x, batch_size=8)
+    assert half.stem[1].running_var.dtype == torch.float16
+    np.testing.assert_allclose(
+        half.stem[1].running_var.float().numpy(),
+        from_numpy.stem[1].running_var.numpy(),
+        rtol=2e-2,
+    )
+
+
+def test_channels_last_images_get_one_line_saying_how_to_transpose():
+    x = np.zeros((4, 6, 6, 3), np.float32)
+    before = state(net())
+    model = net()
+    with pytest.raises(bnkit.BnkitError, match=r"channels-first .*transpose\(0, 3, 1, 2\)"):
+        bnkit.adapt(model, x)
+    assert all(np.array_equal(v, state(model)[k]) for k, v in before.items())
