@@ -106,7 +106,7 @@ def test_check_output_refuses_unwritable_long_looping_and_existing_paths(tmp_pat
     existing.write_text("not a png")
     with pytest.raises(BnkitError, match="--overwrite"):
         check_output(existing, suffix=".png")
-    with pytest.raises(BnkitError, match="not a '.png' file"):
+    with pytest.raises(BnkitError, match=r"not a '\.png' file"):
         check_output(existing, suffix=".png", overwrite=True)
     assert existing.read_text() == "not a png"
 
