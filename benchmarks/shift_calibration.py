@@ -26,8 +26,8 @@ import keras
 import numpy as np
 
 import bnkit
-from bnkit.backends.keras_zoo import accuracy, train_classifier
 from bnkit.data import digits
+from bnkit.demo_keras import accuracy, train_classifier
 from bnkit.pretrain import pretrained_digits
 
 SEEDS = (0, 1, 2)

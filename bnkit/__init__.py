@@ -96,13 +96,13 @@ class _RegisterAfterKerasImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             run(module)
-            importlib.import_module("bnkit.backends.keras")
+            importlib.import_module("bnkit.backends.keras.core")
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
 if "keras" in sys.modules:
-    importlib.import_module("bnkit.backends.keras")
+    importlib.import_module("bnkit.backends.keras.core")
 else:
     sys.meta_path.insert(0, _RegisterAfterKerasImport())

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bnkit.backends import get_backend, require_keras
+from bnkit.backends import get_backend
 from bnkit.errors import BnkitError, SelectorError
 from bnkit.policy import Selector, no_match_message, parse_selector
-from bnkit.report import leaf_records
+from bnkit.records import TRAINING_OVERRIDDEN, leaf_records
 
 SMALL_BATCH = 16
 """Below this many images, batch statistics are noisy enough to hurt (Wu & He, 2018)."""
@@ -108,14 +108,14 @@ def check(
         if value is not None and value < 1:
             raise BnkitError(f"{name} must be at least 1, got {value}")
     backend = get_backend(model)
-    require_keras(backend, "check")
+    deploy = backend.deployer()
     records = backend.records(model)
-    facts = {f.path: f for f in _facts(model)}
+    facts = {f.path: f for f in deploy.bn_facts(model)}
     bn = [r for r in records if r.is_bn]
     name = getattr(model, "name", type(model).__name__)
     found: list[Finding] = []
     if not bn:
-        found.append(_no_bn(model, name))
+        found.append(_no_bn(deploy.norm_layers(model), name))
     found += _overridden(bn)
     found += _train_after_frozen(bn, facts)
     found += _momentum(bn, steps)
@@ -128,16 +128,7 @@ def check(
     return CheckReport(name, tuple(sorted(found, key=lambda f: (order[f.severity], f.code))))
 
 
-def _facts(model: Any) -> list[Any]:
-    from bnkit.backends import keras_deploy
-
-    return keras_deploy.bn_facts(model)
-
-
-def _no_bn(model: Any, name: str) -> Finding:
-    from bnkit.backends import keras_deploy
-
-    others = keras_deploy.norm_layers(model)
+def _no_bn(others: dict[str, int], name: str) -> Finding:
     has = ", ".join(f"{n} {k}" for k, n in sorted(others.items())) or "no normalisation layer"
     return Finding(
         "BN009",
@@ -152,12 +143,12 @@ def _no_bn(model: Any, name: str) -> Finding:
 def _overridden(bn: list[Any]) -> Iterator[Finding]:
     for r in bn:
         for note in r.notes:
-            if "training=False" in note:
+            if note.code == TRAINING_OVERRIDDEN:
                 yield Finding(
                     "BN001",
                     "error",
                     r.path,
-                    note,
+                    note.text,
                     "pin the mode: bnkit.freeze(model, bn='frozen') (or --rule for these "
                     "layers); training=False at call time does not freeze BN in Keras 3",
                 )
@@ -280,7 +271,7 @@ def _partial(
     for r in bn:
         fact = facts.get(r.path)
         if fact is not None and not fact.pinned and fact.producer_trainable is not False:
-            groups.setdefault(r.path.rsplit("/", 1)[0] if "/" in r.path else "", []).append(r)
+            groups.setdefault(_parent(r.path), []).append(r)
     for parent, rows in groups.items():
         frozen = [r for r in rows if r.bn_mode == "frozen"]
         if frozen and len(frozen) < len(rows):
@@ -295,6 +286,12 @@ def _partial(
                 "select BN layers by type, not by name: bnkit.freeze(model, bn=...) or "
                 "--rule 'bn=frozen'; check with bnkit inspect --bn-only",
             )
+
+
+def _parent(path: str) -> str:
+    """The container path of a layer path (Keras separates with '/', PyTorch with '.')."""
+    cut = max(path.rfind("/"), path.rfind("."))
+    return path[:cut] if cut > 0 else ""
 
 
 def _selector_coverage(records: list[Any], select: Selector | str) -> Iterator[Finding]:

@@ -100,14 +100,15 @@ def freeze_cmd(
     overwrite: bool,
 ) -> None:
     """Apply a freeze policy and save the model with its BN modes pinned."""
-    from bnkit.files import check_model_file, check_output, keras_layer_names, load_model
+    from bnkit.backends import layer_names
+    from bnkit.files import check_model_file, check_output, load_model
     from bnkit.freeze import freeze
     from bnkit.policy import find_layer_name, parse_rule
 
     parsed = [parse_rule(r) for r in rules]  # checked before any framework starts
     check_model_file(model)
     if train_from is not None:
-        find_layer_name(train_from, keras_layer_names(model))
+        find_layer_name(train_from, layer_names(model))
     check_output(output, model, suffix=".keras", overwrite=overwrite)
     m = load_model(model)
     plan = freeze(m, train_from=train_from, bn=bn, rules=parsed)

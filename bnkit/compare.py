@@ -4,16 +4,14 @@ divergence guard, frozen-prefix caching, and a summary that is honest about nois
 from __future__ import annotations
 
 import json
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from bnkit.backends import get_backend, require_keras
+from bnkit.backends import get_backend
 from bnkit.data import DEFAULT_BATCH_SIZE, DataError, load
 from bnkit.errors import BnkitError, BnkitWarning
 from bnkit.policy import Mode, Rule, parse_mode, parse_rule
@@ -179,7 +177,7 @@ def compare(
 ) -> CompareResult:
     """Fine-tunes `model` once per strategy and seed and compares validation results.
 
-    Every run starts from the same weights, reloaded from one saved copy; for a given
+    Every run starts from the same weights, restored from one copy; for a given
     seed every strategy sees the same data order and the same optimiser (Adam at `lr`,
     sparse cross-entropy). Layers before `train_from` are frozen (BN `frozen`); the rest
     trains with its BN layers in the strategy's mode (every BN layer when `train_from`
@@ -220,7 +218,7 @@ def compare(
     if batch_size < 1:
         raise BnkitError(f"batch_size must be at least 1, got {batch_size}")
     backend = get_backend(model)
-    require_keras(backend, "compare")
+    trainer = backend.trainer()
     x, y = _labelled(train, "training data")
     xv, yv = _labelled(val, "validation data")
     classes = num_classes or int(max(y.max(), yv.max())) + 1
@@ -237,19 +235,16 @@ def compare(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list or epochs < 1:
         raise BnkitError("compare needs at least one seed and one epoch")
-    trainer = _trainer()
     start_model = trainer.with_head(model, classes, head)
     head_replaced = start_model is not model
     logits = trainer.from_logits(start_model)
     runs: list[Run] = []
     notes: list[str] = []
     features: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="bnkit-compare-") as tmp:
-        # one working copy, independent of the caller's model (a new head shares its
-        # layers); each run restores its weights from the one saved copy
-        backend.save(start_model, Path(tmp) / "start.keras")
-        work = backend.load(Path(tmp) / "start.keras")
-        start = trainer.save_weights(work, Path(tmp) / "start.weights.h5")
+    # one working copy, independent of the caller's model (a new head shares its layers);
+    # each run restores its weights from the one copy of the start state
+    with trainer.working_copy(start_model) as work:
+        start = trainer.save_state(work)
         total = len(seed_list) * len(plans)
         for seed in seed_list:
             for strategy in plans:
@@ -276,12 +271,6 @@ def compare(
     )
 
 
-def _trainer() -> Any:
-    from bnkit.backends import keras_train
-
-    return keras_train
-
-
 def _labelled(data: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = load(data).arrays()
     if y is None:
@@ -303,7 +292,7 @@ def _one_run(
     backend: Any,
     trainer: Any,
     model: Any,
-    start: Path,
+    start: Any,
     strategy: Strategy,
     seed: int,
     train: tuple[np.ndarray, np.ndarray],
@@ -327,7 +316,7 @@ def _one_run(
 
     t0 = time.perf_counter()
     backend.unfreeze(model)
-    trainer.load_weights(model, start)
+    trainer.restore_state(model, start)
     x, y = train
     if strategy.mode is Mode.ADAPT:
         adapt(model, x, batch_size=batch_size)
@@ -346,7 +335,7 @@ def _one_run(
                 trainer.predict(split.prefix, val[0]),
             )
         xs, vs = features[key][0], (features[key][1], val[1])
-    trainer.compile_for_run(target, lr, logits)
+    trainer.prepare(target, lr, logits)
     records: list[EpochRecord] = []
     stats = [backend.snapshot(model).stats]
 

@@ -94,24 +94,24 @@ def seed_demo(
         >>> [r.stats_kept for r in result.rows][-1] == result.rows[-1].bn_layers
         True
     """
-    from bnkit.backends import keras_zoo
+    from bnkit import demo_keras
 
     if input_size < 32 or steps < 1:
         raise BnkitError(
             f"the traps table needs input_size >= 32 (ResNet50V2's minimum) and steps >= 1, "
             f"got {input_size} and {steps}"
         )
-    keras_zoo.seed_everything(seed)
-    model, _ = keras_zoo.traps_model(input_size, DEMO_CLASSES)
+    demo_keras.seed_everything(seed)
+    model, _ = demo_keras.traps_model(input_size, DEMO_CLASSES)
     start = model.get_weights()
     x, y = demo_images(steps * batch_size, input_size, seed)
     rows = []
-    for label, setup in keras_zoo.trap_approaches():
+    for label, setup in demo_keras.trap_approaches():
         rows.append(_run(label, setup, start, x, y, input_size, batch_size, use_plan=False))
     for mode in Mode:
         label = f"bnkit.freeze(bn='{mode.value}'), then base.trainable = True"
         rows.append(_run(label, _bnkit_setup(mode), start, x, y, input_size, batch_size, True))
-    return DemoResult(keras_zoo.version(), steps, tuple(rows))
+    return DemoResult(demo_keras.version(), steps, tuple(rows))
 
 
 def _bnkit_setup(mode: Mode) -> Callable[[Any], int]:
@@ -134,13 +134,13 @@ def _run(
     batch_size: int,
     use_plan: bool,
 ) -> ApproachResult:
-    from bnkit.backends import keras_zoo
+    from bnkit import demo_keras
 
-    model, base = keras_zoo.traps_model(input_size, DEMO_CLASSES)
+    model, base = demo_keras.traps_model(input_size, DEMO_CLASSES)
     model.set_weights(start)
     targeted = setup(base)
     with watch(base) as w:
-        keras_zoo.fit_once(model, x, y, batch_size)
+        demo_keras.fit_once(model, x, y, batch_size)
     assert w.report is not None
     k = w.report.counts()
     return ApproachResult(
@@ -227,9 +227,9 @@ def digits_story(
     """
     from pathlib import Path
 
-    from bnkit.backends.keras_zoo import accuracy
     from bnkit.compare import compare
     from bnkit.data import digits
+    from bnkit.demo_keras import accuracy
     from bnkit.files import atomic_files, check_out_dir
     from bnkit.plots import compare_plot, shift_plot
     from bnkit.pretrain import adabn_evidence, pretrained_digits

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from bnkit.backends import get_backend, require_keras
+from bnkit.backends import get_backend
+from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DataError, check_input_shape, load
 from bnkit.errors import BnkitError
 from bnkit.files import atomic_dir, atomic_path, check_dir_output, check_output
@@ -20,7 +21,8 @@ from bnkit.files import atomic_dir, atomic_path, check_dir_output, check_output
 TOLERANCE = 1e-4
 """Largest accepted difference, relative to max(1, largest absolute reference output)."""
 CHECK_SAMPLES = 8
-FORMATS = ("keras", "savedmodel", "onnx")
+FOLDER_FORMATS = ("savedmodel",)
+"""Formats written as a folder rather than a file named `*.{format}`."""
 
 
 class ExportError(BnkitError):
@@ -101,11 +103,12 @@ def export(
         >>> (r.folded, r.kept)
         (1, 0)
     """
-    if format not in FORMATS:
-        raise BnkitError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     backend = get_backend(model)
-    require_keras(backend, "export")
-    deploy = _deployer()
+    deploy = backend.deployer()
+    if format not in deploy.formats:
+        raise BnkitError(
+            f"unknown export format {format!r}: use one of {', '.join(deploy.formats)}"
+        )
     out = Path(path)
     _check_path(out, format, overwrite)
     problem = deploy.format_problem(format)
@@ -116,8 +119,8 @@ def export(
     ref = deploy.outputs(model, x)
     scale = max(1.0, float(np.max(np.abs(ref))))
     diffs = _verify(deploy, copy.model, ref, x, scale)
-    if format == "savedmodel":
-        with atomic_dir(out, kind="savedmodel", overwrite=overwrite) as staged:
+    if format in FOLDER_FORMATS:
+        with atomic_dir(out, kind=format, overwrite=overwrite) as staged:
             _write(deploy, copy.model, staged / "model", format, x, ref, scale)
             for item in (staged / "model").iterdir():
                 os.replace(item, staged / item.name)
@@ -142,22 +145,16 @@ def export(
     )
 
 
-def _deployer() -> Any:
-    from bnkit.backends import keras_deploy
-
-    return keras_deploy
-
-
 def _check_path(out: Path, format: str, overwrite: bool) -> None:
     """Checks the output before any work: a file output as `check_output` does; a
     SavedModel folder must be new, or a SavedModel bnkit wrote (with `overwrite`)."""
-    suffix = {"keras": ".keras", "onnx": ".onnx"}.get(format)
+    suffix = None if format in FOLDER_FORMATS else f".{format}"
     if suffix is not None and out.suffix != suffix:
         raise BnkitError(f"{out}: a {format} export must end in '{suffix}'")
-    if format != "savedmodel":
+    if suffix is not None:
         check_output(out, suffix=suffix, overwrite=overwrite)
         return
-    check_dir_output(out, kind="savedmodel", overwrite=overwrite)
+    check_dir_output(out, kind=format, overwrite=overwrite)
 
 
 def _check_inputs(backend: Any, model: Any, check_data: Any) -> np.ndarray:
@@ -165,7 +162,7 @@ def _check_inputs(backend: Any, model: Any, check_data: Any) -> np.ndarray:
     if check_data is not None:
         x = next(iter(load(check_data, batch_size=CHECK_SAMPLES).inputs()))
         if shape is not None:
-            check_input_shape(x, shape, "check data")
+            check_input_shape(x, shape, "check data", backend.layout == CHANNELS_FIRST)
         return x
     if shape is None or any(d is None for d in shape):
         raise DataError(
@@ -208,15 +205,8 @@ def _write(
     deploy: Any, model: Any, staged: Path, format: str, x: np.ndarray, ref: np.ndarray, scale: float
 ) -> None:
     """Writes the export to `staged` and checks what was written against `ref`."""
-    if format == "keras":
-        model.save(staged)
-        got = deploy.outputs(deploy.load_plain(staged), x)
-    elif format == "savedmodel":
-        deploy.export_savedmodel(model, staged)
-        got = deploy.run_savedmodel(staged, x)
-    else:
-        deploy.export_onnx(model, staged)
-        got = deploy.run_onnx(staged, x)
+    deploy.write(model, staged, format, x)
+    got = deploy.run_written(staged, format, x)
     diff = _relative(got, ref, scale)
     if diff > TOLERANCE:
         raise ExportError(

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bnkit.errors import BnkitError, ModelFileError
+from bnkit.errors import BnkitError
 
 MARKER = ".bnkit-output"
 """A file bnkit puts in every folder it writes, naming what it wrote there: the proof that
@@ -28,53 +28,10 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def check_model_file(path: Path) -> Path:
-    """Returns `path` if it looks like a Keras model; raises ModelFileError saying why not."""
-    if not _exists(path):
-        raise ModelFileError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a directory; give a '.keras' model file")
-    if path.suffix != ".keras":
-        hint = " (legacy HDF5: load it and re-save as '.keras')" if path.suffix == ".h5" else ""
-        raise ModelFileError(f"{path}: not a '.keras' model file{hint}")
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(
-            f"{path}: not a Keras archive (a '.keras' file is a zip); the file is corrupt "
-            "or not a model: re-save it with model.save()"
-        )
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = set(z.namelist())
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ModelFileError(f"{path}: corrupt Keras archive ({err}); re-save the model") from None
-    if bad is not None:
-        raise ModelFileError(f"{path}: corrupt Keras archive (member {bad!r} fails its CRC)")
-    if "config.json" not in names:
-        raise ModelFileError(f"{path}: zip archive without config.json, not a Keras model")
-    return path
+    """Checks a model file, without importing any framework; raises ModelFileError."""
+    from bnkit.backends import check_model_file as check
 
-
-def keras_layer_names(path: Path) -> set[str]:
-    """Every layer name in a `.keras` archive's config, read without loading a framework
-    (so that a misspelt layer name is reported before seconds of framework start-up)."""
-    with zipfile.ZipFile(check_model_file(path)) as z:
-        config = json.loads(z.read("config.json"))
-    names: set[str] = set()
-
-    def visit(node: Any) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("config"), dict) and isinstance(node.get("class_name"), str):
-                name = node["config"].get("name")
-                if isinstance(name, str):
-                    names.add(name)
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(config)
-    return names
+    return check(path)
 
 
 def load_model(path: Path) -> Any:
@@ -82,8 +39,7 @@ def load_model(path: Path) -> Any:
     from bnkit.backends import backend_for_file
 
     check_model_file(path)
-    backend = backend_for_file(path)
-    return backend.load(path)
+    return backend_for_file(path).load(path)
 
 
 # ---------------------------------------------------------------------- output checks

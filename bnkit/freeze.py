@@ -10,7 +10,7 @@ from typing import Any
 from bnkit.backends import get_backend
 from bnkit.errors import BnkitError, BnkitWarning
 from bnkit.policy import Mode, Plan, Policy, Rule, parse_rule, resolve
-from bnkit.report import LayerRecord, leaf_records
+from bnkit.records import LayerRecord, leaf_records
 
 _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
 

@@ -62,21 +62,21 @@ def pretrained_digits(
         >>> net.model.output_shape  # doctest: +SKIP
         (None, 10)
     """
-    from bnkit.backends import keras_zoo
+    from bnkit import demo_keras
     from bnkit.files import save_model
     from bnkit.stats import adapt
 
     folder = cache if cache is not None else cache_dir()
     name = f"digits-resnet-v{RECIPE_VERSION}-{size}px-seed{seed}-{epochs}ep"
-    path = folder / f"{name}-{keras_zoo.backend_name()}.keras"
+    path = folder / f"{name}-{demo_keras.backend_name()}.keras"
     if path.exists():
-        return Pretrained(keras_zoo.load(path), path, cached=True)
+        return Pretrained(demo_keras.load(path), path, cached=True)
     if on_status is not None:
         on_status(f"pretraining on the source digits ({epochs} epochs, cached in {folder})")
     data = digits("source", size=size, seed=seed)
-    keras_zoo.seed_everything(seed)
-    model = keras_zoo.digits_resnet(size, data.num_classes)
-    keras_zoo.train_classifier(
+    demo_keras.seed_everything(seed)
+    model = demo_keras.digits_resnet(size, data.num_classes)
+    demo_keras.train_classifier(
         model, *data.train, epochs=epochs, batch_size=BATCH_SIZE, seed=seed, lr=LEARNING_RATE
     )
     adapt(model, data.train[0])
@@ -117,7 +117,7 @@ def adabn_evidence(model: Any, *, size: int = 32, seed: int = 0) -> Evidence:
         >>> ev.accuracy_adapted > ev.accuracy_target  # doctest: +SKIP
         True
     """
-    from bnkit.backends.keras_zoo import accuracy, clone
+    from bnkit.demo_keras import accuracy, clone
     from bnkit.stats import adapt, shift
 
     source, target = digits("source", size, seed), digits("target", size, seed)

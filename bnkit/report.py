@@ -11,70 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from bnkit.policy import BNState, LayerInfo
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """One layer as `inspect` reports it."""
-
-    path: str
-    name: str
-    class_name: str
-    is_container: bool
-    trainable: bool
-    """the layer's own flag."""
-    effective_trainable: bool
-    """whether `fit` trains its weights (its flag and every parent's)."""
-    trainable_params: int
-    non_trainable_params: int
-    is_bn: bool = False
-    bn_mode: str | None = None
-    """effective mode during `fit`: frozen, affine, train, adapt, stats-only or custom."""
-    bn_state: BNState | None = None
-    momentum: float | None = None
-    notes: tuple[str, ...] = ()
-
-    def info(self, index: int) -> LayerInfo:
-        """The selector view of this layer at position `index`."""
-        return LayerInfo(self.path, self.name, self.class_name, index, self.is_bn)
-
-
-@dataclass(frozen=True)
-class CompileStatus:
-    """Whether a model's compiled training state still matches its layers."""
-
-    compiled: bool
-    stale_layers: tuple[str, ...] = ()
-    """layers whose trainable flag changed since `compile`."""
-    pending: bool = False
-    """bnkit changed BN modes or trainable flags since the last compile."""
-    unknown_to_optimizer: int = 0
-    """trainable variables the (already built) optimizer does not know."""
-
-    @property
-    def stale(self) -> bool:
-        """True when the next `fit` would not do what the layers say."""
-        return bool(self.stale_layers) or self.pending or self.unknown_to_optimizer > 0
-
-    def message(self) -> str:
-        """One sentence for the user, or '' when not stale."""
-        if not self.stale:
-            return ""
-        parts = []
-        if self.stale_layers:
-            parts.append(f"{len(self.stale_layers)} layers changed trainable since compile")
-        if self.pending:
-            parts.append("bnkit changed BN modes or trainable flags since compile")
-        if self.unknown_to_optimizer:
-            parts.append(
-                f"{self.unknown_to_optimizer} trainable variables are unknown to the optimizer "
-                "(fit raises 'Unknown variable' or trains nothing new)"
-            )
-        return (
-            "; ".join(parts) + ": Keras ignores this on TensorFlow and may fail on torch; "
-            "call bnkit.recompile(model)"
-        )
+from bnkit.records import CompileStatus, LayerRecord
 
 
 @dataclass(frozen=True)
@@ -121,7 +58,7 @@ class Report:
         where: dict[str, list[str]] = {}
         for r in self.layers:
             for n in r.notes:
-                where.setdefault(n, []).append(r.path)
+                where.setdefault(n.text, []).append(r.path)
         found = [f"{_paths(paths)}: {n}" for n, paths in where.items()]
         msg = self.compile.message()
         return tuple(([msg] if msg else []) + found)
@@ -183,12 +120,6 @@ class Report:
             for r in self.layers
         ]
         return "\n".join([head, *rows, self.summary()])
-
-
-def leaf_records(records: list[LayerRecord]) -> tuple[list[LayerRecord], list[LayerInfo]]:
-    """The non-container records and their selector view, in topological order."""
-    leaves = [r for r in records if not r.is_container]
-    return leaves, [r.info(i) for i, r in enumerate(leaves)]
 
 
 def _paths(paths: list[str]) -> str:

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from bnkit.backends import get_backend
+from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DEFAULT_BATCH_SIZE, Data, DataError, check_input_shape, load
 from bnkit.errors import BnkitError
 from bnkit.policy import AllBN, Selector
-from bnkit.report import leaf_records
+from bnkit.records import leaf_records
 
 
 class _Moments:
@@ -175,7 +176,7 @@ def _collect(
     with backend.moments_pass(model, paths, normalize=normalize) as run:
         for x in source.inputs(max_batches):
             if expected is not None and n_batches == 0:
-                check_input_shape(x, expected, source.description)
+                check_input_shape(x, expected, source.description, backend.layout == CHANNELS_FIRST)
             for path, (mean, var, n) in run(x).items():
                 moments[path].add(mean, var, n)
             n_batches += 1

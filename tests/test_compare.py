@@ -11,7 +11,7 @@ import pytest
 from conftest import CLASSES, INPUT, build_transfer
 
 import bnkit
-from bnkit.backends import keras_train
+from bnkit.backends.keras import train as keras_train
 from bnkit.compare import Summary, _verdict
 from bnkit.data import DataError
 
@@ -118,7 +118,7 @@ def test_frozen_prefix_cache_gives_the_uncached_weights(splits):
         if cached:
             target, xs = split.suffix, keras_train.predict(split.prefix, x)
             vs = (keras_train.predict(split.prefix, val[0]), val[1])
-        keras_train.compile_for_run(target, 1e-2, logits=False)
+        keras_train.prepare(target, 1e-2, logits=False)
         keras_train.guarded_fit(target, model, xs, y, vs, epochs=3, batch_size=8, seed=0)
         finals.append(model.get_layer("head").get_weights())
     for a, b in zip(*finals, strict=True):

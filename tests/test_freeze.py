@@ -10,7 +10,7 @@ import pytest
 from conftest import bn_layers, build_transfer, changed, compile_fit, weights_of
 
 import bnkit
-from bnkit.backends.keras import PinnedBatchNormalization
+from bnkit.backends.keras.core import PinnedBatchNormalization
 
 STATS = ("moving_mean", "moving_variance")
 AFFINE = ("gamma", "beta")

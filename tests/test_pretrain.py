@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import bnkit
-from bnkit.backends.keras_zoo import accuracy
 from bnkit.data import digits
+from bnkit.demo_keras import accuracy
 from bnkit.pretrain import pretrained_digits
 
 

@@ -39,7 +39,7 @@ def test_nested_paths_and_training_false_trap(transfer, data):
     assert "base" in paths and "base/block2_preact_bn" in paths
     bn = report.bn_layers
     assert len(bn) == 4 and all(r.bn_mode == "train" for r in bn)
-    assert all(any("training=False" in n for n in r.notes) for r in bn)
+    assert all(any("training=False" in n.text for n in r.notes) for r in bn)
     # and it is true: fit updates the statistics despite training=False
     before = [weights_of(b) for b in bn_layers(base)]
     compile_fit(model, *data)
@@ -68,7 +68,7 @@ def test_trainable_bn_inside_frozen_base_still_trains(transfer, data):
     bn.trainable = True
     record = {r.path: r for r in bnkit.inspect(model).layers}["base/block1_bn"]
     assert record.bn_mode == "train" and record.effective_trainable
-    assert any("parent 'base' is not" in n for n in record.notes)
+    assert any("parent 'base' is not" in n.text for n in record.notes)
     before = weights_of(bn)
     compile_fit(model, *data)
     after = weights_of(bn)

@@ -66,8 +66,8 @@ def test_inspect_sees_the_pytorch_traps():
         p.requires_grad_(False)
     rec = next(r for r in bnkit.inspect(model).layers if r.path == "stem.1")
     assert rec.bn_mode == "stats-only"
-    assert any("model.train() puts it back" in n for n in rec.notes)
-    assert any("requires_grad=False does not stop" in n for n in rec.notes)
+    assert any("model.train() puts it back" in n.text for n in rec.notes)
+    assert any("requires_grad=False does not stop" in n.text for n in rec.notes)
     before = state(bn)
     train_steps(model)  # model.train() undoes bn.eval(): the statistics move
     after = state(bn)
@@ -133,9 +133,10 @@ def test_adapt_matches_numpy_and_shift_measures_the_distance():
     assert model.training  # the passes left the model's mode as it was
 
 
-def test_keras_only_capabilities_say_so():
-    with pytest.raises(bnkit.BackendError, match="works on Keras 3 models"):
-        bnkit.check(net())
+def test_a_missing_capability_is_named():
+    x = np.zeros((4, 3, 6, 6), np.float32)
+    with pytest.raises(bnkit.BackendError, match="'trainer' capability"):
+        bnkit.compare(net(), (x, np.zeros(4, int)), (x, np.zeros(4, int)))
 
 
 def test_adapt_takes_tensors_and_half_precision_models():

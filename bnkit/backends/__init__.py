@@ -1,15 +1,18 @@
-"""Framework adapters, each imported only when a model of its framework is seen."""
+"""Framework backends, each imported only when a model of its framework is seen."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from bnkit.backends.base import Backend
-from bnkit.errors import BackendError
+from bnkit.errors import BackendError, ModelFileError
 
-KERAS_SUFFIXES = (".keras",)
+_FILE_FORMATS = {".keras": "keras"}
+"""Model-file suffix -> the backend package that reads it."""
 
 
 def get_backend(model: Any) -> Backend:
@@ -20,37 +23,45 @@ def get_backend(model: Any) -> Backend:
     a torch.nn.Module.
     """
     if "keras" in sys.modules:
-        from bnkit.backends import keras as keras_backend
+        from bnkit.backends.keras import core as keras_core
 
-        if keras_backend.is_model(model):
-            return keras_backend.KerasBackend()
+        if keras_core.is_model(model):
+            return keras_core.KerasBackend()
     if "torch" in sys.modules:
-        from bnkit.backends import torch as torch_backend
+        from bnkit.backends.torch import core as torch_core
 
-        if torch_backend.is_model(model):
-            return torch_backend.TorchBackend()
+        if torch_core.is_model(model):
+            return torch_core.TorchBackend()
     raise BackendError(
         f"expected a Keras 3 model or a torch.nn.Module, got "
         f"{type(model).__module__}.{type(model).__name__}"
     )
 
 
-def require_keras(backend: Backend, what: str) -> None:
-    """Raises BackendError when `what` is asked of a model that is not a Keras model."""
-    if not backend.name.startswith("keras"):
+def _files(path: Path) -> ModuleType:
+    package = _FILE_FORMATS.get(path.suffix)
+    if package is None:
+        if not path.exists():
+            raise ModelFileError(f"{path}: no such file; check the path")
         raise BackendError(
-            f"{what} works on Keras 3 models; for PyTorch modules bnkit offers inspect, "
-            "freeze, unfreeze, watch, adapt and shift"
+            f"{path}: unsupported model file type {path.suffix or '(none)'!r}; bnkit reads "
+            "Keras 3 '.keras' archives (re-save with model.save('model.keras'))"
         )
+    return importlib.import_module(f"bnkit.backends.{package}.files")
+
+
+def check_model_file(path: Path) -> Path:
+    """Checks a model file without importing any framework; raises ModelFileError."""
+    return _files(path).check(path)  # type: ignore[no-any-return]
+
+
+def layer_names(path: Path) -> set[str]:
+    """The layer names a model file holds, read without importing any framework."""
+    return _files(path).layer_names(path)  # type: ignore[no-any-return]
 
 
 def backend_for_file(path: Path) -> Backend:
-    """The backend that reads model files with `path`'s suffix."""
-    if path.suffix in KERAS_SUFFIXES:
-        from bnkit.backends import keras as keras_backend
-
-        return keras_backend.KerasBackend()
-    raise BackendError(
-        f"{path}: unsupported model file type {path.suffix or '(none)'!r}; "
-        "bnkit reads Keras 3 '.keras' archives (re-save with model.save('model.keras'))"
-    )
+    """The backend that reads model files with `path`'s suffix (imports its framework)."""
+    package = _files(path).__name__.rsplit(".", 2)[-2]
+    core = importlib.import_module(f"bnkit.backends.{package}.core")
+    return core.backend()  # type: ignore[no-any-return]

@@ -1,8 +1,11 @@
-"""The Backend protocol: the few operations bnkit needs from a framework.
+"""The protocols every framework backend satisfies.
 
-A backend turns a framework's model into plain records and applies plans to
-it. Everything else in bnkit is written against this protocol, so adding a
-framework means adding one module here.
+A backend turns a framework's model into plain records (`bnkit.records`) and applies
+plans to it (`Backend`); it hands out the capabilities some features need: a `Trainer`
+for `compare`, a `Deployer` for `check` and `export`. Feature modules are written
+against these protocols only: a framework is a folder under `backends/` with the same
+module names (`core`, `train`, `deploy`), and a capability it lacks raises
+`BackendError` naming the capability.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bnkit.errors import BackendError
 from bnkit.policy import LayerDecision, Mode
-from bnkit.report import CompileStatus, LayerRecord
+from bnkit.records import BNFacts, CompileStatus, Diverged, EpochLog, Folded, LayerRecord, Split
+
+CHANNELS_LAST = "channels_last"
+CHANNELS_FIRST = "channels_first"
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,115 @@ MomentPass = Callable[[np.ndarray], dict[str, tuple[np.ndarray, np.ndarray, int]
 of that BN layer's input and the number of values per channel."""
 
 
+class Trainer(Protocol):
+    """What `compare` needs: heads, guarded training runs and frozen-prefix caching."""
+
+    def with_head(self, model: Any, num_classes: int, head: Callable[[Any], Any] | None) -> Any:
+        """`model` with a new top when `head` is given or its output does not have
+        `num_classes` units (the input model is not changed)."""
+        ...
+
+    def from_logits(self, model: Any) -> bool:
+        """True unless the model ends in a softmax."""
+        ...
+
+    def working_copy(self, model: Any) -> AbstractContextManager[Any]:
+        """While open, a copy of `model` with its own weights, to train runs on."""
+        ...
+
+    def save_state(self, model: Any) -> Any:
+        """Every weight and statistic of `model`, to restore runs from."""
+        ...
+
+    def restore_state(self, model: Any, state: Any) -> None:
+        """Puts back what `save_state` returned."""
+        ...
+
+    def prepare(self, model: Any, lr: float, logits: bool) -> None:
+        """A fresh Adam at `lr` with sparse cross-entropy, for one run."""
+        ...
+
+    def frozen_prefix(self, model: Any, train_from: str | None) -> Split | None:
+        """The split at `train_from` when everything before it is frozen, in inference
+        mode and deterministic; None otherwise."""
+        ...
+
+    def fingerprint(self, model: Any) -> str:
+        """A digest of every weight: equal digests, equal computations."""
+        ...
+
+    def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """Inference-mode outputs."""
+        ...
+
+    def guarded_fit(
+        self,
+        model: Any,
+        paths_from: Any,
+        x: np.ndarray,
+        y: np.ndarray,
+        val: tuple[np.ndarray, np.ndarray],
+        *,
+        epochs: int,
+        batch_size: int,
+        seed: int,
+        on_step: Callable[[], None] | None = None,
+        on_epoch: Callable[[EpochLog], None] | None = None,
+    ) -> Diverged | None:
+        """Trains in the seed's data order; stops at the first non-finite loss or weight,
+        restoring the last finite weights."""
+        ...
+
+    def evaluate(self, model: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """Loss and accuracy in inference mode."""
+        ...
+
+
+class Deployer(Protocol):
+    """What `check` and `export` need: graph facts, folding, outputs, and the formats."""
+
+    formats: tuple[str, ...]
+    """export formats, the first being the default."""
+
+    def bn_facts(self, model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
+        """Facts about every BN layer (read from the graph, or from one pass on `example`
+        where the framework keeps no graph)."""
+        ...
+
+    def norm_layers(self, model: Any) -> dict[str, int]:
+        """How many layers of each other normalisation class the model has."""
+        ...
+
+    def inference_copy(self, model: Any, fold: bool = True) -> Folded:
+        """A copy for deployment: BN folded where possible, the rest fixed in inference
+        mode, dropout removed; `model` unchanged."""
+        ...
+
+    def outputs(self, model: Any, x: np.ndarray, training: bool = False) -> np.ndarray:
+        """The model's output on `x` as float64, in inference or in training mode."""
+        ...
+
+    def format_problem(self, format: str) -> str | None:
+        """Why `format` cannot be written here, or None when it can."""
+        ...
+
+    def write(self, model: Any, path: Path, format: str, example: np.ndarray) -> None:
+        """Writes the inference copy in `format` to `path` (a file, or a new folder)."""
+        ...
+
+    def run_written(self, path: Path, format: str, x: np.ndarray) -> np.ndarray:
+        """Loads what `write` wrote, as a user without bnkit would, and runs it on `x`."""
+        ...
+
+
 class Backend(Protocol):
     """What every framework adapter provides."""
 
     name: str
+    layout: str
+    """how image batches are laid out: CHANNELS_LAST or CHANNELS_FIRST."""
+    model_suffix: str
+    """the suffix of the model files the command line writes."""
 
     def records(self, model: Any) -> list[LayerRecord]:
         """Every layer, containers included, in topological order, with its effective state."""
@@ -98,3 +210,25 @@ class Backend(Protocol):
     def save(self, model: Any, path: Path) -> None:
         """Saves a model to `path` (the caller makes it atomic)."""
         ...
+
+    def trainer(self) -> Trainer:
+        """The training capability (`compare`); BackendError when the backend lacks it."""
+        ...
+
+    def deployer(self) -> Deployer:
+        """The deployment capability (`check`, `export`); BackendError when lacking."""
+        ...
+
+
+def sample_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample order of one training epoch: fixed by the seed, the same for every
+    strategy and every backend."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def missing(capability: str, feature: str, backend: str) -> BackendError:
+    """The error for a capability a backend does not have."""
+    return BackendError(
+        f"{feature} needs the {capability!r} capability, which the {backend} backend does "
+        "not provide"
+    )

@@ -1,4 +1,4 @@
-"""Small Keras models bnkit builds itself: the residual CNN of the embedded demo and the
+"""The demo's Keras set-ups: the residual CNN of the embedded digits story and the
 ResNet50V2 set-ups of the traps table."""
 
 from __future__ import annotations

@@ -25,11 +25,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnkit.backends.base import MomentPass, Snapshot
+from bnkit.backends.base import (
+    CHANNELS_FIRST,
+    Deployer,
+    MomentPass,
+    Snapshot,
+    Trainer,
+    missing,
+)
 from bnkit.data import DataError
 from bnkit.errors import BackendError, BnkitError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
-from bnkit.report import CompileStatus, LayerRecord
+from bnkit.records import (
+    BATCH_STATS_AT_TRAINING_ONLY,
+    EVAL_UNDONE_BY_TRAIN,
+    NO_RUNNING_STATS,
+    STATS_WITHOUT_AFFINE,
+    CompileStatus,
+    LayerRecord,
+    Note,
+)
 
 _BN = nn.modules.batchnorm._BatchNorm
 # module -> the requires_grad of each of its own parameters before bnkit first touched it
@@ -124,24 +139,43 @@ def _bn_mode_name(bn: Any, state: BNState) -> str:
     return mode_of(state)
 
 
-def _bn_notes(bn: Any, state: BNState) -> list[str]:
-    notes: list[str] = []
+def _bn_notes(bn: Any, state: BNState) -> list[Note]:
+    notes: list[Note] = []
     if _pinned(bn):
         return notes
-    if not bn.training:
+    if not bn.training and bn.track_running_stats:
         notes.append(
-            "in eval() now, but model.train() puts it back in training mode: its statistics "
-            "will update (pin it with bnkit.freeze)"
+            Note(
+                EVAL_UNDONE_BY_TRAIN,
+                "in eval() now, but model.train() puts it back in training mode: its "
+                "statistics will update (pin it with bnkit.freeze)",
+            )
         )
     if not state.affine_trained and state.stats_update:
         notes.append(
-            "requires_grad=False does not stop running-statistic updates in train(): "
-            "gamma/beta are fixed but the statistics still move"
+            Note(
+                STATS_WITHOUT_AFFINE,
+                "requires_grad=False does not stop running-statistic updates in train(): "
+                "gamma/beta are fixed but the statistics still move",
+            )
         )
-    if not bn.track_running_stats:
+    if not bn.track_running_stats and bn.running_mean is None:
         notes.append(
-            "track_running_stats=False: it normalises with batch statistics in eval() too, "
-            "so one image alone gets different outputs than in a batch"
+            Note(
+                NO_RUNNING_STATS,
+                "track_running_stats=False without running statistics: it normalises with "
+                "batch statistics in eval() too, so one image alone gets different outputs "
+                "than in a batch",
+            )
+        )
+    elif not bn.track_running_stats:
+        notes.append(
+            Note(
+                BATCH_STATS_AT_TRAINING_ONLY,
+                "track_running_stats=False with running statistics kept (as Lightning's "
+                "BaseFinetuning.freeze leaves BN): it normalises with batch statistics in "
+                "train() and with the stored ones in eval(), so training and inference differ",
+            )
         )
     return notes
 
@@ -150,9 +184,17 @@ class TorchBackend:
     """bnkit's operations on PyTorch modules."""
 
     name = "torch"
+    layout = CHANNELS_FIRST
+    model_suffix = ".pt"
 
     def __init__(self) -> None:
         self.name = f"torch {torch.__version__}"
+
+    def trainer(self) -> Trainer:
+        raise missing("trainer", "compare", "PyTorch")
+
+    def deployer(self) -> Deployer:
+        raise missing("deployer", "check and export", "PyTorch")
 
     # ------------------------------------------------------------------ reading
 
@@ -168,7 +210,7 @@ class TorchBackend:
         sub = [p for p in module.parameters()]
         trainable = any(p.requires_grad for p in sub) if sub else _FLAGS.get(module, True)
         bn_fields: dict[str, Any] = {}
-        notes: list[str] = []
+        notes: list[Note] = []
         if isinstance(module, _BN):
             state = _bn_state(module)
             notes = _bn_notes(module, state)
@@ -376,3 +418,8 @@ def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
         return {p: (m.cpu().numpy(), v.cpu().numpy(), int(n)) for p, (m, v, n) in captured.items()}
 
     return run
+
+
+def backend() -> TorchBackend:
+    """This module's backend object."""
+    return TorchBackend()

@@ -24,12 +24,20 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.base import MomentPass, Snapshot
+from bnkit.backends.base import CHANNELS_LAST, Deployer, MomentPass, Snapshot, Trainer
 from bnkit.errors import BnkitError, ModelFileError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
-from bnkit.report import CompileStatus, LayerRecord
+from bnkit.records import (
+    CHANGED_SINCE_COMPILE,
+    STATS_WITHOUT_AFFINE,
+    TRAINED_UNDER_FROZEN_PARENT,
+    TRAINING_OVERRIDDEN,
+    CompileStatus,
+    LayerRecord,
+    Note,
+)
 
-_BN = keras.layers.BatchNormalization
+BN = keras.layers.BatchNormalization
 _LAYER_TRAINABLE = keras.layers.Layer.trainable
 
 # model -> id of its compiled state when bnkit changed it after compile (a new compile clears it)
@@ -88,10 +96,10 @@ class PinnedBatchNormalization(_PinMixin, keras.layers.BatchNormalization):  # t
     `keras.models.load_model` once bnkit is imported, every mode intact.
     """
 
-    _bnkit_base = _BN
+    _bnkit_base = BN
 
 
-_PINNED_CLASSES: dict[type, type] = {_BN: PinnedBatchNormalization}
+_PINNED_CLASSES: dict[type, type] = {BN: PinnedBatchNormalization}
 
 
 def _pinned_class(cls: type) -> type:
@@ -126,7 +134,7 @@ def _sublayers(layer: Any) -> list[Any]:
     return [s for s in subs if not isinstance(s, keras.layers.InputLayer)]
 
 
-def _walk(model: Any) -> list[_Node]:
+def walk(model: Any) -> list[_Node]:
     """Every layer under `model` once, depth first in each model's topological order."""
     out: list[_Node] = []
     seen: set[int] = set()
@@ -147,7 +155,7 @@ def _walk(model: Any) -> list[_Node]:
 
 
 def _leaves(model: Any) -> list[_Node]:
-    return [n for n in _walk(model) if not n.children]
+    return [n for n in walk(model) if not n.children]
 
 
 def _called_with_training_false(layer: Any) -> bool:
@@ -190,17 +198,25 @@ def _bn_mode_name(layer: Any, state: BNState) -> str:
     return name
 
 
-def _bn_notes(node: _Node, state: BNState) -> list[str]:
+def _bn_notes(node: _Node, state: BNState) -> list[Note]:
     notes = []
     if state.batch_stats:
         for parent in node.parents:
             if _called_with_training_false(parent):
                 notes.append(
-                    f"'{parent.name}' was called with training=False, but fit passes "
-                    "training=True and overrides it: these statistics update"
+                    Note(
+                        TRAINING_OVERRIDDEN,
+                        f"'{parent.name}' was called with training=False, but fit passes "
+                        "training=True and overrides it: these statistics update",
+                    )
                 )
     if state.stats_update and not state.affine_trained:
-        notes.append("fit updates its statistics but not gamma/beta (the model is not trainable)")
+        notes.append(
+            Note(
+                STATS_WITHOUT_AFFINE,
+                "fit updates its statistics but not gamma/beta (the model is not trainable)",
+            )
+        )
     return notes
 
 
@@ -219,9 +235,21 @@ class KerasBackend:
     """The Backend protocol for Keras 3 models."""
 
     name = "keras"
+    layout = CHANNELS_LAST
+    model_suffix = ".keras"
 
     def __init__(self) -> None:
         self.name = f"keras {keras.__version__} ({keras.backend.backend()})"
+
+    def trainer(self) -> Trainer:
+        from bnkit.backends.keras.train import KerasTrainer
+
+        return KerasTrainer()
+
+    def deployer(self) -> Deployer:
+        from bnkit.backends.keras.deploy import KerasDeployer
+
+        return KerasDeployer()
 
     def records(self, model: Any) -> list[LayerRecord]:
         trainable_ids = {id(v) for v in model.trainable_variables}
@@ -230,7 +258,7 @@ class KerasBackend:
             if getattr(model, "compiled", False)
             else None
         )
-        return [self._record(n, trainable_ids, compiled) for n in _walk(model)]
+        return [self._record(n, trainable_ids, compiled) for n in walk(model)]
 
     def _record(self, node: _Node, trainable_ids: set[int], compiled: dict | None) -> LayerRecord:
         layer = node.layer
@@ -238,19 +266,26 @@ class KerasBackend:
         n_train = sum(_size(v) for v in own if id(v) in trainable_ids)
         n_fixed = sum(_size(v) for v in own if id(v) not in trainable_ids)
         effective = _effective_trainable(node, trainable_ids)
-        notes: list[str] = []
+        notes: list[Note] = []
         frozen_parents = [p.name for p in node.parents[1:] if not p.trainable]
         if effective and frozen_parents and not node.children:
             notes.append(
-                f"trainable although parent '{frozen_parents[0]}' is not: fit still trains it "
-                "(Keras collects variables by their own flag)"
+                Note(
+                    TRAINED_UNDER_FROZEN_PARENT,
+                    f"trainable although parent '{frozen_parents[0]}' is not: fit still trains "
+                    "it (Keras collects variables by their own flag)",
+                )
             )
         if compiled is not None and layer in compiled and compiled[layer] != layer.trainable:
             notes.append(
-                f"trainable changed to {layer.trainable} after compile: call bnkit.recompile(model)"
+                Note(
+                    CHANGED_SINCE_COMPILE,
+                    f"trainable changed to {layer.trainable} after compile: call "
+                    "bnkit.recompile(model)",
+                )
             )
         bn_fields: dict[str, Any] = {}
-        if isinstance(layer, _BN):
+        if isinstance(layer, BN):
             state = _bn_state(layer, trainable_ids)
             notes += _bn_notes(node, state)
             bn_fields = dict(
@@ -277,7 +312,7 @@ class KerasBackend:
             return CompileStatus(compiled=False)
         state = getattr(model, "_compiled_trainable_state", {})
         stale = tuple(
-            n.path for n in _walk(model) if n.layer in state and state[n.layer] != n.layer.trainable
+            n.path for n in walk(model) if n.layer in state and state[n.layer] != n.layer.trainable
         )
         pending = _PENDING.get(model) == id(state)
         unknown = 0
@@ -290,7 +325,7 @@ class KerasBackend:
     # ------------------------------------------------------------------ changing
 
     def apply(self, model: Any, decisions: Sequence[LayerDecision]) -> None:
-        nodes = _walk(model)
+        nodes = walk(model)
         leaves = [n for n in nodes if not n.children]
         if len(leaves) != len(decisions):
             raise BnkitError("the plan does not match this model's layers: run freeze again")
@@ -312,7 +347,7 @@ class KerasBackend:
             _PENDING[model] = id(model._compiled_trainable_state)
 
     def set_bn_mode(self, layer: Any, mode: Mode) -> None:
-        if not isinstance(layer, _BN):
+        if not isinstance(layer, BN):
             raise BnkitError(
                 f"layer '{layer.name}' is {type(layer).__name__}, not BatchNormalization"
             )
@@ -320,7 +355,7 @@ class KerasBackend:
         _pin(layer, mode)
 
     def unfreeze(self, model: Any) -> int:
-        nodes = _walk(model)
+        nodes = walk(model)
         released = 0
         for layer in [model, *(n.layer for n in nodes)]:
             if isinstance(layer, _PinMixin):
@@ -351,7 +386,7 @@ class KerasBackend:
     def snapshot(self, model: Any) -> Snapshot:
         weights: dict[str, dict[str, np.ndarray]] = {}
         stats: dict[str, dict[str, np.ndarray]] = {}
-        for node in _walk(model):
+        for node in walk(model):
             layer = node.layer
             stat_vars = _stat_variables(layer)
             own = {v.name: _copy(v) for v in layer._trainable_variables}
@@ -364,7 +399,7 @@ class KerasBackend:
     # ------------------------------------------------------------------ statistics
 
     def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:
-        layers = {n.path: n.layer for n in _walk(model)}
+        layers = {n.path: n.layer for n in walk(model)}
         for path, values in stats.items():
             layer = layers[path]
             layer.moving_mean.assign(values["mean"].astype(layer.moving_mean.dtype))
@@ -374,7 +409,7 @@ class KerasBackend:
     def moments_pass(
         self, model: Any, paths: Sequence[str], *, normalize: str
     ) -> Iterator[MomentPass]:
-        nodes = {n.path: n.layer for n in _walk(model)}
+        nodes = {n.path: n.layer for n in walk(model)}
         layers = [nodes[p] for p in paths]
         captured: dict[str, tuple[Any, Any, Any]] = {}
         try:
@@ -535,7 +570,7 @@ def _structure(model: Any) -> tuple[tuple[int, type, bool, str], ...]:
     """What a traced pass depends on besides weights: each layer, its class, flag and pin."""
     return tuple(
         (id(n.layer), type(n.layer), bool(n.layer.trainable), getattr(n.layer, "bn_mode", ""))
-        for n in _walk(model)
+        for n in walk(model)
     )
 
 
@@ -544,10 +579,15 @@ def _numpy(v: Any) -> np.ndarray:
 
 
 def _stat_variables(layer: Any) -> dict[str, Any]:
-    if not isinstance(layer, _BN) or not layer.built:
+    if not isinstance(layer, BN) or not layer.built:
         return {}
     return {"mean": layer.moving_mean, "var": layer.moving_variance}
 
 
 def _copy(v: Any) -> np.ndarray:
     return np.array(keras.ops.convert_to_numpy(v), copy=True)
+
+
+def backend() -> KerasBackend:
+    """This module's backend object."""
+    return KerasBackend()

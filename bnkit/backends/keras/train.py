@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from bnkit.backends.keras import _BN, _walk
-from bnkit.backends.keras_deploy import identity_at_inference
+from bnkit.backends.base import sample_order
+from bnkit.backends.keras.core import BN, walk
+from bnkit.backends.keras.deploy import identity_at_inference
 from bnkit.errors import BnkitError
+from bnkit.records import Diverged, EpochLog, Split
 
 HEAD_DROPOUT = 0.2
 EVAL_BATCH = 256
@@ -86,7 +88,7 @@ def from_logits(model: Any) -> bool:
     return activation is not keras.activations.softmax
 
 
-def compile_for_run(model: Any, lr: float, logits: bool) -> None:
+def prepare(model: Any, lr: float, logits: bool) -> None:
     """A fresh Adam, sparse cross-entropy and accuracy."""
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
@@ -96,14 +98,6 @@ def compile_for_run(model: Any, lr: float, logits: bool) -> None:
 
 
 # ---------------------------------------------------------------------- prefix caching
-
-
-@dataclass(frozen=True)
-class Split:
-    """A model cut into a frozen prefix and the trainable rest, sharing its layers."""
-
-    prefix: Any
-    suffix: Any
 
 
 def frozen_prefix(model: Any, train_from: str | None) -> Split | None:
@@ -133,7 +127,7 @@ def _inert(layer: Any) -> bool:
         return False
     if layer.trainable_variables:
         return False
-    if isinstance(layer, _BN):
+    if isinstance(layer, BN):
         return getattr(layer, "bn_mode", None) in ("frozen", "adapt") or not layer.trainable
     return True
 
@@ -148,20 +142,27 @@ def fingerprint(model: Any) -> str:
     return digest.hexdigest()
 
 
-def save_weights(model: Any, path: Path) -> Path:
-    """Saves every variable of `model` to `path` (`.weights.h5`)."""
-    model.save_weights(path)
-    return path
+@contextlib.contextmanager
+def working_copy(model: Any) -> Iterator[Any]:
+    """A copy of `model` with its own variables, through a saved `.keras` file (which
+    keeps pinned BN modes and nested models as they are)."""
+    from bnkit.backends.keras.core import KerasBackend
+
+    backend = KerasBackend()
+    with tempfile.TemporaryDirectory(prefix="bnkit-compare-") as tmp:
+        backend.save(model, Path(tmp) / "start.keras")
+        yield backend.load(Path(tmp) / "start.keras")
 
 
-def load_weights(model: Any, path: Path) -> None:
-    """Restores every variable saved by `save_weights` (not the optimizer's: each run
-    compiles a fresh one)."""
-    import warnings
+def save_state(model: Any) -> list[np.ndarray]:
+    """Copies of every variable of `model` (weights and BN statistics, not the
+    optimizer's: each run compiles a fresh one)."""
+    return _weights(model)
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(path)
+
+def restore_state(model: Any, state: list[np.ndarray]) -> None:
+    """Puts back what `save_state` copied."""
+    model.set_weights(state)
 
 
 def predict(model: Any, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
@@ -170,30 +171,6 @@ def predict(model: Any, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarr
 
 
 # ---------------------------------------------------------------------- guarded runs
-
-
-@dataclass(frozen=True)
-class EpochLog:
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Diverged:
-    epoch: int
-    step: int
-    loss: float
-    layer: str | None
-    """the first layer whose output was non-finite on the offending batch, if any."""
-
-
-def order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one epoch: fixed by the seed, the same for every strategy."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def guarded_fit(
@@ -220,7 +197,7 @@ def guarded_fit(
     steps = -(-len(x) // batch_size)
     for epoch in range(epochs):
         start = time.perf_counter()
-        idx = order(len(x), seed, epoch)
+        idx = sample_order(len(x), seed, epoch)
         loss_sum = acc_sum = 0.0
         for step in range(steps):
             b = idx[step * batch_size : (step + 1) * batch_size]
@@ -260,8 +237,8 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def first_nonfinite_layer(paths_from: Any, model: Any, x: np.ndarray) -> str | None:
     """Runs `x` through `model` in training mode, eagerly, and names the first leaf layer
     whose output holds NaN or inf (None when every output is finite)."""
-    paths = {id(n.layer): n.path for n in _walk(paths_from)}
-    leaves = [n.layer for n in _walk(model) if not n.children and id(n.layer) in paths]
+    paths = {id(n.layer): n.path for n in walk(paths_from)}
+    leaves = [n.layer for n in walk(model) if not n.children and id(n.layer) in paths]
     found: list[str] = []
     with _checking(leaves, paths, found), contextlib.suppress(Exception):
         model(x, training=True)
@@ -294,3 +271,19 @@ def _checked(layer: Any, path: str, found: list[str]) -> Any:
         return out
 
     return call
+
+
+class KerasTrainer:
+    """The Trainer capability for Keras models (see `bnkit.backends.base.Trainer`)."""
+
+    with_head = staticmethod(with_head)
+    from_logits = staticmethod(from_logits)
+    working_copy = staticmethod(working_copy)
+    save_state = staticmethod(save_state)
+    restore_state = staticmethod(restore_state)
+    prepare = staticmethod(prepare)
+    frozen_prefix = staticmethod(frozen_prefix)
+    fingerprint = staticmethod(fingerprint)
+    predict = staticmethod(predict)
+    guarded_fit = staticmethod(guarded_fit)
+    evaluate = staticmethod(evaluate)

@@ -4,13 +4,14 @@ loads with plain Keras, and the facts `check` reads from a model's graph."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from bnkit.backends.keras import _BN, _walk
+from bnkit.backends.keras.core import BN, walk
+from bnkit.records import BNFacts, Folded
 
 FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 IDENTITY_AT_INFERENCE = (
@@ -30,7 +31,7 @@ IDENTITY_AT_INFERENCE = (
 def graphs(model: Any) -> Iterator[Any]:
     """The model and every functional or sequential model nested in it."""
     yield model
-    for node in _walk(model):
+    for node in walk(model):
         if isinstance(node.layer, keras.Model):
             yield node.layer
 
@@ -69,7 +70,7 @@ def fold_pairs(model: Any) -> dict[int, Any]:
             continue
         uses = consumers(graph)
         for layer in graph.layers:
-            if not isinstance(layer, _BN) or not _last_axis(layer):
+            if not isinstance(layer, BN) or not _last_axis(layer):
                 continue
             src = producer(layer)
             if (
@@ -123,19 +124,6 @@ def _kernel(layer: Any) -> Any:
     return layer.kernel
 
 
-@dataclass(frozen=True)
-class Folded:
-    """An inference-only copy of a model."""
-
-    model: Any
-    folded: tuple[str, ...]
-    """BN layers folded into the layer before them."""
-    kept: tuple[str, ...]
-    """BN layers kept, as plain frozen BatchNormalization."""
-    dropped: tuple[str, ...]
-    """layers that are the identity in inference (dropout, noise), replaced by Identity."""
-
-
 def inference_copy(model: Any, fold: bool = True) -> Folded:
     """A copy of `model` for deployment, built from plain Keras layers only: each BN that
     can be folded is folded into the Conv2D/DepthwiseConv2D/Dense feeding it (that layer
@@ -158,7 +146,7 @@ def inference_copy(model: Any, fold: bool = True) -> Folded:
         if identity_at_inference(layer):
             dropped.append(layer.name)
             return keras.layers.Identity(name=layer.name)
-        if isinstance(layer, _BN):
+        if isinstance(layer, BN):
             config.pop("bn_mode", None)
             config["trainable"] = False
             kept.append(layer.name)
@@ -184,7 +172,25 @@ def inference_copy(model: Any, fold: bool = True) -> Folded:
     copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True, **calls)
     _copy_weights(model, copy, pairs, into)
     copy.trainable = False
-    return Folded(copy, tuple(folded), tuple(kept), tuple(dropped))
+    reasons = tuple((name, _why_kept(model, name, fold)) for name in kept)
+    return Folded(copy, tuple(folded), tuple(kept), tuple(dropped), reasons)
+
+
+def _why_kept(model: Any, name: str, fold: bool) -> str:
+    """Why the BN layer `name` was not folded."""
+    if not fold:
+        return "folding was turned off"
+    bn = next(layer for layer in _leaves(model) if layer.name == name)
+    src = producer(bn)
+    if src is None:
+        return "it has several inputs or calls"
+    if not isinstance(src, FOLDABLE):
+        return f"it follows {type(src).__name__}, not a Conv2D, DepthwiseConv2D or Dense"
+    if src.activation is not keras.activations.linear:
+        return f"{src.name} applies an activation before it"
+    if not _last_axis(bn):
+        return "it does not normalise the channel axis of its input"
+    return f"{src.name}'s output feeds other layers too"
 
 
 def identity_at_inference(layer: Any) -> bool:
@@ -203,7 +209,7 @@ def _by_id(model: Any, layer_id: int) -> Any:
 
 
 def _leaves(model: Any) -> list[Any]:
-    return [n.layer for n in _walk(model) if not n.children]
+    return [n.layer for n in walk(model) if not n.children]
 
 
 def _copy_weights(source: Any, copy: Any, pairs: dict[int, Any], into: dict[int, Any]) -> None:
@@ -260,30 +266,13 @@ def run_onnx(path: Any, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {name: x})[0], dtype=np.float64)
 
 
-@dataclass(frozen=True)
-class BNFacts:
-    """What `check` needs to know about one BN layer beyond its record."""
-
-    path: str
-    calls: int
-    """how many times the layer is called in the model's graphs."""
-    spatial: int | None
-    """values per channel and sample (1 for a BN after Dense); None when unknown."""
-    epsilon: float
-    min_var: float
-    nonfinite: int
-    """non-finite values among its moving mean and variance."""
-    pinned: bool
-    producer_trainable: bool | None
-    """whether the layer feeding it trains (None: no single layer with weights feeds it)."""
-
-
-def bn_facts(model: Any) -> list[BNFacts]:
-    """Facts about every BN layer of `model`, nested ones included."""
+def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
+    """Facts about every BN layer of `model`, nested ones included, read from its graph
+    (`example` is not needed)."""
     facts = []
-    for node in _walk(model):
+    for node in walk(model):
         bn = node.layer
-        if not isinstance(bn, _BN) or not bn.built:
+        if not isinstance(bn, BN) or not bn.built:
             continue
         mean = keras.ops.convert_to_numpy(bn.moving_mean)
         var = keras.ops.convert_to_numpy(bn.moving_variance)
@@ -312,9 +301,9 @@ def bn_facts(model: Any) -> list[BNFacts]:
 def norm_layers(model: Any) -> dict[str, int]:
     """How many layers of each other normalisation class the model has (LayerNorm...)."""
     counts: dict[str, int] = {}
-    for node in _walk(model):
+    for node in walk(model):
         name = type(node.layer).__name__
-        if "Normalization" in name and not isinstance(node.layer, _BN):
+        if "Normalization" in name and not isinstance(node.layer, BN):
             counts[name] = counts.get(name, 0) + 1
     return counts
 
@@ -340,3 +329,38 @@ def format_problem(format: str) -> str | None:
             f"{' '.join(missing)}"
         )
     return None
+
+
+FORMATS: tuple[str, ...] = ("keras", "savedmodel", "onnx")
+
+
+def write(model: Any, path: Path, format: str, example: np.ndarray) -> None:
+    """Writes the inference copy: a `.keras` file, a SavedModel folder or an ONNX file."""
+    if format == "keras":
+        model.save(path)
+    elif format == "savedmodel":
+        export_savedmodel(model, path)
+    else:
+        export_onnx(model, path)
+
+
+def run_written(path: Path, format: str, x: np.ndarray) -> np.ndarray:
+    """Loads what `write` wrote, without bnkit's classes, and runs it on `x`."""
+    if format == "keras":
+        return outputs(load_plain(path), x)
+    if format == "savedmodel":
+        return run_savedmodel(path, x)
+    return run_onnx(path, x)
+
+
+class KerasDeployer:
+    """The Deployer capability for Keras models (see `bnkit.backends.base.Deployer`)."""
+
+    formats: tuple[str, ...] = FORMATS
+    bn_facts = staticmethod(bn_facts)
+    norm_layers = staticmethod(norm_layers)
+    inference_copy = staticmethod(inference_copy)
+    outputs = staticmethod(outputs)
+    format_problem = staticmethod(format_problem)
+    write = staticmethod(write)
+    run_written = staticmethod(run_written)
