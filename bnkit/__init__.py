@@ -10,7 +10,7 @@ from typing import Any
 
 from bnkit.check import CheckReport, Finding, check
 from bnkit.compare import CompareResult, Strategy, compare
-from bnkit.deploy import ExportError, ExportReport, export
+from bnkit.deploy import ExportError, ExportReport, FoldResult, export, fold
 from bnkit.errors import BackendError, BnkitError, BnkitWarning, ModelFileError, SelectorError
 from bnkit.freeze import freeze, recompile, unfreeze
 from bnkit.policy import (
@@ -49,6 +49,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "Finding",
+    "FoldResult",
     "Depth",
     "FromLayer",
     "Glob",
@@ -69,6 +70,7 @@ __all__ = [
     "check",
     "compare",
     "export",
+    "fold",
     "freeze",
     "inspect",
     "shift",

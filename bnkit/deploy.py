@@ -47,6 +47,8 @@ class ExportReport:
     """largest |one sample alone - the same sample in the batch|, relative."""
     max_diff_training: float
     """largest |called with training=True - inference|, relative."""
+    kept_reasons: tuple[tuple[str, str], ...] = ()
+    """(BN layer, why it was not folded) for each BN kept as a fixed layer."""
 
     def to_json(self) -> str:
         """The report as a JSON document."""
@@ -60,7 +62,82 @@ class ExportReport:
             f"{self.tolerance:g}): export vs original {self.max_diff_original:.1e}, one "
             f"sample vs batch {self.max_diff_single:.1e}, training=True vs inference "
             f"{self.max_diff_training:.1e}"
-        )
+        ) + "".join(f"\n  kept {path}: {why}" for path, why in self.kept_reasons)
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """An inference-only copy of a model, checked against it."""
+
+    model: Any
+    """the copy: BN folded or fixed, dropout removed; the input model is unchanged."""
+    folded: tuple[str, ...]
+    kept: tuple[tuple[str, str], ...]
+    """(BN layer, why it was not folded) for each BN kept as a fixed layer."""
+    dropped: tuple[str, ...]
+    samples: int
+    max_diff_original: float
+    max_diff_single: float
+    max_diff_training: float
+
+    def __str__(self) -> str:
+        lines = [
+            f"{len(self.folded)} of {len(self.folded) + len(self.kept)} BN layers folded, "
+            f"{len(self.kept)} kept fixed, {len(self.dropped)} dropout/noise layers dropped; "
+            f"checked on {self.samples} samples: vs original {self.max_diff_original:.1e}, "
+            f"one sample vs batch {self.max_diff_single:.1e}, training vs inference "
+            f"{self.max_diff_training:.1e}"
+        ]
+        lines += [f"  kept {path}: {why}" for path, why in self.kept]
+        return "\n".join(lines)
+
+
+def fold(
+    model: Any,
+    example: Any = None,
+    *,
+    enabled: bool = True,
+    input_shape: tuple[int, ...] | None = None,
+) -> FoldResult:
+    """An inference-only copy of `model`, in memory, checked before it is returned.
+
+    Each BN fed directly by a layer that can absorb it (Keras: Conv2D, DepthwiseConv2D,
+    Dense; PyTorch: Conv1d/2d/3d, Linear) whose output feeds nothing else is folded into
+    that layer; every other BN is kept fixed in inference mode (Keras: a non-trainable
+    BatchNormalization; PyTorch: a per-channel affine module), each with the reason it
+    could not be folded; dropout and noise layers are removed. The copy is made of the
+    framework's own layers (no bnkit class) and computes the same in training and
+    inference mode. Three checks run on `example` (8 samples of random normal inputs of
+    the model's input shape, or of `input_shape`, when None): the copy matches the
+    original in inference mode, each sample alone matches it in a batch, and training
+    mode matches inference mode, each within TOLERANCE relative to the output scale;
+    ExportError otherwise. For `torch.compile`, quantization or your own export.
+
+    Args:
+        model: a Keras model or a PyTorch module (not modified).
+        example: inputs to check on, anything `bnkit.data.load` reads.
+        enabled: fold where possible (False keeps every BN as a fixed layer).
+        input_shape: one sample's shape, for random check inputs (PyTorch modules
+            have no declared input shape).
+
+    Example:
+        >>> import torch, bnkit
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> r = bnkit.fold(net, input_shape=(3, 8, 8))
+        >>> (r.folded, r.kept, type(r.model[1]).__name__)
+        (('1',), (), 'Identity')
+    """
+    backend = get_backend(model)
+    deploy = backend.deployer()
+    return _folded(deploy, model, _check_inputs(backend, model, example, input_shape), enabled)
+
+
+def _folded(deploy: Any, model: Any, x: np.ndarray, enabled: bool) -> FoldResult:
+    copy = deploy.inference_copy(model, fold=enabled, example=x)
+    ref = deploy.outputs(model, x)
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    diffs = _verify(deploy, copy.model, ref, x, scale)
+    return FoldResult(copy.model, copy.folded, copy.reasons, copy.dropped, len(x), *diffs)
 
 
 def export(
@@ -68,30 +145,33 @@ def export(
     path: str | Path,
     *,
     fold: bool = True,
-    format: str = "keras",
+    format: str | None = None,
     check_data: Any = None,
+    input_shape: tuple[int, ...] | None = None,
     overwrite: bool = False,
 ) -> ExportReport:
     """Writes an inference-only copy of `model` that is safe to deploy, after checking it.
 
-    Every BN is put in inference mode; with `fold`, each BN fed directly by a Conv2D,
-    DepthwiseConv2D or Dense layer that feeds nothing else is folded into that layer's
-    kernel and bias; the others stay as frozen BatchNormalization layers; dropout and
-    noise layers are dropped. The copy uses plain Keras layers only, so it loads with
-    `keras.models.load_model` without bnkit. Before writing, three checks run on
+    The copy is `bnkit.fold`'s: BN folded into the layer feeding it where possible, the
+    rest fixed in inference mode, dropout removed, the framework's own layers only (a
+    Keras export loads with `keras.models.load_model` without bnkit; a PyTorch export
+    runs with `torch.export.load` or onnxruntime). Before writing, three checks run on
     `check_data` (8 samples of random normal inputs when None): the export matches the
     original model in inference mode, each sample predicted alone matches it predicted
-    in a batch, and calling the export with `training=True` matches inference; each
-    within TOLERANCE relative to the output scale. A failed check raises ExportError
-    with the numbers and writes nothing. `model` is not modified.
+    in a batch, and training mode matches inference; each within TOLERANCE relative to
+    the output scale. Then the written file is loaded and checked against the original
+    once more. A failed check raises ExportError with the numbers and writes nothing.
+    `model` is not modified.
 
     Args:
-        model: a Keras model.
-        path: where to write (`.keras` file, SavedModel folder, or `.onnx` file).
+        model: a Keras model or a PyTorch module.
+        path: where to write: `.keras`, SavedModel folder or `.onnx` (Keras); `.pt2`
+            (a `torch.export` program) or `.onnx` (PyTorch).
         fold: fold BN into the preceding layer where possible.
-        format: `keras`, `savedmodel` (TensorFlow backend) or `onnx` (needs the
-            backend's exporter: onnx and onnxscript on torch).
+        format: `keras`, `savedmodel` (TensorFlow backend), `onnx` or `pt2`; by default
+            the one `path`'s suffix names, else the backend's first (`keras`, `pt2`).
         check_data: inputs to check on, anything `bnkit.data.load` reads.
+        input_shape: one sample's shape, for random check inputs (PyTorch modules).
         overwrite: replace an existing output, only when it is one bnkit wrote of the
             same format (a SavedModel folder carries bnkit's marker file).
 
@@ -105,43 +185,46 @@ def export(
     """
     backend = get_backend(model)
     deploy = backend.deployer()
+    out = Path(path)
+    if format is None:
+        by_suffix = out.suffix[1:]
+        format = by_suffix if by_suffix in deploy.formats else deploy.formats[0]
     if format not in deploy.formats:
         raise BnkitError(
-            f"unknown export format {format!r}: use one of {', '.join(deploy.formats)}"
+            f"unknown export format {format!r} for this model: use one of "
+            f"{', '.join(deploy.formats)}"
         )
-    out = Path(path)
     _check_path(out, format, overwrite)
     problem = deploy.format_problem(format)
     if problem is not None:
         raise BnkitError(problem)
-    copy = deploy.inference_copy(model, fold=fold)
-    x = _check_inputs(backend, model, check_data)
+    x = _check_inputs(backend, model, check_data, input_shape)
+    result = _folded(deploy, model, x, fold)
     ref = deploy.outputs(model, x)
     scale = max(1.0, float(np.max(np.abs(ref))))
-    diffs = _verify(deploy, copy.model, ref, x, scale)
     if format in FOLDER_FORMATS:
         with atomic_dir(out, kind=format, overwrite=overwrite) as staged:
-            _write(deploy, copy.model, staged / "model", format, x, ref, scale)
+            _write(deploy, result.model, staged / "model", format, x, ref, scale)
             for item in (staged / "model").iterdir():
                 os.replace(item, staged / item.name)
             (staged / "model").rmdir()
     else:
         with atomic_path(out) as staged:
             staged.unlink()  # exporters refuse or append to an existing file
-            _write(deploy, copy.model, staged, format, x, ref, scale)
-    bn_layers = len(copy.folded) + len(copy.kept)
+            _write(deploy, result.model, staged, format, x, ref, scale)
     return ExportReport(
         path=str(out),
         format=format,
-        bn_layers=bn_layers,
-        folded=len(copy.folded),
-        kept=len(copy.kept),
-        dropped=copy.dropped,
+        bn_layers=len(result.folded) + len(result.kept),
+        folded=len(result.folded),
+        kept=len(result.kept),
+        dropped=result.dropped,
         samples=len(x),
         tolerance=TOLERANCE,
-        max_diff_original=diffs[0],
-        max_diff_single=diffs[1],
-        max_diff_training=diffs[2],
+        max_diff_original=result.max_diff_original,
+        max_diff_single=result.max_diff_single,
+        max_diff_training=result.max_diff_training,
+        kept_reasons=result.kept,
     )
 
 
@@ -157,8 +240,12 @@ def _check_path(out: Path, format: str, overwrite: bool) -> None:
     check_dir_output(out, kind=format, overwrite=overwrite)
 
 
-def _check_inputs(backend: Any, model: Any, check_data: Any) -> np.ndarray:
-    shape = backend.input_shape(model)
+def _check_inputs(
+    backend: Any, model: Any, check_data: Any, input_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    shape = backend.input_shape(model) if input_shape is None else tuple(input_shape)
+    if isinstance(check_data, np.ndarray) and check_data.dtype == np.float32:
+        return check_data
     if check_data is not None:
         x = next(iter(load(check_data, batch_size=CHECK_SAMPLES).inputs()))
         if shape is not None:
@@ -166,8 +253,8 @@ def _check_inputs(backend: Any, model: Any, check_data: Any) -> np.ndarray:
         return x
     if shape is None or any(d is None for d in shape):
         raise DataError(
-            "the model's input shape is not fixed: give check_data (--check DATA) to verify "
-            "the export on"
+            "the model's input shape is not fixed or not known: give check_data (--check "
+            "DATA) or input_shape (--input-shape) to verify the export on"
         )
     rng = np.random.default_rng(0)
     return rng.normal(size=(CHECK_SAMPLES, *shape)).astype(np.float32)

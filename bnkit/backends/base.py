@@ -122,9 +122,11 @@ class Deployer(Protocol):
         """How many layers of each other normalisation class the model has."""
         ...
 
-    def inference_copy(self, model: Any, fold: bool = True) -> Folded:
+    def inference_copy(
+        self, model: Any, fold: bool = True, example: np.ndarray | None = None
+    ) -> Folded:
         """A copy for deployment: BN folded where possible, the rest fixed in inference
-        mode, dropout removed; `model` unchanged."""
+        mode, dropout removed; `model` unchanged. `example` is an input batch."""
         ...
 
     def outputs(self, model: Any, x: np.ndarray, training: bool = False) -> np.ndarray:

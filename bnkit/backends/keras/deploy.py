@@ -124,7 +124,7 @@ def _kernel(layer: Any) -> Any:
     return layer.kernel
 
 
-def inference_copy(model: Any, fold: bool = True) -> Folded:
+def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = None) -> Folded:
     """A copy of `model` for deployment, built from plain Keras layers only: each BN that
     can be folded is folded into the Conv2D/DepthwiseConv2D/Dense feeding it (that layer
     gains a bias), every other BN becomes a non-trainable BatchNormalization (inference

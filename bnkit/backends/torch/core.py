@@ -46,7 +46,7 @@ from bnkit.records import (
     Note,
 )
 
-_BN = nn.modules.batchnorm._BatchNorm
+BN = nn.modules.batchnorm._BatchNorm
 # module -> the requires_grad of each of its own parameters before bnkit first touched it
 _ORIGINAL: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
 # parameter-free module -> the trainable flag a plan gave it (torch has none to set)
@@ -90,7 +90,12 @@ _PINNED = {
     nn.BatchNorm2d: PinnedBatchNorm2d,
     nn.BatchNorm3d: PinnedBatchNorm3d,
 }
-_PLAIN = {v: k for k, v in _PINNED.items()}
+_PLAIN: dict[type, type] = {v: k for k, v in _PINNED.items()}
+
+
+def unpin_class(cls: type) -> type:
+    """The plain BN class of a pinned one (the class itself otherwise)."""
+    return _PLAIN.get(cls, cls)
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ class _Node:
     parents: tuple[Any, ...]
 
 
-def _walk(model: Any) -> list[_Node]:
+def walk(model: Any) -> list[_Node]:
     """Every submodule in registration order, with its dotted path and its parents."""
     nodes: list[_Node] = []
 
@@ -116,7 +121,7 @@ def _walk(model: Any) -> list[_Node]:
     return nodes
 
 
-def _pinned(module: Any) -> bool:
+def is_pinned(module: Any) -> bool:
     return isinstance(module, _TorchPin)
 
 
@@ -126,7 +131,7 @@ def _own(module: Any) -> list[tuple[str, Any]]:
 
 def _bn_state(bn: Any) -> BNState:
     affine = any(p.requires_grad for _, p in _own(bn))
-    if _pinned(bn):
+    if is_pinned(bn):
         if bn._bnkit_mode == Mode.TRAIN.value:
             return BNState(affine, bn.track_running_stats, True)
         return BNState(affine, False, False)
@@ -134,14 +139,14 @@ def _bn_state(bn: Any) -> BNState:
 
 
 def _bn_mode_name(bn: Any, state: BNState) -> str:
-    if _pinned(bn) and bn._bnkit_mode == Mode.ADAPT.value:
+    if is_pinned(bn) and bn._bnkit_mode == Mode.ADAPT.value:
         return Mode.ADAPT.value
     return mode_of(state)
 
 
 def _bn_notes(bn: Any, state: BNState) -> list[Note]:
     notes: list[Note] = []
-    if _pinned(bn):
+    if is_pinned(bn):
         return notes
     if not bn.training and bn.track_running_stats:
         notes.append(
@@ -194,12 +199,14 @@ class TorchBackend:
         raise missing("trainer", "compare", "PyTorch")
 
     def deployer(self) -> Deployer:
-        raise missing("deployer", "check and export", "PyTorch")
+        from bnkit.backends.torch.deploy import TorchDeployer
+
+        return TorchDeployer()
 
     # ------------------------------------------------------------------ reading
 
     def records(self, model: Any) -> list[LayerRecord]:
-        return [self._record(n) for n in _walk(model)]
+        return [self._record(n) for n in walk(model)]
 
     def _record(self, node: _Node) -> LayerRecord:
         module = node.module
@@ -211,7 +218,7 @@ class TorchBackend:
         trainable = any(p.requires_grad for p in sub) if sub else _FLAGS.get(module, True)
         bn_fields: dict[str, Any] = {}
         notes: list[Note] = []
-        if isinstance(module, _BN):
+        if isinstance(module, BN):
             state = _bn_state(module)
             notes = _bn_notes(module, state)
             momentum = None if module.momentum is None else 1.0 - float(module.momentum)
@@ -243,7 +250,7 @@ class TorchBackend:
     # ------------------------------------------------------------------ changing
 
     def apply(self, model: Any, decisions: Sequence[LayerDecision]) -> None:
-        leaves = [n for n in _walk(model) if not n.children]
+        leaves = [n for n in walk(model) if not n.children]
         if len(leaves) != len(decisions):
             raise BnkitError("the plan does not match this model's modules: run freeze again")
         for node, d in zip(leaves, decisions, strict=True):
@@ -272,9 +279,9 @@ class TorchBackend:
 
     def unfreeze(self, model: Any) -> int:
         released = 0
-        for node in _walk(model):
+        for node in walk(model):
             module = node.module
-            if _pinned(module):
+            if is_pinned(module):
                 module.__class__ = _PLAIN[type(module)]
                 del module._bnkit_mode
                 released += 1
@@ -296,12 +303,12 @@ class TorchBackend:
     def snapshot(self, model: Any) -> Snapshot:
         weights: dict[str, dict[str, np.ndarray]] = {}
         stats: dict[str, dict[str, np.ndarray]] = {}
-        for node in _walk(model):
+        for node in walk(model):
             module = node.module
             own = {n: p.detach().cpu().numpy().copy() for n, p in _own(module)}
             if own:
                 weights[node.path] = own
-            if isinstance(module, _BN) and module.running_mean is not None:
+            if isinstance(module, BN) and module.running_mean is not None:
                 bn: Any = module
                 stats[node.path] = {
                     "mean": bn.running_mean.detach().cpu().numpy().copy(),
@@ -310,7 +317,7 @@ class TorchBackend:
         return Snapshot(weights, stats)
 
     def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:
-        modules = {n.path: n.module for n in _walk(model)}
+        modules = {n.path: n.module for n in walk(model)}
         with torch.no_grad():
             for path, values in stats.items():
                 bn = modules[path]
@@ -321,7 +328,7 @@ class TorchBackend:
     def moments_pass(
         self, model: Any, paths: Sequence[str], *, normalize: str
     ) -> Iterator[MomentPass]:
-        modules = {n.path: n.module for n in _walk(model)}
+        modules = {n.path: n.module for n in walk(model)}
         layers = [modules[p] for p in paths]
         for path, layer in zip(paths, layers, strict=True):
             if layer.running_mean is None:

@@ -1,0 +1,408 @@
+"""PyTorch deployment: BN folded into the Conv/Linear feeding it (torch's own fusion
+arithmetic), the other BN turned into fixed per-channel affine layers, dropout removed;
+and the facts `check` reads, from a `torch.fx` trace where the model traces, else from
+forward hooks on one pass.
+
+The copy is the user's own module class with some children replaced by plain torch
+modules (`nn.Identity`, a depthwise 1x1 convolution): no bnkit class, and its output
+does not depend on `train()`/`eval()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import fusion
+
+from bnkit.backends.torch.core import BN, as_input, call, is_pinned, unpin_class, walk
+from bnkit.errors import BnkitError
+from bnkit.records import BNFacts, Folded
+
+FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+RANDOM_IN_TRAINING = ("StochasticDepth", "DropPath", "DropBlock2d", "DropBlock")
+"""torchvision's and timm's stochastic-depth and drop-block modules: random in training,
+the identity in inference."""
+OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.RMSNorm)
+FORMATS: tuple[str, ...] = ("pt2", "onnx")
+
+
+# ---------------------------------------------------------------------- graph
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """What a torch.fx trace says about each module: how often it is called, the module
+    whose output is its only input, and how many nodes use its output."""
+
+    calls: dict[str, int]
+    producer: dict[str, str | None]
+    users: dict[str, int]
+
+
+def _trace(model: Any) -> tuple[_Graph | None, str]:
+    """The graph of `model` by `torch.fx.symbolic_trace`, or None and why not."""
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many types on untraceable code
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        return None, f"the model does not trace with torch.fx ({first})"
+    calls: dict[str, int] = {}
+    producer: dict[str, str | None] = {}
+    users: dict[str, int] = {}
+    for node in traced.graph.nodes:
+        if node.op != "call_module":
+            continue
+        target = str(node.target)
+        calls[target] = calls.get(target, 0) + 1
+        users[target] = users.get(target, 0) + len(node.users)
+        inputs = [a for a in node.all_input_nodes]
+        src = inputs[0] if len(inputs) == 1 else None
+        producer[target] = str(src.target) if src is not None and src.op == "call_module" else None
+    return _Graph(calls, producer, users), ""
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Inference mode for one pass, every module's flag put back afterwards."""
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(model.modules(), flags, strict=True):
+            m.training = flag
+
+
+def _input_ranks(model: Any, example: np.ndarray) -> dict[str, int]:
+    return _hooked_pass(model, example)[2]
+
+
+def _hooked_pass(
+    model: Any, example: np.ndarray
+) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Calls per BN module, values per channel per sample and the input's number of axes,
+    from one inference pass."""
+    bns = {n.path: n.module for n in walk(model) if isinstance(n.module, BN)}
+    calls: dict[str, int] = dict.fromkeys(bns, 0)
+    spatial: dict[str, int] = {}
+    ranks: dict[str, int] = {}
+    handles = []
+
+    def hook(path: str) -> Any:
+        def record(module: Any, args: Any) -> None:
+            calls[path] += 1
+            x = args[0]
+            spatial[path] = int(x[0].numel() // x.shape[1]) if x.dim() > 1 else 1
+            ranks[path] = x.dim()
+
+        return record
+
+    for path, module in bns.items():
+        handles.append(module.register_forward_pre_hook(hook(path)))
+    try:
+        with _eval_mode(model), torch.no_grad():
+            call(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, spatial, ranks
+
+
+def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
+    """Facts about every BN module: call counts and values per channel from one inference
+    pass on `example` (when given), the module feeding it from a torch.fx trace (when the
+    model traces), statistics from its buffers."""
+    graph, _ = _trace(model)
+    calls, spatial, _ = _hooked_pass(model, example) if example is not None else ({}, {}, {})
+    modules = {n.path: n.module for n in walk(model)}
+    facts = []
+    for path, module in modules.items():
+        if not isinstance(module, BN) or module.running_var is None:
+            continue
+        bn: Any = module
+        mean = bn.running_mean.detach().double().cpu().numpy()
+        var = bn.running_var.detach().double().cpu().numpy()
+        src = graph.producer.get(path) if graph is not None else None
+        src_module = modules.get(src) if src is not None else None
+        own = list(src_module.parameters(recurse=False)) if src_module is not None else []
+        n_calls = calls.get(path) or (graph.calls.get(path, 1) if graph is not None else 1)
+        facts.append(
+            BNFacts(
+                path=path,
+                calls=n_calls,
+                spatial=spatial.get(path),
+                epsilon=float(bn.eps),
+                min_var=float(np.nanmin(var)) if np.isfinite(var).any() else float("nan"),
+                nonfinite=int((~np.isfinite(mean)).sum() + (~np.isfinite(var)).sum()),
+                pinned=is_pinned(bn),
+                producer_trainable=any(p.requires_grad for p in own) if own else None,
+            )
+        )
+    return facts
+
+
+def norm_layers(model: Any) -> dict[str, int]:
+    """How many modules of each other normalisation class the model has."""
+    counts: dict[str, int] = {}
+    for node in walk(model):
+        m = node.module
+        if isinstance(m, OTHER_NORMS) or ("Norm" in type(m).__name__ and not isinstance(m, BN)):
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------- folding
+
+
+def identity_at_inference(module: Any) -> bool:
+    """Dropout, stochastic depth and drop-block modules: random in training, the identity
+    in inference."""
+    return isinstance(module, DROPOUT) or type(module).__name__ in RANDOM_IN_TRAINING
+
+
+def _set_child(root: Any, path: str, module: Any) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _affine(bn: Any, rank: int | None, path: str) -> nn.Module:
+    """A fixed per-channel scale and shift equal to `bn` in inference, as a plain torch
+    module: a depthwise 1x1 convolution for inputs with spatial axes, a diagonal Linear
+    for (N, C) inputs (`rank` is the input's number of axes)."""
+    c = bn.num_features
+    var = bn.running_var.detach().double()
+    mean = bn.running_mean.detach().double()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    if rank is None:
+        rank = _RANKS.get(_plain_type(bn))
+    if rank is None:
+        raise BnkitError(
+            f"{path}: a BatchNorm1d that cannot be folded needs an example input to tell "
+            "(N, C) from (N, C, L) inputs: give one (check_data / example)"
+        )
+    out: nn.Module
+    if rank == 2:
+        out = nn.Linear(c, c, bias=True)
+        weight = torch.diag(scale)
+    else:
+        out = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[rank](c, c, 1, groups=c, bias=True)
+        weight = scale.reshape(c, 1, *([1] * (rank - 2)))
+    dtype = bn.running_var.dtype
+    with torch.no_grad():
+        out.weight.copy_(weight.to(dtype))  # type: ignore[operator]
+        out.bias.copy_(shift.to(dtype))  # type: ignore[operator, union-attr]
+    return out.to(device=bn.running_var.device, dtype=dtype)
+
+
+_RANKS: dict[type, int] = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+
+
+def _plain_type(bn: Any) -> type:
+    return unpin_class(type(bn))
+
+
+def fold_pairs(model: Any, graph: _Graph) -> dict[str, str]:
+    """BN path -> the Conv/Linear path it folds into: that module is called once, its
+    only use is this BN, which is called once and normalises its output channels."""
+    modules = {n.path: n.module for n in walk(model)}
+    pairs: dict[str, str] = {}
+    for path, bn in modules.items():
+        if not isinstance(bn, BN) or bn.running_var is None or graph.calls.get(path) != 1:
+            continue
+        src = graph.producer.get(path)
+        conv = modules.get(src) if src is not None else None
+        if src is None or not isinstance(conv, FOLDABLE) or graph.calls.get(src) != 1:
+            continue
+        if graph.users.get(src) != 1 or _channels(conv) != bn.num_features:
+            continue
+        pairs[path] = src
+    return pairs
+
+
+def _channels(module: Any) -> int:
+    return int(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+
+
+def _why_kept(path: str, bn: Any, graph: _Graph | None, why_not_traced: str, fold: bool) -> str:
+    if not fold:
+        return "folding was turned off"
+    if graph is None:
+        return why_not_traced
+    if bn.running_var is None:
+        return "it keeps no running statistics"
+    if graph.calls.get(path, 0) != 1:
+        return f"it is called {graph.calls.get(path, 0)} times"
+    src = graph.producer.get(path)
+    if src is None:
+        return "its input is not the output of one module (a function, an add or a concat)"
+    if graph.calls.get(src) != 1:
+        return f"{src} is called {graph.calls.get(src)} times"
+    if graph.users.get(src, 0) != 1:
+        return f"{src}'s output feeds {graph.users.get(src)} nodes, not this BN alone"
+    return f"it follows {src}, which is not a Conv1d/2d/3d or Linear of its channel count"
+
+
+def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = None) -> Folded:
+    """A deep copy of `model` for deployment: each BN fed directly by a Conv1d/2d/3d or
+    Linear whose output feeds nothing else is folded into it (with
+    `torch.nn.utils.fusion`) and replaced by `nn.Identity`; every other BN becomes a
+    fixed per-channel affine module; dropout becomes `nn.Identity`. The copy is in
+    eval() and computes the same in train(). `example`, an input batch, tells each
+    BatchNorm1d's input rank."""
+    graph, why = _trace(model)
+    ranks = _input_ranks(model, example) if example is not None else {}
+    dup = copy.deepcopy(model)
+    for node in walk(dup):
+        if is_pinned(node.module):
+            node.module.__class__ = unpin_class(type(node.module))
+    modules = {n.path: n.module for n in walk(dup)}
+    pairs = fold_pairs(dup, graph) if fold and graph is not None else {}
+    folded, kept, dropped, reasons = [], [], [], []
+    with torch.no_grad():
+        for bn_path, conv_path in pairs.items():
+            _fold(modules[conv_path], modules[bn_path])
+            _set_child(dup, bn_path, nn.Identity())
+            folded.append(bn_path)
+        for path, module in modules.items():
+            if path in pairs:
+                continue
+            if isinstance(module, BN):
+                if module.running_var is None:
+                    raise BnkitError(
+                        f"{path}: track_running_stats=False and no running statistics: it "
+                        "normalises every batch with its own statistics, so there is nothing "
+                        "to export it with; re-estimate statistics first (bnkit.adapt)"
+                    )
+                _set_child(dup, path, _affine(module, ranks.get(path), path))
+                kept.append(path)
+                reasons.append((path, _why_kept(path, module, graph, why, fold)))
+            elif identity_at_inference(module):
+                _set_child(dup, path, nn.Identity())
+                dropped.append(path)
+    for p in dup.parameters():
+        p.requires_grad_(False)
+    dup.eval()
+    return Folded(dup, tuple(folded), tuple(kept), tuple(dropped), tuple(reasons))
+
+
+def _fold(conv: Any, bn: Any) -> None:
+    """Folds `bn` (inference) into `conv` in place, with torch's fusion arithmetic."""
+    weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+    bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+    if isinstance(conv, nn.Linear):
+        w, b = fusion.fuse_linear_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, weight, bias
+        )
+    else:
+        w, b = fusion.fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, weight, bias
+        )
+    conv.weight = w
+    conv.bias = b
+
+
+# ---------------------------------------------------------------------- outputs and files
+
+
+def outputs(model: Any, x: np.ndarray, training: bool = False) -> np.ndarray:
+    """The model's output on `x` as float64, in eval() (or train()), mode put back after."""
+    flags = [m.training for m in model.modules()]
+    model.train(training)
+    try:
+        with torch.no_grad():
+            out = call(model, x)
+    finally:
+        for m, flag in zip(model.modules(), flags, strict=True):
+            m.training = flag
+    if isinstance(out, tuple | list):
+        out = out[0]
+    return np.asarray(out.detach().double().cpu().numpy())
+
+
+def format_problem(format: str) -> str | None:
+    """Why `format` cannot be written here, or None when it can."""
+    if format != "onnx":
+        return None
+    missing = sorted(m for m in ("onnx", "onnxscript", "onnxruntime") if not _has(m))
+    if missing:
+        return f"ONNX export needs {', '.join(missing)}: pip install {' '.join(missing)}"
+    return None
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _program(model: Any, example: np.ndarray) -> Any:
+    """A `torch.export` program of `model` with a free batch dimension."""
+    x = as_input(model, example)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    dims = {0: batch, **{i: torch.export.Dim.STATIC for i in range(1, x.dim())}}
+    return torch.export.export(model, (x,), dynamic_shapes=(dims,))
+
+
+def write(model: Any, path: Path, format: str, example: np.ndarray) -> None:
+    """Writes a `torch.export` program (`.pt2`) or an ONNX file."""
+    if format == "pt2":
+        torch.export.save(_program(model, example), str(path))
+        return
+    x = as_input(model, example)
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        dynamo=False,
+    )
+
+
+def run_written(path: Path, format: str, x: np.ndarray) -> np.ndarray:
+    """Loads what `write` wrote, as a user without bnkit would, and runs it on `x`."""
+    if format == "pt2":
+        module = torch.export.load(str(path)).module()
+        with torch.no_grad():
+            out = module(torch.as_tensor(np.ascontiguousarray(x)))
+        return np.asarray(out.detach().double().numpy())
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.asarray(session.run(None, {name: x.astype(np.float32)})[0], dtype=np.float64)
+
+
+class TorchDeployer:
+    """The Deployer capability for PyTorch modules (see `bnkit.backends.base.Deployer`)."""
+
+    formats: tuple[str, ...] = FORMATS
+    bn_facts = staticmethod(bn_facts)
+    norm_layers = staticmethod(norm_layers)
+    inference_copy = staticmethod(inference_copy)
+    outputs = staticmethod(outputs)
+    format_problem = staticmethod(format_problem)
+    write = staticmethod(write)
+    run_written = staticmethod(run_written)
