@@ -8,10 +8,22 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from bnkit.backends import get_backend
+from bnkit.data import load
 from bnkit.errors import BnkitError, SelectorError
-from bnkit.policy import Selector, no_match_message, parse_selector
-from bnkit.records import TRAINING_OVERRIDDEN, leaf_records
+from bnkit.policy import STATS_ONLY, Selector, no_match_message, parse_selector
+from bnkit.records import (
+    BATCH_STATS_AT_TRAINING_ONLY,
+    CUMULATIVE_AVERAGE,
+    EVAL_UNDONE_BY_TRAIN,
+    NO_RUNNING_STATS,
+    STATS_WITHOUT_AFFINE,
+    SYNC_WITHOUT_GROUP,
+    TRAINING_OVERRIDDEN,
+    leaf_records,
+)
 
 SMALL_BATCH = 16
 """Below this many images, batch statistics are noisy enough to hurt (Wu & He, 2018)."""
@@ -20,6 +32,7 @@ STALE_SHARE = 0.5
 TINY_VARIANCE = 1e-5
 """moving variance + epsilon below this scales a channel by more than 1/sqrt of it."""
 SEVERITIES = ("error", "warning", "info")
+EXAMPLE_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,9 @@ def check(
     batch_size: int | None = None,
     steps: int | None = None,
     select: Selector | str | None = None,
+    *,
+    example: Any = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> CheckReport:
     """Finds the BN pitfalls in `model` as it would train in `fit` or run in deployment.
 
@@ -89,13 +105,28 @@ def check(
     layer called at several places; BN007, BN layers whose modes differ in one trained
     block (a name pattern that caught only some), or a `select` that covers only some
     BN layers; BN008 error, trainable flags changed since `compile`; BN009 info, no BN
-    layer at all.
+    layer at all. PyTorch's own pitfalls: BN010 warning, a BN in `eval()` that
+    `model.train()` puts back in training mode; BN011 warning, gamma/beta fixed
+    (`requires_grad=False`, or a non-trainable Keras parent) while the statistics
+    still update; BN012 error, `track_running_stats=False` without running statistics
+    (batch statistics in inference too); BN013 warning, `track_running_stats=False`
+    with running statistics kept (Lightning's `BaseFinetuning.freeze`): batch
+    statistics in training, stored ones in inference; BN014 warning, `momentum=None`
+    (a cumulative average); BN015 warning, a `SyncBatchNorm` that cannot synchronise
+    (no process group: a plain BN; a group on CPU: its training forward raises).
+
+    Keras models are read from their graph. A PyTorch module has none: the module
+    feeding each BN comes from a `torch.fx` trace where the model traces, and call
+    counts and values per channel from one inference pass on `example` (or on random
+    inputs of `input_shape`), which leaves the model as it was.
 
     Args:
-        model: a Keras model.
+        model: a Keras model or a PyTorch module.
         batch_size: the training batch size you plan (enables BN004).
         steps: the training steps you plan (enables BN003).
         select: a selector (or its CLI form) you plan to pick BN layers with.
+        example: a batch of inputs (PyTorch), anything `bnkit.data.load` reads.
+        input_shape: one sample's shape, for a random example (PyTorch).
 
     Example:
         >>> import keras, bnkit
@@ -110,13 +141,15 @@ def check(
     backend = get_backend(model)
     deploy = backend.deployer()
     records = backend.records(model)
-    facts = {f.path: f for f in deploy.bn_facts(model)}
+    x = _example(example, input_shape)
+    facts = {f.path: f for f in deploy.bn_facts(model, x)}
     bn = [r for r in records if r.is_bn]
     name = getattr(model, "name", type(model).__name__)
     found: list[Finding] = []
     if not bn:
         found.append(_no_bn(deploy.norm_layers(model), name))
     found += _overridden(bn)
+    found += _coded(bn)
     found += _train_after_frozen(bn, facts)
     found += _momentum(bn, steps)
     found += _batch(bn, facts, batch_size)
@@ -126,6 +159,63 @@ def check(
     found += _stale(backend.compile_status(model), name)
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return CheckReport(name, tuple(sorted(found, key=lambda f: (order[f.severity], f.code))))
+
+
+def _example(example: Any, input_shape: tuple[int, ...] | None) -> np.ndarray | None:
+    if example is not None:
+        return next(iter(load(example, batch_size=EXAMPLE_BATCH).inputs()))
+    if input_shape is None:
+        return None
+    return np.random.default_rng(0).normal(size=(EXAMPLE_BATCH, *input_shape)).astype("float32")
+
+
+_CODED = {
+    EVAL_UNDONE_BY_TRAIN: (
+        "BN010",
+        "warning",
+        "pin the mode instead: bnkit.freeze(model, bn='frozen'), which survives "
+        "model.train(); or call bn.eval() again after every model.train()",
+    ),
+    STATS_WITHOUT_AFFINE: (
+        "BN011",
+        "warning",
+        "to keep the statistics too, use mode 'frozen' (bnkit.freeze); to train BN, "
+        "make gamma/beta trainable as well (mode 'train')",
+    ),
+    NO_RUNNING_STATS: (
+        "BN012",
+        "error",
+        "give it running statistics: track_running_stats=True and re-estimate them "
+        "(bnkit.adapt), or replace it with GroupNorm if batch statistics are intended",
+    ),
+    BATCH_STATS_AT_TRAINING_ONLY: (
+        "BN013",
+        "warning",
+        "pin a mode instead: bnkit.freeze(model, bn='frozen') normalises with the stored "
+        "statistics in training too",
+    ),
+    CUMULATIVE_AVERAGE: (
+        "BN014",
+        "warning",
+        "set a momentum (0.1 is PyTorch's default), or re-estimate the statistics on the "
+        "final weights with bnkit.adapt after training",
+    ),
+    SYNC_WITHOUT_GROUP: (
+        "BN015",
+        "warning",
+        "train on GPUs inside an initialised process group (torchrun), or use plain "
+        "BatchNorm for one process; to keep its statistics, pin it (bnkit.freeze)",
+    ),
+}
+
+
+def _coded(bn: list[Any]) -> Iterator[Finding]:
+    """The findings that notes of the backend's records carry."""
+    for r in bn:
+        for note in r.notes:
+            if note.code in _CODED:
+                code, severity, fix = _CODED[note.code]
+                yield Finding(code, severity, r.path, note.text, fix)
 
 
 def _no_bn(others: dict[str, int], name: str) -> Finding:
@@ -273,15 +363,16 @@ def _partial(
         if fact is not None and not fact.pinned and fact.producer_trainable is not False:
             groups.setdefault(_parent(r.path), []).append(r)
     for parent, rows in groups.items():
-        frozen = [r for r in rows if r.bn_mode == "frozen"]
-        if frozen and len(frozen) < len(rows):
+        held = [r for r in rows if r.bn_mode in ("frozen", STATS_ONLY)]
+        if held and len(held) < len(rows):
             where = f"in '{parent}'" if parent else "in the model"
+            kinds = "/".join(sorted({str(r.bn_mode) for r in held}))
             yield Finding(
                 "BN007",
                 "warning",
                 parent or "(model)",
-                f"{len(frozen)} of {len(rows)} BN layers {where} not after frozen layers are "
-                f"frozen and the others train (frozen: {_names(frozen)}): if a name pattern "
+                f"{len(held)} of {len(rows)} BN layers {where} not after frozen layers are "
+                f"{kinds} and the others train ({kinds}: {_names(held)}): if a name pattern "
                 "picked them, it caught only some",
                 "select BN layers by type, not by name: bnkit.freeze(model, bn=...) or "
                 "--rule 'bn=frozen'; check with bnkit inspect --bn-only",

@@ -55,6 +55,13 @@ class ExportReport:
         return json.dumps(asdict(self), indent=2)
 
     def __str__(self) -> str:
+        if self.bn_layers == 0:
+            return (
+                f"exported {self.path} ({self.format}): the model has no BN layer, nothing "
+                f"to fold; {len(self.dropped)} dropout/noise layers dropped; checked on "
+                f"{self.samples} samples (relative tolerance {self.tolerance:g}): export vs "
+                f"original {self.max_diff_original:.1e}"
+            )
         return (
             f"exported {self.path} ({self.format}): {self.folded} of {self.bn_layers} BN "
             f"layers folded, {self.kept} kept frozen, {len(self.dropped)} dropout/noise layers "
@@ -81,6 +88,11 @@ class FoldResult:
     max_diff_training: float
 
     def __str__(self) -> str:
+        if not self.folded and not self.kept:
+            return (
+                f"the model has no BN layer: nothing to fold; {len(self.dropped)} "
+                f"dropout/noise layers dropped; checked on {self.samples} samples"
+            )
         lines = [
             f"{len(self.folded)} of {len(self.folded) + len(self.kept)} BN layers folded, "
             f"{len(self.kept)} kept fixed, {len(self.dropped)} dropout/noise layers dropped; "

@@ -26,6 +26,11 @@ NO_RUNNING_STATS = "no-running-stats"
 BATCH_STATS_AT_TRAINING_ONLY = "batch-stats-in-training-only"
 """PyTorch: track_running_stats=False with running buffers kept (Lightning's freeze):
 batch statistics in train(), the stored ones in eval()."""
+CUMULATIVE_AVERAGE = "cumulative-average"
+"""PyTorch: momentum=None, the running statistics are a cumulative average."""
+SYNC_WITHOUT_GROUP = "sync-batchnorm-unsynchronised"
+"""PyTorch: SyncBatchNorm that cannot synchronise: no process group (it trains as a
+plain BN), or a group on CPU (its training forward raises)."""
 
 
 @dataclass(frozen=True)

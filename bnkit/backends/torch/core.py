@@ -38,9 +38,11 @@ from bnkit.errors import BackendError, BnkitError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.records import (
     BATCH_STATS_AT_TRAINING_ONLY,
+    CUMULATIVE_AVERAGE,
     EVAL_UNDONE_BY_TRAIN,
     NO_RUNNING_STATS,
     STATS_WITHOUT_AFFINE,
+    SYNC_WITHOUT_GROUP,
     CompileStatus,
     LayerRecord,
     Note,
@@ -145,9 +147,9 @@ def _bn_mode_name(bn: Any, state: BNState) -> str:
 
 
 def _bn_notes(bn: Any, state: BNState) -> list[Note]:
-    notes: list[Note] = []
     if is_pinned(bn):
-        return notes
+        return []
+    notes: list[Note] = []
     if not bn.training and bn.track_running_stats:
         notes.append(
             Note(
@@ -164,6 +166,12 @@ def _bn_notes(bn: Any, state: BNState) -> list[Note]:
                 "gamma/beta are fixed but the statistics still move",
             )
         )
+    return notes + _stats_notes(bn)
+
+
+def _stats_notes(bn: Any) -> list[Note]:
+    """Notes on how the running statistics are kept (or not) and synchronised."""
+    notes: list[Note] = []
     if not bn.track_running_stats and bn.running_mean is None:
         notes.append(
             Note(
@@ -182,7 +190,43 @@ def _bn_notes(bn: Any, state: BNState) -> list[Note]:
                 "train() and with the stored ones in eval(), so training and inference differ",
             )
         )
+    elif bn.momentum is None:
+        notes.append(
+            Note(
+                CUMULATIVE_AVERAGE,
+                "momentum=None: the running statistics are a cumulative average over every "
+                "batch since the last reset, so late batches (the trained weights) count "
+                "less and less",
+            )
+        )
+    if isinstance(bn, nn.SyncBatchNorm):
+        on_cpu = bn.running_var is None or bn.running_var.device.type == "cpu"
+        if not _process_group():
+            notes.append(
+                Note(
+                    SYNC_WITHOUT_GROUP,
+                    "SyncBatchNorm with no torch.distributed process group: it trains as a "
+                    "plain, unsynchronised BatchNorm on this process's batch"
+                    + (
+                        ", and on CPU its training forward raises once a group exists"
+                        if on_cpu
+                        else ""
+                    ),
+                )
+            )
+        elif on_cpu:
+            notes.append(
+                Note(
+                    SYNC_WITHOUT_GROUP,
+                    "SyncBatchNorm on CPU inside a process group: its training forward raises "
+                    "(it synchronises on GPU/XPU only)",
+                )
+            )
     return notes
+
+
+def _process_group() -> bool:
+    return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 class TorchBackend:

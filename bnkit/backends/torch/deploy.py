@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +57,25 @@ class _Graph:
     users: dict[str, int]
 
 
+class _BNLeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer, keeping every BN module whole (timm's BatchNormAct2d included,
+    whose forward would otherwise be traced into)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, BN) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(model: Any) -> tuple[_Graph | None, str]:
     """The graph of `model` by `torch.fx.symbolic_trace`, or None and why not."""
     try:
-        traced = torch.fx.symbolic_trace(model)
+        traced = _BNLeafTracer().trace(model)
     except Exception as err:  # fx raises many types on untraceable code
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
         return None, f"the model does not trace with torch.fx ({first})"
     calls: dict[str, int] = {}
     producer: dict[str, str | None] = {}
     users: dict[str, int] = {}
-    for node in traced.graph.nodes:
+    for node in traced.nodes:
         if node.op != "call_module":
             continue
         target = str(node.target)
@@ -163,7 +172,8 @@ def norm_layers(model: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in walk(model):
         m = node.module
-        if isinstance(m, OTHER_NORMS) or ("Norm" in type(m).__name__ and not isinstance(m, BN)):
+        norm_named = re.search(r"Norm(\dd)?$", type(m).__name__) is not None
+        if isinstance(m, OTHER_NORMS) or (norm_named and not isinstance(m, BN)):
             counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
     return counts
 
@@ -284,7 +294,7 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
     with torch.no_grad():
         for bn_path, conv_path in pairs.items():
             _fold(modules[conv_path], modules[bn_path])
-            _set_child(dup, bn_path, nn.Identity())
+            _set_child(dup, bn_path, _with_activation(modules[bn_path], nn.Identity()))
             folded.append(bn_path)
         for path, module in modules.items():
             if path in pairs:
@@ -296,7 +306,8 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
                         "normalises every batch with its own statistics, so there is nothing "
                         "to export it with; re-estimate statistics first (bnkit.adapt)"
                     )
-                _set_child(dup, path, _affine(module, ranks.get(path), path))
+                affine = _affine(module, ranks.get(path), path)
+                _set_child(dup, path, _with_activation(module, affine))
                 kept.append(path)
                 reasons.append((path, _why_kept(path, module, graph, why, fold)))
             elif identity_at_inference(module):
@@ -306,6 +317,15 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
         p.requires_grad_(False)
     dup.eval()
     return Folded(dup, tuple(folded), tuple(kept), tuple(dropped), tuple(reasons))
+
+
+def _with_activation(bn: Any, replacement: nn.Module) -> nn.Module:
+    """`replacement`, followed by the activation a BN module carries inside (timm's
+    BatchNormAct2d: BN, then `drop`, then `act`); the drop is the identity in inference."""
+    act = getattr(bn, "act", None)
+    if not isinstance(act, nn.Module) or isinstance(act, nn.Identity):
+        return replacement
+    return nn.Sequential(replacement, act)
 
 
 def _fold(conv: Any, bn: Any) -> None:

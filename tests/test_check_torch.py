@@ -1,0 +1,187 @@
+"""`check` on PyTorch modules: each finding's behaviour is made to happen in real torch
+(statistics that move, an error raised, outputs that differ) before the finding is
+asserted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_nets import batch, moved, net, state, train_steps
+
+import bnkit
+
+SHAPE = (3, 6, 6)
+
+
+def codes(model: nn.Module, **kwargs) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for f in bnkit.check(model, **kwargs).findings:
+        found.setdefault(f.code, set()).add(f.path)
+    return found
+
+
+def test_a_clean_module_has_no_error_and_check_changes_nothing():
+    model = net()
+    before = state(model)
+    report = bnkit.check(model, input_shape=SHAPE, batch_size=32)
+    assert not report.errors and model.training
+    assert all(np.array_equal(v, state(model)[k]) for k, v in before.items())
+
+
+def test_bn010_eval_undone_by_model_train():
+    model = net()
+    model.stem[1].eval()
+    assert "stem.1" in codes(model)["BN010"]
+    before = state(model.stem[1])
+    train_steps(model)  # the loop's model.train() puts it back in training mode
+    assert moved(before, state(model.stem[1]), "running_mean")
+
+
+def test_bn011_requires_grad_false_still_moves_the_statistics():
+    model = net()
+    for p in model.block[1].parameters():
+        p.requires_grad_(False)
+    assert "block.1" in codes(model)["BN011"]
+    before = state(model.block[1])
+    train_steps(model)
+    after = state(model.block[1])
+    assert moved(before, after, "running_var") and not moved(before, after, "weight")
+
+
+def test_bn012_no_running_statistics_makes_one_image_differ_from_the_batch():
+    model = net()
+    model.stem[1] = nn.BatchNorm2d(4, track_running_stats=False)
+    assert codes(model)["BN012"] == {"stem.1"}
+    model.eval()
+    x, _ = batch(1)
+    with torch.no_grad():
+        assert not torch.allclose(model(x[:1]), model(x)[:1], atol=1e-4)
+
+
+def test_bn013_lightning_freeze_trains_on_batch_stats_and_infers_on_stored_ones():
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    model = net()
+    BaseFinetuning.freeze(model, train_bn=False)  # what Lightning's finetuning does to BN
+    assert codes(model)["BN013"] == {"stem.1", "block.1"}
+    modes = {r.bn_mode for r in bnkit.inspect(model).bn_layers}
+    assert modes == {"custom"}  # batch statistics, no update: none of the four modes
+    before = state(model)
+    x, _ = batch(2)
+    with torch.no_grad():
+        model.train()
+        in_training = model(x)
+        model.eval()
+        in_inference = model(x)
+    assert not torch.allclose(in_training, in_inference, atol=1e-4)
+    assert not moved(before, state(model), "stem.1.running_mean")
+
+
+def test_bn014_cumulative_average_lets_late_batches_count_little():
+    bn = nn.BatchNorm1d(1, momentum=None)
+    assert codes(nn.Sequential(nn.Linear(1, 1), bn))["BN014"] == {"1"}
+    bn.train()
+    for _ in range(9):
+        bn(torch.zeros(16, 1))
+    bn(torch.full((16, 1), 10.0) + torch.randn(16, 1))  # the last batch, far away
+    assert float(bn.running_mean) < 1.5  # an exponential average (0.1) would give about 1
+
+
+def test_bn015_sync_batchnorm_is_plain_bn_alone_and_raises_in_a_cpu_group(tmp_path):
+    import torch.distributed as dist
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).train()
+    plain = nn.BatchNorm2d(4).train()
+    assert codes(model)["BN015"] == {"1"}
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        features = model[0](x)
+        assert torch.allclose(model[1](features), plain(features))  # nothing synchronised
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        assert codes(model)["BN015"] == {"1"}
+        with pytest.raises(ValueError, match="GPU"):
+            model(x)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bn004_one_value_per_channel_raises_in_training():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    report = bnkit.check(model, batch_size=1, input_shape=(4,))
+    assert [f.severity for f in report.findings if f.code == "BN004"] == ["error"]
+    model.train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.randn(1, 4))
+
+
+def test_bn003_small_momentum_keeps_old_statistics():
+    model = net()
+    model.stem[1].momentum = 0.001  # PyTorch's momentum is the weight of the new batch
+    assert "stem.1" in codes(model, steps=50)["BN003"]
+    before = state(model.stem[1])
+    train_steps(model, steps=3)
+    after = state(model.stem[1])
+    assert np.abs(after["running_var"] - before["running_var"]).max() < 0.05
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) + self.bn(self.conv(x) + 10.0)
+
+
+def test_bn006_a_bn_called_twice_averages_both_call_sites():
+    model = Twice()
+    assert codes(model, input_shape=SHAPE)["BN006"] == {"bn"}
+    model.train()
+    for _ in range(50):
+        model(torch.randn(8, 3, 6, 6))
+    mean = model.bn.running_mean
+    assert 2.0 < float(mean.mean()) < 8.0  # neither site's mean (0, about 10)
+
+
+def test_bn005_non_finite_variance_gives_nan_outputs():
+    model = net()
+    with torch.no_grad():
+        model.block[1].running_var[0] = float("nan")
+    assert "block.1" in codes(model)["BN005"]
+    model.eval()
+    with torch.no_grad():
+        assert torch.isnan(model(batch(0)[0])).all()
+
+
+def test_bn007_a_name_pattern_that_froze_only_some_bn_of_a_block():
+    block = nn.Sequential()
+    block.add_module("conv1", nn.Conv2d(3, 4, 3))
+    block.add_module("bn1", nn.BatchNorm2d(4))
+    block.add_module("conv2", nn.Conv2d(4, 4, 1))
+    block.add_module("norm2", nn.BatchNorm2d(4))  # the pattern below misses this one
+    model = nn.Sequential(block)
+    for name, module in model.named_modules():
+        if name.endswith("bn1"):
+            module.requires_grad_(False)
+    assert codes(model)["BN007"] == {"0"}
+    before = state(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(torch.randn(4, 3, 6, 6)).square().mean().backward()
+    opt.step()
+    after = state(model)
+    assert not moved(before, after, "0.bn1.weight") and moved(before, after, "0.norm2.weight")
+    assert moved(before, after, "0.bn1.running_mean")  # and its statistics move anyway
+
+
+def test_bn009_convnext_has_no_bn():
+    import torchvision
+
+    model = torchvision.models.convnext_tiny(weights=None)
+    report = bnkit.check(model)
+    assert [f.code for f in report.findings] == ["BN009"]
+    assert "LayerNorm" in report.findings[0].problem
