@@ -35,6 +35,70 @@ Each row starts from the same weights and trains the whole network for the same 
   only gamma/beta, train trains all four, adapt stays frozen until re-estimated."""
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[f"bnkit.{param.name}"] = value
+    return value
+
+
+def _model_options(fn: Any) -> Any:
+    """--args and --weights, for PyTorch model specs; read back by `_load`."""
+    options = [
+        click.option(
+            "--args",
+            "factory_args",
+            metavar="JSON",
+            expose_value=False,
+            callback=_remember,
+            help="PyTorch spec: the factory's keyword arguments, e.g. '{\"num_classes\": 10}'.",
+        ),
+        click.option(
+            "--weights",
+            type=click.Path(path_type=Path),
+            expose_value=False,
+            callback=_remember,
+            help="PyTorch spec: a state_dict file to load (read with weights_only=True).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load(model: Path) -> Any:
+    """The model MODEL names: a '.keras' file, or a PyTorch spec built with --args and
+    its --weights loaded."""
+    from bnkit.files import load_model
+
+    meta = click.get_current_context().meta
+    return load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+
+
+def _input_shape() -> tuple[int, ...] | None:
+    """--input-shape as a tuple of positive ints."""
+    text = click.get_current_context().meta.get("bnkit.input_shape")
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in str(text).replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise BnkitError(f"--input-shape {text!r}: give positive sizes such as 3,224,224")
+    return shape
+
+
+def _inputs(model: Path) -> list[Path]:
+    """The files MODEL reads, which no output may replace."""
+    weights = click.get_current_context().meta.get("bnkit.weights")
+    return [model] + ([weights] if weights is not None else [])
+
+
+MODEL_HELP = (
+    "MODEL is a '.keras' file or a PyTorch model spec: torchvision:NAME, timm:NAME, "
+    "package.module:factory or path/to/file.py:factory."
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnkit")
 def cli() -> None:
@@ -42,15 +106,15 @@ def cli() -> None:
 
 
 @cli.command("inspect")
+@_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--bn-only", is_flag=True, help="List only the BatchNorm layers.")
 def inspect_cmd(model: Path, as_json: bool, bn_only: bool) -> None:
     """Show every layer's trainability and each BN layer's effective mode in fit."""
-    from bnkit.files import load_model
     from bnkit.report import inspect
 
-    report = inspect(load_model(model))
+    report = inspect(_load(model))
     if as_json:
         click.echo(report.to_json())
         return
@@ -59,13 +123,16 @@ def inspect_cmd(model: Path, as_json: bool, bn_only: bool) -> None:
 
 
 @cli.command("freeze")
+@_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
     required=True,
-    help="Where to write the frozen model (.keras); never the input.",
+    help="Where to write the frozen model: .keras, or for PyTorch a state_dict .pt (and "
+    "the plan beside it as .plan.json, for bnkit.freeze(model, Plan.from_json(...)));"
+    " never the input.",
 )
 @click.option(
     "--train-from",
@@ -100,18 +167,28 @@ def freeze_cmd(
     overwrite: bool,
 ) -> None:
     """Apply a freeze policy and save the model with its BN modes pinned."""
-    from bnkit.backends import layer_names
-    from bnkit.files import check_model_file, check_output, load_model
+    from bnkit.backends import layer_names, model_suffix
+    from bnkit.files import check_model_file, check_output
     from bnkit.freeze import freeze
     from bnkit.policy import find_layer_name, parse_rule
 
     parsed = [parse_rule(r) for r in rules]  # checked before any framework starts
     check_model_file(model)
-    if train_from is not None:
-        find_layer_name(train_from, layer_names(model))
-    check_output(output, model, suffix=".keras", overwrite=overwrite)
-    m = load_model(model)
+    names = layer_names(model)
+    if train_from is not None and names is not None:
+        find_layer_name(train_from, names)
+    suffix = model_suffix(model)
+    check_output(output, *_inputs(model), suffix=suffix, overwrite=overwrite)
+    plan_path = output.with_suffix(".plan.json") if suffix != ".keras" else None
+    if plan_path is not None:
+        check_output(plan_path, *_inputs(model), suffix=".json", overwrite=overwrite)
+    m = _load(model)
     plan = freeze(m, train_from=train_from, bn=bn, rules=parsed)
+    if plan_path is not None:  # a state_dict does not carry the modes: the plan does
+        from bnkit.files import atomic_path
+
+        with atomic_path(plan_path) as tmp:
+            tmp.write_text(plan.to_json())
     _save_and_render(m, output, plan, as_json)
 
 
@@ -142,6 +219,13 @@ def _data_options(fn: Any) -> Any:
         click.option(
             "--channels", type=click.Choice(["1", "3"]), help="Convert images to 1 or 3 channels."
         ),
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=1),
+            expose_value=False,
+            callback=_remember,
+            help="Resize images to this side (default: the model's input size, when known).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -156,13 +240,22 @@ def _open_data(
     preprocess: str | None,
     channels: str | None,
 ) -> Any:
-    """DATA (an .npz or a folder of class sub-folders) as batches sized for the model."""
+    """DATA (an .npz or a folder of class sub-folders) as batches sized for the model, laid
+    out as its framework takes images (channels-last for Keras, channels-first for PyTorch)."""
     from bnkit.backends import get_backend
+    from bnkit.backends.base import CHANNELS_FIRST
     from bnkit.data import load
 
-    shape = get_backend(model).input_shape(model)
-    size = tuple(shape[:2]) if shape is not None and len(shape) == 3 else None
+    backend = get_backend(model)
+    first = backend.layout == CHANNELS_FIRST
+    shape = backend.input_shape(model)
+    size = None
+    if shape is not None and len(shape) == 3:
+        size = tuple(shape[1:]) if first else tuple(shape[:2])
     image_size = size if size is not None and None not in size else None
+    given = click.get_current_context().meta.get("bnkit.image_size")
+    if given is not None:
+        image_size = (given, given)
     return load(
         data,
         batch_size=batch_size,
@@ -170,6 +263,7 @@ def _open_data(
         channels=int(channels) if channels else None,
         scale=scale,
         preprocess=preprocess,
+        channels_first=first,
     )
 
 
@@ -181,6 +275,7 @@ def _progress_total(data: Any, max_batches: int | None) -> int | None:
 
 
 @cli.command("adapt")
+@_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option(
@@ -188,7 +283,7 @@ def _progress_total(data: Any, max_batches: int | None) -> int | None:
     "--output",
     type=click.Path(path_type=Path),
     required=True,
-    help="Where to write the adapted model (.keras); never the input.",
+    help="Where to write the adapted model (.keras, or a PyTorch state_dict .pt); never the input.",
 )
 @_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer summary as JSON.")
@@ -209,14 +304,15 @@ def adapt_cmd(
 ) -> None:
     """Re-estimate BN statistics on DATA: an .npz with array x, or a folder of class
     sub-folders of images (resized to the model's input). Labels are unused."""
+    from bnkit.backends import model_suffix
     from bnkit.data import parse_scaling
-    from bnkit.files import check_model_file, check_output, load_model
+    from bnkit.files import check_model_file, check_output
     from bnkit.stats import adapt
 
     parse_scaling(scale, preprocess)
     check_model_file(model)
-    check_output(output, model, data, suffix=".keras", overwrite=overwrite)
-    m = load_model(model)
+    check_output(output, *_inputs(model), data, suffix=model_suffix(model), overwrite=overwrite)
+    m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
     with _progress("re-estimating BN statistics", _progress_total(source, max_batches)) as tick:
         report = adapt(m, source, max_batches=max_batches, on_batch=tick)
@@ -224,6 +320,7 @@ def adapt_cmd(
 
 
 @cli.command("shift")
+@_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @_data_options
@@ -247,7 +344,7 @@ def shift_cmd(
     """Measure how far DATA is from each BN layer's stored statistics, and say whether
     to keep BN frozen, re-estimate it (adapt) or train it."""
     from bnkit.data import parse_scaling
-    from bnkit.files import check_model_file, check_output, load_model
+    from bnkit.files import check_model_file, check_output
     from bnkit.plots import shift_plot
     from bnkit.stats import shift
 
@@ -255,7 +352,7 @@ def shift_cmd(
     check_model_file(model)
     if plot is not None:
         check_output(plot, model, data, suffix=".png", overwrite=overwrite)
-    m = load_model(model)
+    m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
     with _progress("measuring BN input statistics", _progress_total(source, max_batches)) as tick:
         report = shift(m, source, max_batches=max_batches, on_batch=tick)
@@ -282,6 +379,7 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
 
 
 @cli.command("compare")
+@_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("train_data", type=click.Path(path_type=Path))
 @click.option(
@@ -332,7 +430,7 @@ def compare_cmd(
     """Fine-tune MODEL on TRAIN_DATA once per BN strategy and seed; compare on --val."""
     from bnkit.compare import Strategy, compare
     from bnkit.data import parse_scaling
-    from bnkit.files import check_model_file, check_out_dir, load_model
+    from bnkit.files import check_model_file, check_out_dir
 
     specs = _parse_strategies(strategies)
     for spec in specs:
@@ -341,7 +439,7 @@ def compare_cmd(
     check_model_file(model)
     if out_dir is not None:  # checked before the sweep, not after it
         check_out_dir(out_dir, COMPARE_FILES, model, train_data, val_data)
-    m = load_model(model)
+    m = _load(model)
     train = _open_data(m, train_data, batch_size, scale, preprocess, None)
     val = _open_data(m, val_data, batch_size, scale, preprocess, None)
     with _CompareProgress() as bars:
@@ -427,6 +525,7 @@ class _CompareProgress:
 
 
 @cli.command("check")
+@_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--batch-size",
@@ -439,19 +538,42 @@ class _CompareProgress:
 @click.option(
     "--select", metavar="SELECTOR", help="A BN selector you plan to use (coverage check)."
 )
+@click.option(
+    "--example",
+    type=click.Path(path_type=Path),
+    help="Inputs (.npz or folder) for one inference pass: call counts and values per channel "
+    "of a PyTorch module's BN layers.",
+)
+@click.option(
+    "--input-shape",
+    metavar="C,H,W",
+    expose_value=False,
+    callback=_remember,
+    help="One sample's shape, for random example inputs (PyTorch modules have none).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def check_cmd(
-    model: Path, batch_size: int | None, steps: int | None, select: str | None, as_json: bool
+    model: Path,
+    batch_size: int | None,
+    steps: int | None,
+    select: str | None,
+    example: Path | None,
+    as_json: bool,
 ) -> None:
     """Find BN pitfalls in MODEL; exit 1 when an error-level finding is present."""
     from bnkit.check import check
-    from bnkit.files import check_model_file, load_model
+    from bnkit.files import check_model_file
     from bnkit.policy import parse_selector
 
     if select is not None:
         parse_selector(select)
+    shape = _input_shape()
     check_model_file(model)
-    report = check(load_model(model), batch_size=batch_size, steps=steps, select=select)
+    m = _load(model)
+    data = None if example is None else _open_data(m, example, 8, None, None, None)
+    report = check(
+        m, batch_size=batch_size, steps=steps, select=select, example=data, input_shape=shape
+    )
     if as_json:
         click.echo(report.to_json())
     else:
@@ -463,6 +585,7 @@ def check_cmd(
 
 
 @cli.command("export")
+@_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "-o",
@@ -475,9 +598,16 @@ def check_cmd(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["keras", "savedmodel", "onnx"]),
-    default="keras",
-    show_default=True,
+    type=click.Choice(["keras", "savedmodel", "onnx", "pt2"]),
+    help="keras, savedmodel or onnx for Keras; pt2 (torch.export) or onnx for PyTorch "
+    "(default: by the output's suffix).",
+)
+@click.option(
+    "--input-shape",
+    metavar="C,H,W",
+    expose_value=False,
+    callback=_remember,
+    help="One sample's shape, for random example inputs (PyTorch modules have none).",
 )
 @click.option(
     "--check",
@@ -493,7 +623,7 @@ def export_cmd(
     model: Path,
     output: Path,
     no_fold: bool,
-    fmt: str,
+    fmt: str | None,
     check_data: Path | None,
     as_json: bool,
     overwrite: bool,
@@ -506,24 +636,26 @@ def export_cmd(
         check_model_file,
         check_out_dir,
         check_output,
-        load_model,
     )
 
-    inputs = [model] + ([check_data] if check_data is not None else [])
+    inputs = _inputs(model) + ([check_data] if check_data is not None else [])
+    shape = _input_shape()
     check_model_file(model)
+    fmt = fmt or (output.suffix[1:] if output.suffix else "savedmodel")
     if fmt == "savedmodel":  # a folder
         check_out_dir(output, (), *inputs)
         check_dir_output(output, kind="savedmodel", overwrite=overwrite)
     else:
         check_output(output, *inputs, suffix=f".{fmt}", overwrite=overwrite)
-    m = load_model(model)
+    m = _load(model)
     data = None
     if check_data is not None:
         data = _open_data(m, check_data, 8, None, None, None)
     try:
         report = export(
-            m, output, fold=not no_fold, format=fmt, check_data=data, overwrite=overwrite
-        )
+            m, output, fold=not no_fold, format=fmt, check_data=data, input_shape=shape,
+            overwrite=overwrite,
+        )  # fmt: skip
     except ExportError as err:
         click.echo(f"bnkit: export failed: {err}", err=True)
         sys.exit(EXIT_FINDINGS)

@@ -135,6 +135,9 @@ class Data:
     description: str = "data"
     size: int | None = None
     class_names: tuple[str, ...] = ()
+    channels_first: bool = False
+    """yield image batches as (N, C, H, W), as PyTorch modules take them; array sources
+    are then read as (N, C, H, W) too (folders always hold images channels-last)."""
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         count = 0
@@ -143,6 +146,9 @@ class Data:
             check_array(x, f"batch {k} of {self.description}")
             x = np.asarray(x, dtype=np.float32)
             _check_finite(x, k)
+            swap = self.channels_first and x.ndim == 4
+            if swap and not isinstance(self.source, _FolderSource):
+                x = x.transpose(0, 2, 3, 1)  # processed channels-last, handed back as given
             if self.image_size is not None and x.ndim == 4 and x.shape[1:3] != self.image_size:
                 x = _resize_batch(x, self.image_size)
             if self.channels is not None and x.ndim == 4 and x.shape[-1] != self.channels:
@@ -154,6 +160,8 @@ class Data:
                 _check_labels(y, len(x), self.num_classes, k)
             x = self.scaling(x)
             _check_finite(x, k, scaled=str(self.scaling) != "none")
+            if swap:
+                x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
             count += 1
             yield x, y
         if count == 0:
@@ -186,6 +194,7 @@ def load(
     scale: float | str | None = None,
     preprocess: str | None = None,
     num_classes: int | None = None,
+    channels_first: bool = False,
 ) -> Data:
     """Wraps any supported data source as checked, scaled batches.
 
@@ -202,6 +211,9 @@ def load(
         preprocess: a `keras.applications` preprocessing by module name (such as
             `"resnet_v2"`) or mode (`caffe`, `tf`, `torch`), applied after `scale`.
         num_classes: when given, labels must lie in `[0, num_classes)`.
+        channels_first: image batches as (N, C, H, W), for PyTorch modules: folders are
+            transposed, arrays are taken as (N, C, H, W); resizing, channel conversion
+            and preprocessing work the same.
 
     Raises:
         DataError: naming the file or batch and what is wrong.
@@ -219,6 +231,7 @@ def load(
         "image_size": tuple(image_size) if image_size is not None else None,
         "channels": channels,
         "num_classes": num_classes,
+        "channels_first": channels_first,
     }
     if isinstance(source, Data):
         return source

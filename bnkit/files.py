@@ -34,12 +34,12 @@ def check_model_file(path: Path) -> Path:
     return check(path)
 
 
-def load_model(path: Path) -> Any:
-    """Checks and loads a model file with the backend for its type."""
-    from bnkit.backends import backend_for_file
+def load_model(path: Path, args: str | None = None, weights: Path | None = None) -> Any:
+    """Checks and loads a model file (or builds a PyTorch model spec with `args`, a JSON
+    object, and `weights`, a state_dict file) with the backend for its type."""
+    from bnkit.backends import load_model as load
 
-    check_model_file(path)
-    return backend_for_file(path).load(path)
+    return load(path, args, weights)
 
 
 # ---------------------------------------------------------------------- output checks

@@ -9,7 +9,7 @@ from typing import Any
 
 from bnkit.backends import get_backend
 from bnkit.errors import BnkitError, BnkitWarning
-from bnkit.policy import Mode, Plan, Policy, Rule, parse_rule, resolve
+from bnkit.policy import LayerDecision, Mode, Plan, Policy, Rule, parse_rule, resolve
 from bnkit.records import LayerRecord, leaf_records
 
 _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
@@ -17,7 +17,7 @@ _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
 
 def freeze(
     model: Any,
-    policy: Policy | Sequence[Rule | str] | None = None,
+    policy: Policy | Plan | Sequence[Rule | str] | None = None,
     *,
     train_from: str | None = None,
     bn: str | Mode | None = None,
@@ -26,7 +26,8 @@ def freeze(
 ) -> Plan:
     """Applies a freeze policy to `model` in place and returns the per-layer plan.
 
-    Either pass `policy` (a Policy or a list of rules, later rules winning), or
+    Either pass `policy` (a Policy, a list of rules, later rules winning, or a Plan
+    made before, e.g. read with `Plan.from_json` from `bnkit freeze`'s output), or
     the shortcut: `train_from` freezes every layer before the named one (BN
     `frozen`) and makes it and everything after it trainable, with its BN
     layers in mode `bn`; without `train_from`, `bn` sets every BN layer. Extra
@@ -45,9 +46,16 @@ def freeze(
         {'frozen': 49}
     """
     backend = get_backend(model)
-    policy = _as_policy(policy, train_from, bn, rules)
     records, infos = leaf_records(backend.records(model))
-    decisions = resolve(infos, [_current(r) for r in records], policy)
+    if isinstance(policy, Plan):
+        if train_from is not None or bn is not None or rules:
+            raise BnkitError("give either a plan or train_from/bn/rules, not both")
+        decisions = _matching(policy, records)
+        policy_text = policy.policy
+    else:
+        policy = _as_policy(policy, train_from, bn, rules)
+        decisions = resolve(infos, [_current(r) for r in records], policy)
+        policy_text = str(policy)
     backend.apply(model, decisions)
     notes: list[str] = []
     status = backend.compile_status(model)
@@ -61,7 +69,7 @@ def freeze(
             stacklevel=2,
         )
     plan = Plan(
-        decisions, str(policy), needs_recompile=status.stale and not recompile, notes=tuple(notes)
+        decisions, policy_text, needs_recompile=status.stale and not recompile, notes=tuple(notes)
     )
     _PLANS[model] = plan
     return plan
@@ -104,6 +112,22 @@ def recompile(model: Any) -> None:
 def last_plan(model: Any) -> Plan | None:
     """The plan of the last `freeze` on `model` in this process, if any."""
     return _PLANS.get(model)
+
+
+def _matching(plan: Plan, records: list[LayerRecord]) -> tuple[LayerDecision, ...]:
+    """The plan's decisions, after checking they name this model's layers in order."""
+    paths = [r.path for r in records]
+    planned = [d.path for d in plan.layers]
+    if paths != planned:
+        first = next(
+            (f"{a!r} vs {b!r}" for a, b in zip(paths, planned, strict=False) if a != b),
+            f"{len(paths)} layers vs {len(planned)}",
+        )
+        raise BnkitError(
+            f"this plan was made for another model (first difference: {first}); build the "
+            "same architecture, or freeze again"
+        )
+    return plan.layers
 
 
 def _current(record: LayerRecord) -> tuple[bool, str | None]:

@@ -244,7 +244,8 @@ class Block(Selector):
 
 
 def find_layer(layers: Sequence[LayerInfo], name: str) -> int:
-    """Position of the layer with path or name `name`; raises SelectorError naming the closest."""
+    """Position of the layer with path or name `name` (for a container, its first layer);
+    raises SelectorError naming the closest."""
     for i, layer in enumerate(layers):
         if layer.path == name:
             return i
@@ -254,6 +255,11 @@ def find_layer(layers: Sequence[LayerInfo], name: str) -> int:
     if len(hits) > 1:
         paths = ", ".join(layers[i].path for i in hits)
         raise SelectorError(f"layer name {name!r} is ambiguous ({paths}): give the full path")
+    inside = [
+        i for i, layer in enumerate(layers) if layer.path.startswith((f"{name}/", f"{name}."))
+    ]
+    if inside:  # a container (a nested model, a PyTorch Sequential): its first layer
+        return inside[0]
     hint = closest(name, [layer.name for layer in layers])
     raise SelectorError(f"no layer named {name!r}" + (f" ({hint})" if hint else ""))
 
@@ -437,6 +443,30 @@ class Plan:
             if d.is_bn and d.bn_mode is not None:
                 counts[d.bn_mode] = counts.get(d.bn_mode, 0) + 1
         return counts
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """A plan written by `to_json` (the `.plan.json` of `bnkit freeze` on a PyTorch
+        model), to apply again with `bnkit.freeze(model, plan)`.
+
+        Example:
+            >>> p = Plan((LayerDecision("fc", "Linear", False, True, None, 0),), "all")
+            >>> Plan.from_json(p.to_json()) == p
+            True
+        """
+        try:
+            doc = json.loads(text)
+            layers = tuple(LayerDecision(**d) for d in doc["layers"])
+            return cls(
+                layers,
+                str(doc["policy"]),
+                bool(doc.get("needs_recompile", False)),
+                tuple(doc.get("notes", ())),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise SelectorError(
+                f"not a bnkit plan ({err}): give a file bnkit freeze wrote"
+            ) from None
 
     def to_json(self) -> str:
         """The plan as a JSON document."""

@@ -13,6 +13,8 @@ from bnkit.errors import BackendError, ModelFileError
 
 _FILE_FORMATS = {".keras": "keras"}
 """Model-file suffix -> the backend package that reads it."""
+_MODEL_SUFFIX = {"keras": ".keras", "torch": ".pt"}
+"""Backend package -> the suffix of the model files the command line writes for it."""
 
 
 def get_backend(model: Any) -> Backend:
@@ -40,14 +42,25 @@ def get_backend(model: Any) -> Backend:
 
 def _files(path: Path) -> ModuleType:
     package = _FILE_FORMATS.get(path.suffix)
+    if package is None and _is_spec(str(path)):
+        package = "torch"
     if package is None:
         if not path.exists():
-            raise ModelFileError(f"{path}: no such file; check the path")
+            raise ModelFileError(
+                f"{path}: no such file; give a '.keras' file or a PyTorch model spec "
+                "(torchvision:resnet18, timm:NAME, package.module:factory, file.py:factory)"
+            )
         raise BackendError(
             f"{path}: unsupported model file type {path.suffix or '(none)'!r}; bnkit reads "
-            "Keras 3 '.keras' archives (re-save with model.save('model.keras'))"
+            "Keras 3 '.keras' archives and PyTorch model specs (torchvision:resnet18 "
+            "--weights ckpt.pt)"
         )
     return importlib.import_module(f"bnkit.backends.{package}.files")
+
+
+def _is_spec(text: str) -> bool:
+    source, sep, factory = text.rpartition(":")
+    return bool(sep and source and factory) and not Path(text).exists()
 
 
 def check_model_file(path: Path) -> Path:
@@ -55,9 +68,16 @@ def check_model_file(path: Path) -> Path:
     return _files(path).check(path)  # type: ignore[no-any-return]
 
 
-def layer_names(path: Path) -> set[str]:
-    """The layer names a model file holds, read without importing any framework."""
+def layer_names(path: Path) -> set[str] | None:
+    """The layer names a model file holds, read without importing any framework (None
+    when only building the model tells)."""
     return _files(path).layer_names(path)  # type: ignore[no-any-return]
+
+
+def model_suffix(path: Path) -> str:
+    """The suffix of the model file the command line writes for the model `path` names
+    (`.keras`, or `.pt` for a PyTorch state_dict), known without importing a framework."""
+    return _MODEL_SUFFIX[_files(path).__name__.rsplit(".", 2)[-2]]
 
 
 def backend_for_file(path: Path) -> Backend:
@@ -65,3 +85,21 @@ def backend_for_file(path: Path) -> Backend:
     package = _files(path).__name__.rsplit(".", 2)[-2]
     core = importlib.import_module(f"bnkit.backends.{package}.core")
     return core.backend()  # type: ignore[no-any-return]
+
+
+def load_model(path: Path, args: str | None = None, weights: Path | None = None) -> Any:
+    """Checks, then loads or builds, the model `path` names: a model file, or a PyTorch
+    model spec with its factory's arguments (JSON) and a state_dict file."""
+    files = _files(path)
+    if (args is not None or weights is not None) and not hasattr(files, "parse_args"):
+        raise BackendError(
+            f"{path}: --args and --weights are for PyTorch model specs; a Keras file holds "
+            "its weights"
+        )
+    files.check(path)
+    if args is None and weights is None:
+        return backend_for_file(path).load(path)
+    if weights is not None:
+        files.check_weights(weights)
+    kwargs = files.parse_args(args)
+    return backend_for_file(path).load(path, kwargs, weights)  # type: ignore[call-arg]

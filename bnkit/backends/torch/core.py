@@ -34,7 +34,7 @@ from bnkit.backends.base import (
     missing,
 )
 from bnkit.data import DataError
-from bnkit.errors import BackendError, BnkitError
+from bnkit.errors import BnkitError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.records import (
     BATCH_STATS_AT_TRAINING_ONLY,
@@ -397,17 +397,165 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ files
 
-    def load(self, path: Path) -> Any:
-        raise BackendError(_NO_FILES)
+    def load(
+        self, path: Path, args: dict[str, Any] | None = None, weights: Path | None = None
+    ) -> Any:
+        """Builds the model a spec names (`torchvision:resnet18`, `timm:NAME`,
+        `package.module:factory`, `file.py:factory`), then loads `weights`."""
+        from bnkit.backends.torch.files import parse
+
+        spec = parse(str(path))
+        model = _build(spec, args or {})
+        if weights is not None:
+            load_weights(model, weights, str(spec))
+        return model
 
     def save(self, model: Any, path: Path) -> None:
-        raise BackendError(_NO_FILES)
+        """The state_dict (pinned BN modules keep plain BatchNorm's keys)."""
+        torch.save(model.state_dict(), str(path))
 
 
-_NO_FILES = (
-    "bnkit handles PyTorch models in Python (bnkit.inspect, freeze, watch, adapt, shift on "
-    "the module); the command line reads Keras '.keras' files only"
-)
+def _build(spec: Any, args: dict[str, Any]) -> Any:
+    from bnkit.errors import ModelFileError
+
+    factory = _factory(spec)
+    try:
+        model = factory(**args)
+    except Exception as err:  # the user's factory may raise anything
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelFileError(
+            f"{spec}: the factory raised {type(err).__name__} ({first}); check --args"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(
+            f"{spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _factory(spec: Any) -> Any:
+    import importlib
+    import importlib.util
+
+    from bnkit.errors import ModelFileError, closest
+
+    if spec.source == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if spec.factory not in names:
+            hint = closest(spec.factory, names)
+            raise ModelFileError(
+                f"{spec}: torchvision has no model {spec.factory!r}"
+                + (f" ({hint})" if hint else "")
+            )
+        return lambda **kw: torchvision.models.get_model(spec.factory, **{"weights": None, **kw})
+    if spec.source == "timm":
+        import timm
+
+        if not timm.is_model(spec.factory):
+            hint = closest(spec.factory, timm.list_models())
+            raise ModelFileError(
+                f"{spec}: timm has no model {spec.factory!r}" + (f" ({hint})" if hint else "")
+            )
+        return lambda **kw: timm.create_model(spec.factory, **{"pretrained": False, **kw})
+    try:
+        if spec.is_file:
+            loader = importlib.util.spec_from_file_location("bnkit_user_model", spec.source)
+            if loader is None or loader.loader is None:
+                raise ImportError(spec.source)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec.source)
+    except Exception as err:  # importing user code may raise anything
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelFileError(f"{spec}: cannot import {spec.source!r} ({first})") from None
+    factory = getattr(module, spec.factory, None)
+    if not callable(factory):
+        names = [n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n])]
+        hint = closest(spec.factory, names)
+        raise ModelFileError(
+            f"{spec}: {spec.source} has no factory {spec.factory!r}"
+            + (f" ({hint})" if hint else "")
+        )
+    return factory
+
+
+STATE_KEYS = ("state_dict", "model", "model_state_dict", "module")
+"""Where Lightning, timm and common training scripts keep the weights in a checkpoint."""
+MISMATCH_LISTED = 3
+
+
+def load_weights(model: Any, path: Path, what: str) -> None:
+    """Loads a state_dict file into `model` with `torch.load(weights_only=True)` (bnkit
+    never unpickles a file): the dict itself, or one under `state_dict`/`model`; a
+    prefix such as `model.` (Lightning) or `module.` (DDP) is removed when that makes
+    the keys fit."""
+    import pickle
+
+    from bnkit.errors import ModelFileError
+
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelFileError(
+            f"{path}: holds pickled Python objects (a whole module?), which bnkit never "
+            "unpickles; save the weights with torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception as err:  # a corrupt file raises various types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ModelFileError(f"{path}: cannot read this weights file ({first})") from None
+    state = _state_dict(loaded, path)
+    want = model.state_dict()
+    state = _strip_prefix(state, set(want))
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:MISMATCH_LISTED])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:MISMATCH_LISTED])}")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{k} is {tuple(state[k].shape)}, the model's {tuple(want[k].shape)}")
+        raise ModelFileError(
+            f"{path}: these weights do not fit {what} ({'; '.join(parts)}): another "
+            "architecture, or other --args?"
+        )
+    model.load_state_dict(state)
+
+
+def _state_dict(loaded: Any, path: Path) -> dict[str, Any]:
+    from bnkit.errors import ModelFileError
+
+    if isinstance(loaded, dict):
+        for key in STATE_KEYS:
+            inner = loaded.get(key)
+            if (
+                isinstance(inner, dict)
+                and inner
+                and all(torch.is_tensor(v) for v in inner.values())
+            ):
+                return inner
+        if loaded and all(torch.is_tensor(v) for v in loaded.values()):
+            return loaded
+    raise ModelFileError(
+        f"{path}: not a state_dict (a dict of tensors, or one under "
+        f"{', '.join(STATE_KEYS)}); save with torch.save(model.state_dict(), path)"
+    )
+
+
+def _strip_prefix(state: dict[str, Any], want: set[str]) -> dict[str, Any]:
+    if set(state) & want:
+        return state
+    for prefix in ("model.", "module.", "net.", "backbone."):
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(stripped) & want:
+            return stripped
+    return state
 
 
 def as_input(model: Any, x: np.ndarray) -> torch.Tensor:

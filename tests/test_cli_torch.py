@@ -1,0 +1,152 @@
+"""The command line on PyTorch models: a model spec (library:name, module:factory,
+file.py:factory) with --args and --weights; outputs as state_dict, plan JSON, .pt2 and
+.onnx; one line and exit 2 for every bad input, inputs untouched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_cli import _one_line, digest, run
+from torch_nets import net
+
+import bnkit
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def build(classes=3):
+    torch.manual_seed(0)
+    return Net(classes)
+
+
+def broken():
+    raise RuntimeError("out of coffee")
+"""
+
+
+@pytest.fixture
+def spec(tmp_path) -> str:
+    (tmp_path / "models.py").write_text(FACTORY)
+    return f"{tmp_path / 'models.py'}:build"
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    path = tmp_path / "images.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.normal(2.0, 3.0, size=(12, 3, 6, 6)).astype("float32"),
+             y=rng.integers(0, 3, size=12))  # fmt: skip
+    return path
+
+
+def test_freeze_writes_a_state_dict_and_a_plan_the_library_applies_again(capsys, spec, tmp_path):
+    out = tmp_path / "frozen.pt"
+    code, text, err = run(capsys, "freeze", spec, "-o", str(out), "--train-from", "block",
+                          "--bn", "affine")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "frozen.plan.json").exists() and "wrote" in text
+    model = net()  # the user's own model, the same architecture
+    model.load_state_dict(torch.load(out, weights_only=True))
+    plan = bnkit.Plan.from_json((tmp_path / "frozen.plan.json").read_text())
+    bnkit.freeze(model, plan)
+    modes = {r.path: r.bn_mode for r in bnkit.inspect(model).bn_layers}
+    assert modes == {"stem.1": "frozen", "block.1": "affine"}
+    with pytest.raises(bnkit.BnkitError, match="another model"):
+        bnkit.freeze(torch.nn.Sequential(torch.nn.BatchNorm2d(2)), plan)
+
+
+def test_adapt_shift_check_and_inspect_on_a_spec_with_weights(capsys, spec, images, tmp_path):
+    adapted = tmp_path / "adapted.pt"
+    code, _, err = run(capsys, "adapt", spec, str(images), "-o", str(adapted), "--json")
+    assert code == 0, err
+    code, out, err = run(capsys, "shift", spec, str(images), "--weights", str(adapted), "--json")
+    assert code == 0, err
+    assert json.loads(out)["score"] < 0.01  # the adapted statistics fit these images
+    code, out, _ = run(capsys, "shift", spec, str(images), "--json")
+    assert json.loads(out)["score"] > 0.1  # the built model's do not
+    code, out, _ = run(capsys, "inspect", spec, "--args", '{"classes": 5}', "--json")
+    assert code == 0 and json.loads(out)["totals"]["bn_layers"] == 2
+    code, out, _ = run(capsys, "check", spec, "--batch-size", "1", "--example", str(images))
+    assert code == 0 and "BN004" in out  # a warning: 36 values per channel in a batch of 1
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_export_a_torchvision_model(capsys, tmp_path, fmt):
+    out = tmp_path / f"r18.{fmt}"
+    code, text, err = run(capsys, "export", "torchvision:resnet18", "-o", str(out),
+                          "--input-shape", "3,32,32", "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(text)
+    assert (doc["format"], doc["folded"], doc["kept"]) == (fmt, 20, 0) and out.exists()
+
+
+def test_export_without_an_input_shape_says_what_to_give(capsys, spec, tmp_path):
+    code, _, err = run(capsys, "export", spec, "-o", str(tmp_path / "m.pt2"))
+    assert code == 2 and "--input-shape" in _one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "message"),
+    [
+        ("no_such_pkg.models:build", [], "cannot import 'no_such_pkg.models'"),
+        ("{py}:buld", [], "closest: build"),
+        ("{py}:broken", [], "raised RuntimeError (out of coffee)"),
+        ("{dir}/missing.py:build", [], "no such file"),
+        ("torchvision:resnet81", [], "closest: resnet18"),
+        ("{py}:build", ["--args", "{{not json"], "not valid JSON"),
+        ("{py}:build", ["--args", '{{"classes": 5}}', "--weights", "{weights}"], "do not fit"),
+        ("{py}:build", ["--weights", "{pickled}"], "never unpickles"),
+        ("{py}:build", ["--weights", "{corrupt}"], "cannot read this weights file"),
+        ("{py}:build", ["--weights", "{dir}/nothing.pt"], "no such weights file"),
+        ("{keras}", ["--weights", "{weights}"], "for PyTorch model specs"),
+    ],
+    ids=[
+        "module",
+        "factory",
+        "raises",
+        "file",
+        "library",
+        "args",
+        "other-arch",
+        "pickle",
+        "corrupt",
+        "no-weights",
+        "keras-weights",
+    ],
+)
+def test_bad_model_specs_get_one_line(capsys, tmp_path, spec, model, extra, message):
+    weights = tmp_path / "w.pt"
+    torch.save(net().state_dict(), weights)
+    pickled = tmp_path / "whole.pt"
+    torch.save(net(), pickled)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(weights.read_bytes()[:100])
+    keras_file = tmp_path / "m.keras"
+    keras_file.write_bytes(b"PK")  # never read: the spec error comes first
+    paths = {"py": spec.rsplit(":", 1)[0], "dir": tmp_path, "weights": weights,
+             "pickled": pickled, "corrupt": corrupt, "keras": keras_file}  # fmt: skip
+    before = {p: digest(p) for p in (weights, pickled, corrupt)}
+    args = [a.format(**paths) for a in [model, *extra]]
+    code, _, err = run(capsys, "inspect", *args)
+    assert code == 2 and message in _one_line(err), err
+    assert {p: digest(p) for p in before} == before
