@@ -96,3 +96,128 @@ def randomise_bn(model: keras.Model, seed: int = 0) -> None:
 
 def changed(before: dict[str, np.ndarray], after: dict[str, np.ndarray], name: str) -> bool:
     return not np.array_equal(before[name], after[name])
+
+
+# ---------------------------------------------------------------------- both frameworks
+
+
+class KerasFramework:
+    """The small residual transfer model, trained with compile and fit."""
+
+    name = "keras"
+    shape = INPUT
+
+    def build(self):
+        model, base = build_transfer()
+        self.base = base
+        return model
+
+    def inputs(self, n: int, seed: int = 0) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return rng.normal(0.5, 2.0, size=(n, *INPUT)).astype("float32")
+
+    def train(self, model, steps: int = 2) -> None:
+        x = self.inputs(8 * steps)
+        y = np.random.default_rng(1).integers(0, CLASSES, size=8 * steps)
+        compile_fit(model, x, y)
+
+    def reenable(self, model) -> None:
+        """The framework's own call that undoes a naive freeze: parent.trainable = True."""
+        self.base.trainable = False
+        self.base.trainable = True
+
+    def bn_values(self, model) -> dict[str, dict[str, np.ndarray]]:
+        names = {"moving_mean": "mean", "moving_variance": "var", "gamma": "gamma",
+                 "beta": "beta"}  # fmt: skip
+        return {
+            f"base/{b.name}": {
+                names[v.name]: np.array(keras.ops.convert_to_numpy(v)) for v in b.weights
+            }
+            for b in bn_layers(model)
+        }
+
+    first_bn = "base/stem_bn"
+    folds = (3, 1)  # BN folded, kept (the pre-activation BN follows an Add)
+
+    def first_bn_input(self, model, x: np.ndarray) -> np.ndarray:
+        conv = keras.Model(self.base.inputs, self.base.get_layer("stem_conv").output)
+        return np.asarray(keras.ops.convert_to_numpy(conv(x)), dtype=np.float64)
+
+    def without_bn(self):
+        return keras.Sequential([keras.Input(INPUT), keras.layers.Conv2D(2, 3),
+                                 keras.layers.LayerNormalization()])  # fmt: skip
+
+    def set_weights_nonfinite(self, model) -> None:
+        layer = self.base.get_layer("block1_bn")
+        v = keras.ops.convert_to_numpy(layer.moving_variance).copy()
+        v[0] = np.nan
+        layer.moving_variance.assign(v)
+
+
+class TorchFramework:
+    """The same kind of model as a plain torch module, trained with a plain loop."""
+
+    name = "torch"
+    shape = (3, 6, 6)
+
+    def build(self):
+        from torch_nets import net
+
+        return net()
+
+    def inputs(self, n: int, seed: int = 0) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return rng.normal(0.5, 2.0, size=(n, *self.shape)).astype("float32")
+
+    def train(self, model, steps: int = 2) -> None:
+        from torch_nets import train_steps
+
+        train_steps(model, steps=steps)
+
+    def reenable(self, model) -> None:
+        """The framework's own call that undoes a naive freeze: model.train()."""
+        model.train()
+
+    def bn_values(self, model) -> dict[str, dict[str, np.ndarray]]:
+        import torch
+
+        out = {}
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                out[name] = {
+                    "mean": m.running_mean.numpy().copy(), "var": m.running_var.numpy().copy(),
+                    "gamma": m.weight.detach().numpy().copy(),
+                    "beta": m.bias.detach().numpy().copy(),
+                }  # fmt: skip
+        return out
+
+    first_bn = "stem.1"
+    folds = (2, 0)
+
+    def first_bn_input(self, model, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return model.stem[0](torch.as_tensor(x)).numpy().astype(np.float64)
+
+    def without_bn(self):
+        import torch
+
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.GroupNorm(1, 2))
+
+    def set_weights_nonfinite(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            model.block[1].running_var[0] = float("nan")
+
+
+@pytest.fixture(params=["keras", "torch"])
+def fw(request):
+    """Runs a framework-neutral test on a Keras model and on a PyTorch module."""
+    return KerasFramework() if request.param == "keras" else TorchFramework()
+
+
+def moved_keys(before: dict, after: dict) -> dict[str, set[str]]:
+    """Per BN layer, which of mean/var/gamma/beta changed."""
+    return {p: {k for k in v if not np.array_equal(v[k], after[p][k])} for p, v in before.items()}

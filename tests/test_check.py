@@ -151,3 +151,16 @@ def test_bn009_no_bn_is_a_note_not_a_crash():
     report = bnkit.check(model)
     assert [(f.code, f.severity) for f in report.findings] == [("BN009", "info")]
     assert "1 LayerNormalization" in report.findings[0].problem and not report.errors
+
+
+# ---------------------------------------------------------------------- both frameworks
+
+
+def test_no_bn_and_non_finite_variance_on_both_frameworks(fw):
+    report = bnkit.check(fw.without_bn())
+    assert [f.code for f in report.findings] == ["BN009"]
+    assert "Norm" in report.findings[0].problem
+    model = fw.build()
+    fw.set_weights_nonfinite(model)
+    errors = {f.code for f in bnkit.check(model).errors}
+    assert "BN005" in errors

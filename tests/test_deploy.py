@@ -145,3 +145,16 @@ def test_unavailable_format_says_what_to_do(tmp_path):
             bnkit.export(model, tmp_path / "saved", format="savedmodel")
     with pytest.raises(bnkit.BnkitError, match=r"must end in '\.keras'"):
         bnkit.export(model, tmp_path / "m.h5")
+
+
+# ---------------------------------------------------------------------- both frameworks
+
+
+def test_fold_on_both_frameworks(fw):
+    model = fw.build()
+    fw.train(model, steps=3)  # statistics and gamma/beta away from their initial values
+    result = bnkit.fold(model, fw.inputs(8, seed=5))
+    assert (len(result.folded), len(result.kept)) == fw.folds
+    assert max(result.max_diff_original, result.max_diff_single) < 1e-4
+    assert result.max_diff_training < 1e-4  # the copy computes the same in training mode
+    assert all(why for _, why in result.kept)

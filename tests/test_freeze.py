@@ -7,7 +7,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import bn_layers, build_transfer, changed, compile_fit, weights_of
+from conftest import bn_layers, build_transfer, changed, compile_fit, moved_keys, weights_of
 
 import bnkit
 from bnkit.backends.keras.core import PinnedBatchNormalization
@@ -201,3 +201,38 @@ def test_bad_selectors_name_the_closest_layer(transfer):
         bnkit.freeze(plain, bn="frozen")
     with pytest.raises(bnkit.BnkitError, match="needs a policy"):
         bnkit.freeze(model)
+
+
+# ---------------------------------------------------------------------- both frameworks
+
+EXPECTED_MOVES = {
+    "frozen": set(),
+    "affine": {"gamma", "beta"},
+    "train": {"mean", "var", "gamma", "beta"},
+    "adapt": set(),
+}
+
+
+@pytest.mark.parametrize("mode", list(EXPECTED_MOVES))
+def test_each_mode_survives_the_framework_undoing_a_freeze(fw, mode):
+    """Pinned modes hold through a real training step after parent.trainable = True
+    (Keras) or model.train() (PyTorch), and watch agrees with the plan."""
+    model = fw.build()
+    bnkit.freeze(model, bn=mode)
+    fw.reenable(model)
+    before = fw.bn_values(model)
+    with bnkit.watch(model) as w:
+        fw.train(model)
+    moves = moved_keys(before, fw.bn_values(model))
+    assert all(m == EXPECTED_MOVES[mode] for m in moves.values()), moves
+    assert w.report is not None and w.report.ok, w.report.problems()
+
+
+def test_unfreeze_gives_plain_bn_that_trains_again(fw):
+    model = fw.build()
+    bnkit.freeze(model, bn="frozen")
+    assert bnkit.unfreeze(model) == len(fw.bn_values(model))
+    before = fw.bn_values(model)
+    fw.train(model)
+    moves = moved_keys(before, fw.bn_values(model))
+    assert all(m == EXPECTED_MOVES["train"] for m in moves.values()), moves

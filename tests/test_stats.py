@@ -174,3 +174,26 @@ def test_shift_and_adapt_read_streams_and_reject_wrong_shapes(conv_model):
     np.testing.assert_allclose(from_tf.score, from_array.score, rtol=1e-5)
     with pytest.raises(DataError, match=r"shape \(8, 8, 1\) but the model takes \(8, 8, 3\)"):
         bnkit.adapt(conv_model, np.zeros((4, 8, 8, 1), "float32"))
+
+
+# ---------------------------------------------------------------------- both frameworks
+
+
+def test_adapt_matches_numpy_and_shift_measures_it(fw):
+    from conftest import moved_keys
+
+    model = fw.build()
+    x = fw.inputs(40, seed=3) * 2 + 1
+    before = fw.bn_values(model)
+    bnkit.adapt(model, x, batch_size=16)
+    after = fw.bn_values(model)
+    reference = fw.first_bn_input(model, x)
+    channel = 1 if fw.name == "torch" else -1
+    axes = tuple(i for i in range(reference.ndim) if i != channel % reference.ndim)
+    np.testing.assert_allclose(after[fw.first_bn]["mean"], reference.mean(axis=axes), atol=EPS_TOL)
+    np.testing.assert_allclose(after[fw.first_bn]["var"], reference.var(axis=axes), rtol=EPS_TOL)
+    assert all(m <= {"mean", "var"} for m in moved_keys(before, after).values())
+    same = bnkit.shift(model, x)
+    far = bnkit.shift(model, x * 3 - 5)
+    assert same.score < 0.01 < far.score
+    assert fw.bn_values(model)[fw.first_bn]["mean"].tolist() == after[fw.first_bn]["mean"].tolist()
