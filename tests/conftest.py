@@ -8,6 +8,11 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# In one process, importing torch._dynamo (which torch.optim and torch.export import)
+# after TensorFlow 2.21 crashes torch 2.14's bundled triton with a segmentation fault;
+# imported first, both work. The suite mixes PyTorch modules into the TensorFlow run.
+import torch._dynamo  # noqa: F401, I001
+
 import keras
 import numpy as np
 import pytest
