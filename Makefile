@@ -1,6 +1,6 @@
 # `make demo` runs the main job; `make test` runs lint, types, the tests and the
-# docstring examples under the Keras torch and TensorFlow backends. Both create
-# .venv when it is missing.
+# docstring examples under the Keras torch, TensorFlow and JAX backends (the pure
+# PyTorch tests in the first pass only). Both create .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,8 +26,9 @@ lint: $(STAMP)
 	$(PY) -m mypy bnkit
 
 test: lint
-	KERAS_BACKEND=torch $(PY) -m pytest -q tests bnkit --doctest-modules
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests bnkit --doctest-modules
+	KERAS_BACKEND=torch $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
+	KERAS_BACKEND=jax $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bnkit-demo

@@ -226,3 +226,23 @@ def fw(request):
 def moved_keys(before: dict, after: dict) -> dict[str, set[str]]:
     """Per BN layer, which of mean/var/gamma/beta changed."""
     return {p: {k for k in v if not np.array_equal(v[k], after[p][k])} for p, v in before.items()}
+
+
+PURE_TORCH = ("test_torch_backend.py", "test_check_torch.py", "test_deploy_torch.py",
+              "test_cli_torch.py")  # fmt: skip
+"""Test files that use no Keras: run once, in the torch-backend pass of `make test`."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under the TensorFlow and JAX backends, leave out what does not touch Keras: the pure
+    PyTorch files and the PyTorch half of the two-framework fixture."""
+    if keras.backend.backend() == "torch":
+        return
+    keep, drop = [], []
+    for item in items:
+        pure = item.fspath.basename in PURE_TORCH
+        torch_half = "[torch" in item.name and "fw" in getattr(item, "fixturenames", ())
+        (drop if pure or torch_half else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

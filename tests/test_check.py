@@ -136,8 +136,12 @@ def test_bn008_trainable_changed_after_fit_without_recompile(data):
     kernel = weights_of(base.get_layer("stem_conv"))["kernel"]
     try:
         compile_fit(model, *data)
-    except ValueError as err:  # torch: the optimizer does not know the new variables
-        assert "Unknown variable" in str(err)
+    except ValueError as err:  # torch, JAX: the optimizer does not know the new variables
+        assert "Unknown variable" in str(err) or "optimizer was built with" in str(err)
+        if keras.backend.backend() == "jax":  # and the failed step left no variable a value
+            with pytest.raises(TypeError):
+                weights_of(base.get_layer("stem_conv"))
+            return
     else:  # TensorFlow: the stale train function trains nothing new
         assert np.array_equal(kernel, weights_of(base.get_layer("stem_conv"))["kernel"])
     bnkit.recompile(model)

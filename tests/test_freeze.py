@@ -175,7 +175,8 @@ def test_freeze_recompile_flag_recompiles(transfer, data):
 
 
 def test_unfreezing_after_fit_without_recompile_is_the_keras_trap(transfer, data):
-    """Keras 3 itself: a stale optimizer raises 'Unknown variable' or trains nothing new."""
+    """Keras 3 itself: a stale optimizer raises 'Unknown variable' (torch), a variable
+    count mismatch (JAX), or trains nothing new (TensorFlow)."""
     model, base = transfer
     base.trainable = False
     compile_fit(model, *data)
@@ -185,7 +186,7 @@ def test_unfreezing_after_fit_without_recompile_is_the_keras_trap(transfer, data
     try:
         compile_fit(model, *data)
     except ValueError as err:
-        assert "Unknown variable" in str(err) or "unknown" in str(err).lower()
+        assert "Unknown variable" in str(err) or "optimizer was built with" in str(err)
     else:
         assert not changed(conv0, weights_of(base.get_layer("block2_conv")), "kernel")
 

@@ -590,16 +590,21 @@ def _moment_forward(
     original = type(layer).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        dims = [d for d in range(x.dim()) if d != 1]
         xf = x.float()
-        mean = xf.mean(dim=dims)
-        var = xf.var(dim=dims, unbiased=False)
-        captured[path] = (mean, var, x.numel() // x.shape[1])
+        n = x.numel() // x.shape[1]
         if not batch_stats:
+            dims = [d for d in range(x.dim()) if d != 1]
+            var, mean = torch.var_mean(xf, dim=dims, correction=0)
+            captured[path] = (mean, var, n)
             return original(layer, x)
+        # one fused kernel normalises with the batch moments and, with momentum 1, leaves
+        # them in the buffers given: the mean, and the variance with Bessel's correction
+        mean = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+        var = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
         out = F.batch_norm(
-            xf, None, None, _float(layer.weight), _float(layer.bias), True, 0.0, layer.eps
+            xf, mean, var, _float(layer.weight), _float(layer.bias), True, 1.0, layer.eps
         )
+        captured[path] = (mean, var * ((n - 1) / n) if n > 1 else var * 0.0, n)
         return out.to(x.dtype)
 
     return forward
