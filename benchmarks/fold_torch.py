@@ -2,7 +2,7 @@
 `torch.fx.experimental.optimization.fuse` does, folds at least as many BN layers, and
 says why it kept the others (fx's fuse skips them silently).
 
-For torchvision `mobilenet_v3_small` and `resnet18` (weights=None, randomised BN
+For torchvision `mobilenet_v3_small`, `resnet18` and `densenet121` (weights=None, randomised BN
 statistics, 64x64 inputs, eval mode), at batch 1 and 32: inference time of the original,
 of `bnkit.fold(...).model` and of fx's `fuse(...)`, each the median of RUNS interleaved
 timings (range printed), and each copy's largest output difference from the original.
@@ -55,7 +55,7 @@ def timed(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
 def main() -> None:
     print(f"torch {torch.__version__}, {SIZE}x{SIZE} inputs, eval mode, median of {RUNS} "
           "interleaved runs (range, relative to the original)")  # fmt: skip
-    for name in ("mobilenet_v3_small", "resnet18"):
+    for name in ("mobilenet_v3_small", "resnet18", "densenet121"):
         model = getattr(torchvision.models, name)(weights=None).eval()
         randomise(model)
         ours = bnkit.fold(model, input_shape=(3, SIZE, SIZE))

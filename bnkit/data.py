@@ -158,8 +158,9 @@ class Data:
                 check_labels_array(y, f"the labels of batch {k}")
                 y = np.asarray(y)
                 _check_labels(y, len(x), self.num_classes, k)
-            x = self.scaling(x)
-            _check_finite(x, k, scaled=str(self.scaling) != "none")
+            if str(self.scaling) != "none":  # a factor can overflow float32
+                x = self.scaling(x)
+                _check_finite(x, k, scaled=True)
             if swap:
                 x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
             count += 1

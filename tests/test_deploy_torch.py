@@ -115,7 +115,9 @@ def test_kept_bn_say_why_and_bn1d_heads_fold():
     assert result.folded == ("1",)
     assert result.kept == (("3", "it follows 2, which is not a Conv1d/2d/3d or Linear of its "
                                  "channel count"),)  # fmt: skip
-    assert isinstance(result.model[3], nn.Linear)  # a fixed per-channel affine, no bnkit class
+    kept = result.model[3]
+    assert isinstance(kept, torch.fx.GraphModule) and "False" in kept.code  # training=False
+    assert not type(kept).__module__.startswith("bnkit")
 
 
 def test_pinned_modes_are_unpinned_in_the_copy():

@@ -1,11 +1,11 @@
 """PyTorch deployment: BN folded into the Conv/Linear feeding it (torch's own fusion
-arithmetic), the other BN turned into fixed per-channel affine layers, dropout removed;
-and the facts `check` reads, from a `torch.fx` trace where the model traces, else from
-forward hooks on one pass.
+arithmetic), the other BN fixed in inference mode, dropout removed; and the facts
+`check` reads, from a `torch.fx` trace where the model traces, and from forward hooks
+on one inference pass.
 
 The copy is the user's own module class with some children replaced by plain torch
-modules (`nn.Identity`, a depthwise 1x1 convolution): no bnkit class, and its output
-does not depend on `train()`/`eval()`.
+modules (`nn.Identity`, a torch.fx GraphModule calling batch norm with
+`training=False`): no bnkit class, and its output does not depend on `train()`/`eval()`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import fusion
 
 from bnkit.backends.torch.core import BN, as_input, call, is_pinned, unpin_class, walk
@@ -97,10 +98,6 @@ def _eval_mode(model: Any) -> Iterator[None]:
     finally:
         for m, flag in zip(model.modules(), flags, strict=True):
             m.training = flag
-
-
-def _input_ranks(model: Any, example: np.ndarray) -> dict[str, int]:
-    return _hooked_pass(model, example)[2]
 
 
 def _hooked_pass(
@@ -193,45 +190,28 @@ def _set_child(root: Any, path: str, module: Any) -> None:
     setattr(parent, name, module)
 
 
-def _affine(bn: Any, rank: int | None, path: str) -> nn.Module:
-    """A fixed per-channel scale and shift equal to `bn` in inference, as a plain torch
-    module: a depthwise 1x1 convolution for inputs with spatial axes, a diagonal Linear
-    for (N, C) inputs (`rank` is the input's number of axes)."""
-    c = bn.num_features
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach().double()
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.detach().double()
-    if rank is None:
-        rank = _RANKS.get(_plain_type(bn))
-    if rank is None:
-        raise BnkitError(
-            f"{path}: a BatchNorm1d that cannot be folded needs an example input to tell "
-            "(N, C) from (N, C, L) inputs: give one (check_data / example)"
-        )
-    out: nn.Module
-    if rank == 2:
-        out = nn.Linear(c, c, bias=True)
-        weight = torch.diag(scale)
-    else:
-        out = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[rank](c, c, 1, groups=c, bias=True)
-        weight = scale.reshape(c, 1, *([1] * (rank - 2)))
-    dtype = bn.running_var.dtype
-    with torch.no_grad():
-        out.weight.copy_(weight.to(dtype))  # type: ignore[operator]
-        out.bias.copy_(shift.to(dtype))  # type: ignore[operator, union-attr]
-    return out.to(device=bn.running_var.device, dtype=dtype)
+class _InferenceBN(nn.Module):
+    """BatchNorm's inference computation with `training=False` written into the call, so
+    that `train()` cannot change it. Only traced: the copy holds the torch.fx
+    GraphModule made from it, a plain torch module."""
+
+    def __init__(self, bn: Any) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.weight = None if bn.weight is None else nn.Parameter(bn.weight.detach().clone())
+        self.bias = None if bn.bias is None else nn.Parameter(bn.bias.detach().clone())
+        self.eps = float(bn.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean: Any = self.running_mean
+        var: Any = self.running_var
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
 
-_RANKS: dict[type, int] = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
-
-
-def _plain_type(bn: Any) -> type:
-    return unpin_class(type(bn))
+def _fixed(bn: Any) -> nn.Module:
+    """A BN fixed in inference mode: the same fast kernel, whatever train() says."""
+    return torch.fx.symbolic_trace(_InferenceBN(bn))
 
 
 def fold_pairs(model: Any, graph: _Graph) -> dict[str, str]:
@@ -279,11 +259,9 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
     """A deep copy of `model` for deployment: each BN fed directly by a Conv1d/2d/3d or
     Linear whose output feeds nothing else is folded into it (with
     `torch.nn.utils.fusion`) and replaced by `nn.Identity`; every other BN becomes a
-    fixed per-channel affine module; dropout becomes `nn.Identity`. The copy is in
-    eval() and computes the same in train(). `example`, an input batch, tells each
-    BatchNorm1d's input rank."""
+    `torch.fx` GraphModule calling batch norm with `training=False`; dropout becomes
+    `nn.Identity`. The copy is in eval() and computes the same in train()."""
     graph, why = _trace(model)
-    ranks = _input_ranks(model, example) if example is not None else {}
     dup = copy.deepcopy(model)
     for node in walk(dup):
         if is_pinned(node.module):
@@ -306,8 +284,7 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
                         "normalises every batch with its own statistics, so there is nothing "
                         "to export it with; re-estimate statistics first (bnkit.adapt)"
                     )
-                affine = _affine(module, ranks.get(path), path)
-                _set_child(dup, path, _with_activation(module, affine))
+                _set_child(dup, path, _with_activation(module, _fixed(module)))
                 kept.append(path)
                 reasons.append((path, _why_kept(path, module, graph, why, fold)))
             elif identity_at_inference(module):
