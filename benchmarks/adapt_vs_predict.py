@@ -1,7 +1,8 @@
 """Claim: `bnkit.adapt` costs little more than `model.predict` over the same data.
 
 Prints time(adapt) / time(predict), both measured in this run on the same model
-and data, each the best of REPEATS. The forward pass is the floor.
+and data: the median of RUNS interleaved timings, with the range of the ratio. The
+forward pass is the floor.
 
     KERAS_BACKEND=torch MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
         .venv/bin/python benchmarks/adapt_vs_predict.py
@@ -11,6 +12,7 @@ and data, each the best of REPEATS. The forward pass is the floor.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,7 +22,7 @@ import numpy as np
 
 import bnkit
 
-N, SIZE, BATCH, REPEATS = 1024, 32, 64, 3
+N, SIZE, BATCH, RUNS = 1024, 32, 64, 7
 
 
 def residual_cnn() -> keras.Model:
@@ -38,13 +40,10 @@ def residual_cnn() -> keras.Model:
     return keras.Model(inp, keras.layers.Dense(10)(x))
 
 
-def best(fn) -> float:
-    times = []
-    for _ in range(REPEATS):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -53,11 +52,17 @@ def main() -> None:
     x = np.random.default_rng(0).normal(size=(N, SIZE, SIZE, 3)).astype("float32")
     model.predict(x[:BATCH], batch_size=BATCH, verbose=0)  # warm up both paths
     bnkit.adapt(model, x[:BATCH], batch_size=BATCH)
-    t_predict = best(lambda: model.predict(x, batch_size=BATCH, verbose=0))
-    t_adapt = best(lambda: bnkit.adapt(model, x, batch_size=BATCH))
-    print(f"backend {keras.backend.backend()}: {N} images {SIZE}x{SIZE}, batch {BATCH}")
+    predict, adapt = [], []
+    for _ in range(RUNS):
+        predict.append(timed(lambda: model.predict(x, batch_size=BATCH, verbose=0)))
+        adapt.append(timed(lambda: bnkit.adapt(model, x, batch_size=BATCH)))
+    ratios = [a / p for a, p in zip(adapt, predict, strict=True)]
+    t_predict, t_adapt = statistics.median(predict), statistics.median(adapt)
+    print(f"backend {keras.backend.backend()}: {N} images {SIZE}x{SIZE}, batch {BATCH}, "
+          f"median of {RUNS} interleaved runs")  # fmt: skip
     print(f"predict {N / t_predict:,.0f} img/s, adapt {N / t_adapt:,.0f} img/s")
-    print(f"ratio adapt/predict = {t_adapt / t_predict:.2f}")
+    print(f"ratio adapt/predict = {statistics.median(ratios):.2f} "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":
