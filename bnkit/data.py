@@ -149,7 +149,8 @@ class Data:
             swap = self.channels_first and x.ndim == 4
             if swap and not isinstance(self.source, _FolderSource):
                 x = x.transpose(0, 2, 3, 1)  # processed channels-last, handed back as given
-            if self.image_size is not None and x.ndim == 4 and x.shape[1:3] != self.image_size:
+            images = x.ndim == 4 and x.shape[-1] in (1, 3, 4)  # else no resize: a layout error
+            if self.image_size is not None and images and x.shape[1:3] != self.image_size:
                 x = _resize_batch(x, self.image_size)
             if self.channels is not None and x.ndim == 4 and x.shape[-1] != self.channels:
                 x = _convert_channels(x, self.channels, k)

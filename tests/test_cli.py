@@ -251,10 +251,11 @@ def test_adapt_and_shift_read_an_image_folder_resized_to_the_model(capsys, model
     [
         (lambda p: p.mkdir(), [], "the directory is empty"),
         (lambda p: np.savez(p, x=np.zeros((2, 8, 8, 1))), [], "convert the channels"),
+        (lambda p: np.savez(p, x=np.zeros((2, 3, 8, 8))), [], "transpose(0, 2, 3, 1)"),
         (lambda p: np.savez(p, x=np.zeros((2, 8, 8, 3))), ["--scale", "x"], "cannot read scale"),
         (lambda p: np.savez(p, x=np.zeros((2, 8, 8, 3))), ["--plot", "s.txt"], "end in '.png'"),
     ],
-    ids=["empty-folder", "channels", "bad-scale", "plot-suffix"],
+    ids=["empty-folder", "channels", "channels-first", "bad-scale", "plot-suffix"],
 )
 def test_shift_bad_input_gets_one_line(capsys, model_file, tmp_path, setup, extra, message):
     data = tmp_path / "d.npz"
