@@ -13,6 +13,7 @@ from rich.table import Table
 
 from bnkit.backends import get_backend
 from bnkit.backends.base import Snapshot
+from bnkit.errors import BnkitError
 from bnkit.freeze import last_plan
 from bnkit.policy import MODE_STATES, STATS_ONLY, Mode, Plan
 from bnkit.report import inspect
@@ -117,10 +118,29 @@ class WatchReport:
 
 
 class Watch:
-    """Handle returned by `watch`; its `report` is filled when the block exits."""
+    """Watches one model against its plan: `start` copies every weight, `stop` reports
+    what changed since. `watch` uses it as a context manager; callbacks call `start`
+    and `stop` once per epoch. Expectations are fixed when it is made."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: Any, plan: Plan | None = None) -> None:
+        self._model = model
+        self._backend = get_backend(model)
+        self._expected, self.source = _expectations(model, plan)
+        self._before: Snapshot | None = None
         self.report: WatchReport | None = None
+        """the last report; filled by `stop` (when the `watch` block exits)."""
+
+    def start(self) -> None:
+        """Copies every weight and statistic as the reference for the next `stop`."""
+        self._before = self._backend.snapshot(self._model)
+
+    def stop(self) -> WatchReport:
+        """What changed since `start`, against the plan."""
+        if self._before is None:
+            raise BnkitError("Watch.stop() before start()")
+        after = self._backend.snapshot(self._model)
+        self.report = WatchReport(_compare(self._before, after, self._expected), self.source)
+        return self.report
 
 
 @contextlib.contextmanager
@@ -144,15 +164,12 @@ def watch(model: Any, plan: Plan | None = None) -> Iterator[Watch]:
         >>> w.report.ok
         True
     """
-    backend = get_backend(model)
-    expected, source = _expectations(model, plan)
-    before = backend.snapshot(model)
-    handle = Watch()
+    handle = Watch(model, plan)
+    handle.start()
     try:
         yield handle
     finally:
-        after = backend.snapshot(model)
-        handle.report = WatchReport(_compare(before, after, expected), source)
+        handle.stop()
 
 
 def _expectations(model: Any, plan: Plan | None) -> tuple[dict[str, Expectation], str]:
