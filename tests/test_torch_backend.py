@@ -118,3 +118,44 @@ def test_channels_last_images_get_one_line_saying_how_to_transpose():
     with pytest.raises(bnkit.BnkitError, match=r"channels-first .*transpose\(0, 3, 1, 2\)"):
         bnkit.adapt(model, x)
     assert all(np.array_equal(v, state(model)[k]) for k, v in before.items())
+
+
+def test_timm_bn_with_activation_is_pinned_and_keeps_its_activation():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=3)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert type(bns[0]).__name__ == "BatchNormAct2d" and len(bns) == 49
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+    plan = bnkit.freeze(model, bn="frozen")
+    assert plan.bn_counts() == {"frozen": 49}  # none skipped for carrying an activation
+    before = state(model)
+    train_steps_on(model, torch.randn(8, 3, 32, 32))
+    after = state(model)
+    assert not any(moved(before, after, k) for k in before if "running" in k)
+    model.train()  # pinned: training mode normalises as inference does, activation included
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, atol=1e-5)
+    assert bnkit.unfreeze(model) == 49 and type(bns[0]).__name__ == "BatchNormAct2d"
+
+
+def test_sync_batchnorm_is_pinned_too():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))
+    bnkit.freeze(model, bn="frozen")
+    before = state(model)
+    model.train()
+    model(torch.randn(4, 3, 6, 6))
+    assert not moved(before, state(model), "1.running_mean")
+
+
+def train_steps_on(model: nn.Module, x: torch.Tensor) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()

@@ -70,9 +70,20 @@ class _TorchPin:
             return super().forward(x)  # type: ignore[misc]
         bn: Any = self
         bn._check_input_dim(x)
-        return F.batch_norm(
+        out = F.batch_norm(
             x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
         )
+        return carried(bn, out)
+
+
+def carried(bn: Any, out: torch.Tensor) -> torch.Tensor:
+    """What a BN module applies after normalising: timm's BatchNormAct2d carries a drop and
+    an activation inside (in that order); plain BN nothing."""
+    for name in ("drop", "act"):
+        step = getattr(bn, name, None)
+        if isinstance(step, nn.Module):
+            out = step(out)
+    return out
 
 
 class PinnedBatchNorm1d(_TorchPin, nn.BatchNorm1d):
@@ -87,12 +98,23 @@ class PinnedBatchNorm3d(_TorchPin, nn.BatchNorm3d):
     """A BatchNorm3d whose mode bnkit pinned."""
 
 
-_PINNED = {
+_PINNED: dict[type, type] = {
     nn.BatchNorm1d: PinnedBatchNorm1d,
     nn.BatchNorm2d: PinnedBatchNorm2d,
     nn.BatchNorm3d: PinnedBatchNorm3d,
 }
 _PLAIN: dict[type, type] = {v: k for k, v in _PINNED.items()}
+
+
+def pinned_class(cls: type) -> type:
+    """The pinned variant of a BN class: made on first use for subclasses (timm's
+    BatchNormAct2d, SyncBatchNorm, a user's own), keeping their forward in mode `train`."""
+    cls = unpin_class(cls)
+    if cls not in _PINNED:
+        made = type(f"Pinned{cls.__name__}", (_TorchPin, cls), {"__module__": __name__})
+        _PINNED[cls] = made
+        _PLAIN[made] = cls
+    return _PINNED[cls]
 
 
 def unpin_class(cls: type) -> type:
@@ -115,6 +137,9 @@ def walk(model: Any) -> list[_Node]:
     def visit(module: Any, prefix: str, parents: tuple[Any, ...]) -> None:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, BN):  # one layer, with what it carries inside (timm)
+                nodes.append(_Node(path, child, False, parents))
+                continue
             kids = list(child.children())
             nodes.append(_Node(path, child, bool(kids), parents))
             visit(child, path, (*parents, child))
@@ -310,15 +335,15 @@ class TorchBackend:
                     p.requires_grad_(d.trainable)
 
     def set_bn_mode(self, layer: Any, mode: Mode) -> None:
-        base = _PLAIN.get(type(layer), type(layer))
-        if base not in _PINNED:
+        if not isinstance(layer, BN):
             raise BnkitError(
-                f"{type(layer).__name__} is not BatchNorm1d/2d/3d: bnkit cannot pin it"
+                f"{type(layer).__name__} is not a BatchNorm module: bnkit cannot pin it"
             )
-        _ORIGINAL.setdefault(layer, {n: p.requires_grad for n, p in _own(layer)})
-        layer.__class__ = _PINNED[base]
-        layer._bnkit_mode = mode.value
-        for _, p in _own(layer):
+        bn: Any = layer
+        _ORIGINAL.setdefault(bn, {n: p.requires_grad for n, p in _own(bn)})
+        bn.__class__ = pinned_class(type(bn))
+        bn._bnkit_mode = mode.value
+        for _, p in _own(bn):
             p.requires_grad_(MODE_STATES[mode].affine_trained)
 
     def unfreeze(self, model: Any) -> int:
@@ -605,7 +630,7 @@ def _moment_forward(
             xf, mean, var, _float(layer.weight), _float(layer.bias), True, 1.0, layer.eps
         )
         captured[path] = (mean, var * ((n - 1) / n) if n > 1 else var * 0.0, n)
-        return out.to(x.dtype)
+        return carried(layer, out.to(x.dtype))
 
     return forward
 
