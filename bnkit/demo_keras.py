@@ -8,6 +8,8 @@ from typing import Any
 
 import keras
 
+from bnkit.backends.keras.core import set_random_seed
+
 WIDTHS = (16, 32, 64)
 
 
@@ -50,7 +52,7 @@ def train_classifier(
     model: keras.Model, x: Any, y: Any, *, epochs: int, batch_size: int, seed: int, lr: float
 ) -> None:
     """Fits `model` with Adam and sparse cross-entropy from logits, deterministically."""
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -77,7 +79,7 @@ def clone(model: keras.Model) -> keras.Model:
 
 def seed_everything(seed: int) -> None:
     """Seeds Python, NumPy and the Keras backend."""
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
 
 
 def version() -> str:

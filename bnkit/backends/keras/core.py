@@ -450,11 +450,19 @@ class KerasBackend:
             model.save(path)
 
 
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed` without importing TensorFlow on another backend (Keras
+    imports it only to seed it, and nothing of TensorFlow runs unless it is imported)."""
+    with _tensorflow_left_unloaded():
+        keras.utils.set_random_seed(seed)
+
+
 @contextlib.contextmanager
 def _tensorflow_left_unloaded() -> Iterator[None]:
-    """Keeps Keras' (de)serialisation from importing TensorFlow on another backend: it
-    asks `tf.available` only to test objects for TensorFlow types, which cannot exist
-    while TensorFlow is not imported (and importing it costs seconds and log lines)."""
+    """Keeps Keras from importing TensorFlow on another backend: (de)serialisation asks
+    `tf.available` only to test objects for TensorFlow types, and seeding only to seed
+    it; neither matters while TensorFlow is not imported (importing it costs seconds and
+    log lines)."""
     from keras.src.utils import module_utils
 
     lazy = module_utils.tensorflow

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from bnkit.backends.base import sample_order
-from bnkit.backends.keras.core import BN, walk
+from bnkit.backends.keras.core import BN, set_random_seed, walk
 from bnkit.backends.keras.deploy import identity_at_inference
 from bnkit.errors import BnkitError
 from bnkit.records import Diverged, EpochLog, Split
@@ -191,7 +191,7 @@ def guarded_fit(
     finite step (finite loss, finite update) started from are restored, and the step and
     the first layer (named as in `paths_from`) whose output was non-finite on that batch
     are returned."""
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     entered = _weights(model)  # the weights the next step starts from
     last_ok = entered  # the weights the last fully finite step (loss and update) started from
     steps = -(-len(x) // batch_size)
