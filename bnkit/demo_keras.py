@@ -8,7 +8,7 @@ from typing import Any
 
 import keras
 
-from bnkit.backends.keras.core import set_random_seed
+from bnkit.backends.keras.core import set_random_seed, without_tensorflow
 
 WIDTHS = (16, 32, 64)
 
@@ -69,7 +69,8 @@ def accuracy(model: keras.Model, x: Any, y: Any, batch_size: int = 256) -> float
 
 def clone(model: keras.Model) -> keras.Model:
     """A copy of `model` with its own variables (weights and BN statistics copied)."""
-    copy = keras.models.clone_model(model)
+    with without_tensorflow():
+        copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -158,4 +159,5 @@ def backend_name() -> str:
 
 def load(path: Any) -> keras.Model:
     """Loads a `.keras` file."""
-    return keras.models.load_model(path)
+    with without_tensorflow():
+        return keras.models.load_model(path)

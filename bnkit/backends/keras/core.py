@@ -435,7 +435,7 @@ class KerasBackend:
 
     def load(self, path: Path) -> Any:
         try:
-            with _tensorflow_left_unloaded():
+            with without_tensorflow():
                 return keras.models.load_model(path)
         except Exception as err:  # Keras raises many types for a bad archive
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -446,19 +446,19 @@ class KerasBackend:
             ) from None
 
     def save(self, model: Any, path: Path) -> None:
-        with _tensorflow_left_unloaded():
+        with without_tensorflow():
             model.save(path)
 
 
 def set_random_seed(seed: int) -> None:
     """`keras.utils.set_random_seed` without importing TensorFlow on another backend (Keras
     imports it only to seed it, and nothing of TensorFlow runs unless it is imported)."""
-    with _tensorflow_left_unloaded():
+    with without_tensorflow():
         keras.utils.set_random_seed(seed)
 
 
 @contextlib.contextmanager
-def _tensorflow_left_unloaded() -> Iterator[None]:
+def without_tensorflow() -> Iterator[None]:
     """Keeps Keras from importing TensorFlow on another backend: (de)serialisation asks
     `tf.available` only to test objects for TensorFlow types, and seeding only to seed
     it; neither matters while TensorFlow is not imported (importing it costs seconds and
