@@ -35,6 +35,13 @@ Each row starts from the same weights and trains the whole network for the same 
   only gamma/beta, train trains all four, adapt stays frozen until re-estimated."""
 
 
+def _with_options(fn: Any, options: list[Any]) -> Any:
+    """`fn` decorated with `options`, listed in the order --help shows them."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     ctx.meta[f"bnkit.{param.name}"] = value
     return value
@@ -59,9 +66,7 @@ def _model_options(fn: Any) -> Any:
             help="PyTorch spec: a state_dict file to load (read with weights_only=True).",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _with_options(fn, options)
 
 
 def _load(model: Path) -> Any:
@@ -227,9 +232,7 @@ def _data_options(fn: Any) -> Any:
             help="Resize images to this side (default: the model's input size, when known).",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _with_options(fn, options)
 
 
 def _open_data(

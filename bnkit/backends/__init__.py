@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Any
 
 from bnkit.backends.base import Backend
+from bnkit.backends.torch import files as torch_files
 from bnkit.errors import BackendError, ModelFileError
 
 _FILE_FORMATS = {".keras": "keras"}
@@ -42,7 +43,7 @@ def get_backend(model: Any) -> Backend:
 
 def _files(path: Path) -> ModuleType:
     package = _FILE_FORMATS.get(path.suffix)
-    if package is None and _is_spec(str(path)):
+    if package is None and torch_files.is_spec(str(path)):
         package = "torch"
     if package is None:
         if not path.exists():
@@ -56,11 +57,6 @@ def _files(path: Path) -> ModuleType:
             "--weights ckpt.pt)"
         )
     return importlib.import_module(f"bnkit.backends.{package}.files")
-
-
-def _is_spec(text: str) -> bool:
-    source, sep, factory = text.rpartition(":")
-    return bool(sep and source and factory) and not Path(text).exists()
 
 
 def check_model_file(path: Path) -> Path:

@@ -100,15 +100,11 @@ def _eval_mode(model: Any) -> Iterator[None]:
             m.training = flag
 
 
-def _hooked_pass(
-    model: Any, example: np.ndarray
-) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """Calls per BN module, values per channel per sample and the input's number of axes,
-    from one inference pass."""
+def _hooked_pass(model: Any, example: np.ndarray) -> tuple[dict[str, int], dict[str, int]]:
+    """Calls per BN module and values per channel per sample, from one inference pass."""
     bns = {n.path: n.module for n in walk(model) if isinstance(n.module, BN)}
     calls: dict[str, int] = dict.fromkeys(bns, 0)
     spatial: dict[str, int] = {}
-    ranks: dict[str, int] = {}
     handles = []
 
     def hook(path: str) -> Any:
@@ -116,7 +112,6 @@ def _hooked_pass(
             calls[path] += 1
             x = args[0]
             spatial[path] = int(x[0].numel() // x.shape[1]) if x.dim() > 1 else 1
-            ranks[path] = x.dim()
 
         return record
 
@@ -128,7 +123,7 @@ def _hooked_pass(
     finally:
         for h in handles:
             h.remove()
-    return calls, spatial, ranks
+    return calls, spatial
 
 
 def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
@@ -136,7 +131,7 @@ def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
     pass on `example` (when given), the module feeding it from a torch.fx trace (when the
     model traces), statistics from its buffers."""
     graph, _ = _trace(model)
-    calls, spatial, _ = _hooked_pass(model, example) if example is not None else ({}, {}, {})
+    calls, spatial = _hooked_pass(model, example) if example is not None else ({}, {})
     modules = {n.path: n.module for n in walk(model)}
     facts = []
     for path, module in modules.items():

@@ -16,9 +16,6 @@ from typing import Any
 
 from bnkit.errors import ModelFileError
 
-SUFFIXES: tuple[str, ...] = ()
-LIBRARIES = ("torchvision", "timm")
-
 
 @dataclass(frozen=True)
 class Spec:
