@@ -404,7 +404,14 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     "--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0..N-1."
 )
 @click.option("--train-from", metavar="NAME", help="First trained layer (default: all).")
-@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--lr", default=1e-3, show_default=True, help="Learning rate.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adam", "sgd"]),
+    default="adam",
+    show_default=True,
+    help="Adam, or SGD with momentum 0.9.",
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--scale", metavar="FACTOR", help="Multiply inputs by FACTOR (e.g. 1/255).")
 @click.option("--preprocess", metavar="NAME", help="keras.applications preprocessing.")
@@ -424,6 +431,7 @@ def compare_cmd(
     seeds: int,
     train_from: str | None,
     lr: float,
+    optimizer: str,
     batch_size: int,
     scale: str | None,
     preprocess: str | None,
@@ -448,7 +456,8 @@ def compare_cmd(
     with _CompareProgress() as bars:
         result = compare(
             m, train, val, specs, epochs=epochs, seeds=seeds,
-            train_from=train_from, batch_size=batch_size, lr=lr, progress=bars,
+            train_from=train_from, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            progress=bars,
         )  # fmt: skip
     if out_dir is not None:
         _write_compare(result, out_dir)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from bnkit.backends import get_backend
+from bnkit.backends.base import CHANNELS_FIRST, batch_slices
 from bnkit.data import DEFAULT_BATCH_SIZE, DataError, load
 from bnkit.errors import BnkitError, BnkitWarning
 from bnkit.policy import Mode, Rule, parse_mode, parse_rule
@@ -20,6 +21,7 @@ DEFAULT_STRATEGIES = ("frozen", "affine", "train", "adapt")
 DEFAULT_EPOCHS = 5
 DEFAULT_SEEDS = 3
 DEFAULT_LR = 1e-3
+OPTIMIZERS = ("adam", "sgd")
 
 
 class Progress(Protocol):
@@ -171,7 +173,9 @@ def compare(
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     num_classes: int | None = None,
-    head: Callable[[Any], Any] | None = None,
+    head: Any = None,
+    optimizer: str = "adam",
+    loss: Any = None,
     cache_prefix: bool = True,
     progress: Progress | None = None,
 ) -> CompareResult:
@@ -179,28 +183,39 @@ def compare(
 
     Every run starts from the same weights, restored from one copy; for a given
     seed every strategy sees the same data order and the same optimiser (Adam at `lr`,
-    sparse cross-entropy). Layers before `train_from` are frozen (BN `frozen`); the rest
-    trains with its BN layers in the strategy's mode (every BN layer when `train_from`
-    is None). When the model's output does not have one unit per class, its top is
-    replaced by global average pooling, dropout 0.2 and a Dense layer (or by `head`,
-    called on the features). A run whose loss or weights turn non-finite stops, gets
-    its last finite weights back and is marked `diverged`; the sweep goes on. When
+    or SGD with momentum 0.9) and loss (sparse cross-entropy, or `loss`). Layers before
+    `train_from` are frozen (BN `frozen`); the rest trains with its BN layers in the
+    strategy's mode (every BN layer when `train_from` is None). When the model's output
+    does not have one unit per class, it gets a new top: on Keras, global average
+    pooling, dropout 0.2 and a Dense layer on the last feature map (or `head`, called on
+    it); on PyTorch, dropout 0.2 and a Linear layer in place of the last Linear module
+    (or `head`, a module put there), or pooling, dropout and Linear after a model that
+    outputs a feature map. A run whose loss or weights turn non-finite stops, gets its
+    last finite weights back and is marked `diverged`; the sweep goes on. When
     everything before `train_from` is frozen and deterministic, the prefix runs once
     and training uses its cached outputs.
 
+    PyTorch runs train as a user's loop does: `model.train()`, then one optimizer step
+    per batch over the parameters that require grad; data is (N, C, H, W).
+
     Args:
-        model: a Keras classifier (not modified).
+        model: a Keras classifier or a PyTorch module (not modified).
         train: labelled training data, anything `bnkit.data.load` reads.
         val: labelled validation data.
         strategies: BN modes (`frozen`, `affine`, `train`, `adapt`), `Strategy`
             objects, or `(name, ["SELECTOR=MODE", ...])` for your own policy.
         epochs: epochs per run.
         seeds: a number of seeds (0, 1, ...) or the seeds themselves.
-        train_from: first trained layer (the whole network when None).
+        train_from: first trained layer, a module path on PyTorch (the whole network
+            when None).
         batch_size: training batch size.
-        lr: Adam learning rate.
+        lr: learning rate.
         num_classes: classes in the labels (their maximum + 1 when None).
-        head: a function from the feature tensor to the new output tensor.
+        head: Keras: a function from the feature tensor to the new output tensor;
+            PyTorch: a module that takes the features.
+        optimizer: `adam` or `sgd` (momentum 0.9).
+        loss: the framework's loss, called on (labels, outputs) by Keras and on
+            (outputs, labels) by PyTorch; sparse cross-entropy when None.
         cache_prefix: allow frozen-prefix caching.
         progress: receives run and step events.
 
@@ -217,10 +232,13 @@ def compare(
         raise BnkitError(f"the learning rate must be a positive number, got {lr}")
     if batch_size < 1:
         raise BnkitError(f"batch_size must be at least 1, got {batch_size}")
+    if optimizer not in OPTIMIZERS:
+        raise BnkitError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     backend = get_backend(model)
     trainer = backend.trainer()
-    x, y = _labelled(train, "training data")
-    xv, yv = _labelled(val, "validation data")
+    first = backend.layout == CHANNELS_FIRST
+    x, y = _labelled(train, "training data", first)
+    xv, yv = _labelled(val, "validation data", first)
     classes = num_classes or int(max(y.max(), yv.max())) + 1
     for labels, what in ((y, "training"), (yv, "validation")):
         if labels.min() < 0 or labels.max() >= classes:
@@ -235,7 +253,7 @@ def compare(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list or epochs < 1:
         raise BnkitError("compare needs at least one seed and one epoch")
-    start_model = trainer.with_head(model, classes, head)
+    start_model = trainer.with_head(model, classes, head, x[:2])
     head_replaced = start_model is not model
     logits = trainer.from_logits(start_model)
     runs: list[Run] = []
@@ -251,6 +269,7 @@ def compare(
                 run = _one_run(
                     backend, trainer, work, start, strategy, seed, (x, y), (xv, yv),
                     epochs=epochs, batch_size=batch_size, lr=lr, logits=logits,
+                    optimizer=optimizer, loss=loss,
                     train_from=train_from, cache_prefix=cache_prefix, progress=progress,
                     run_index=(len(runs), total), features=features,
                 )  # fmt: skip
@@ -271,8 +290,8 @@ def compare(
     )
 
 
-def _labelled(data: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    x, y = load(data).arrays()
+def _labelled(data: Any, what: str, channels_first: bool) -> tuple[np.ndarray, np.ndarray]:
+    x, y = load(data, channels_first=channels_first).arrays()
     if y is None:
         raise DataError(f"{what} has no labels: compare needs (x, y), an .npz with y, or a folder")
     if y.ndim == 2 and y.shape[1] > 1:
@@ -302,6 +321,8 @@ def _one_run(
     batch_size: int,
     lr: float,
     logits: bool,
+    optimizer: str,
+    loss: Any,
     train_from: str | None,
     cache_prefix: bool,
     progress: Progress | None,
@@ -335,7 +356,7 @@ def _one_run(
                 trainer.predict(split.prefix, val[0]),
             )
         xs, vs = features[key][0], (features[key][1], val[1])
-    trainer.prepare(target, lr, logits)
+    trainer.prepare(target, lr, logits, optimizer, loss)
     records: list[EpochRecord] = []
     stats = [backend.snapshot(model).stats]
 
@@ -347,7 +368,9 @@ def _one_run(
 
     if progress is not None:
         progress.run_started(
-            f"{strategy.name} seed {seed}", epochs * -(-len(x) // batch_size), *run_index
+            f"{strategy.name} seed {seed}",
+            epochs * len(batch_slices(np.arange(len(x)), batch_size)),
+            *run_index,
         )
     with watch(model, plan) as w:
         diverged = trainer.guarded_fit(

@@ -203,8 +203,9 @@ def load(
     Args:
         source: a directory of class sub-folders of images, an `.npz` file with `x`
             (and optionally `y`), an array, an `(x, y)` tuple of arrays, a
-            `tf.data.Dataset`, a `keras.utils.PyDataset`, or any iterable of batches
-            (each an array or an `(x, y)` pair).
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a `torch.utils.data.Dataset`
+            of samples (each `x` or `(x, y)`, batched here), a `DataLoader`, or any
+            iterable of batches (each an array or an `(x, y)` pair).
         batch_size: batch size for folders and arrays (streams keep theirs).
         image_size: `(height, width)` to resize images to (the model's input size).
         channels: convert images to this many channels (1 or 3); an image folder
@@ -256,11 +257,14 @@ def load(
             if len(source[1]) != len(x):
                 raise DataError(f"x has {len(x)} samples but y has {len(source[1])}: give one each")
         return Data(source, description="the array", size=len(x), **common)
+    if _is_sample_dataset(source):
+        return Data(_Samples(source), description=type(source).__name__, size=len(source), **common)
     if _is_pydataset(source) or isinstance(source, Iterable):
         return Data(source, description=type(source).__name__, **common)
     raise DataError(
         f"cannot read data of type {type(source).__name__}: give a folder, an .npz file, "
-        "an array, a tf.data.Dataset, a PyDataset or an iterable of batches"
+        "an array, a tf.data.Dataset, a PyDataset, a torch Dataset or DataLoader, or an "
+        "iterable of batches"
     )
 
 
@@ -351,6 +355,8 @@ def _shape_str(shape: Sequence[int | None]) -> str:
 def _pairs(source: Any, batch_size: int) -> Iterable[tuple[Any, Any]]:
     if isinstance(source, _FolderSource):
         return iter(source)
+    if isinstance(source, _Samples):
+        return source.batches(batch_size)
     if isinstance(source, np.ndarray):
         return ((source[i : i + batch_size], None) for i in range(0, len(source), batch_size))
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], np.ndarray):
@@ -372,6 +378,34 @@ def _split(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, dict):
         raise DataError("batches of dicts are not supported: give x or (x, y) arrays")
     return batch, None
+
+
+def _is_sample_dataset(source: Any) -> bool:
+    """A map-style dataset of single samples (a `torch.utils.data.Dataset`): indexable and
+    sized, not iterable, not a PyDataset."""
+    return (
+        hasattr(source, "__getitem__")
+        and hasattr(source, "__len__")
+        and not hasattr(source, "__iter__")
+        and not _is_pydataset(source)
+    )
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """A map-style dataset read as batches: samples `x` or `(x, y)`, stacked."""
+
+    dataset: Any
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        n = len(self.dataset)
+        for i in range(0, n, batch_size):
+            items = [self.dataset[j] for j in range(i, min(i + batch_size, n))]
+            pairs = [_split(item) for item in items]
+            x = np.stack([np.asarray(to_numpy(p[0])) for p in pairs])
+            labelled = all(p[1] is not None for p in pairs)
+            y = np.stack([np.asarray(to_numpy(p[1])) for p in pairs]) if labelled else None
+            yield x, y
 
 
 def _is_pydataset(source: Any) -> bool:

@@ -90,6 +90,27 @@ def test_adapt_shift_check_and_inspect_on_a_spec_with_weights(capsys, spec, imag
     assert code == 0 and "BN004" in out  # a warning: 36 values per channel in a batch of 1
 
 
+def test_compare_a_spec_writes_results_and_the_model_is_untouched(capsys, spec, images, tmp_path):
+    weights = tmp_path / "start.pt"
+    torch.save(net(seed=3).state_dict(), weights)
+    before = digest(weights)
+    out = tmp_path / "results"
+    code, text, err = run(capsys, "compare", spec, str(images), "--val", str(images),
+                          "--weights", str(weights), "--strategies", "frozen,train",
+                          "--epochs", "1", "--seeds", "2", "--batch-size", "4",
+                          "--optimizer", "sgd", "--train-from", "head", "--out", str(out),
+                          "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(text)
+    assert {r["strategy"] for r in doc["runs"]} == {"frozen", "train"} and len(doc["runs"]) == 4
+    assert {r["cached_prefix"] for r in doc["runs"] if r["strategy"] == "frozen"} == {True}
+    assert (out / "compare.json").exists() and (out / "compare.png").exists()
+    assert digest(weights) == before
+    code, _, err = run(capsys, "compare", spec, str(images), "--val", str(images),
+                       "--optimizer", "lbfgs")  # fmt: skip
+    assert code == 2 and "lbfgs" in err
+
+
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_export_a_torchvision_model(capsys, tmp_path, fmt):
     out = tmp_path / f"r18.{fmt}"

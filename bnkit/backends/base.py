@@ -46,9 +46,12 @@ of that BN layer's input and the number of values per channel."""
 class Trainer(Protocol):
     """What `compare` needs: heads, guarded training runs and frozen-prefix caching."""
 
-    def with_head(self, model: Any, num_classes: int, head: Callable[[Any], Any] | None) -> Any:
+    def with_head(
+        self, model: Any, num_classes: int, head: Any | None, example: np.ndarray | None = None
+    ) -> Any:
         """`model` with a new top when `head` is given or its output does not have
-        `num_classes` units (the input model is not changed)."""
+        `num_classes` units (the input model is not changed); `example` is an input batch
+        for frameworks that learn output shapes by running the model."""
         ...
 
     def from_logits(self, model: Any) -> bool:
@@ -67,8 +70,11 @@ class Trainer(Protocol):
         """Puts back what `save_state` returned."""
         ...
 
-    def prepare(self, model: Any, lr: float, logits: bool) -> None:
-        """A fresh Adam at `lr` with sparse cross-entropy, for one run."""
+    def prepare(
+        self, model: Any, lr: float, logits: bool, optimizer: str = "adam", loss: Any = None
+    ) -> None:
+        """A fresh optimizer at `lr` (`adam`, or `sgd` with momentum 0.9) and the loss
+        (`loss`, else sparse cross-entropy), for one run."""
         ...
 
     def frozen_prefix(self, model: Any, train_from: str | None) -> Split | None:
@@ -226,6 +232,15 @@ def sample_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The sample order of one training epoch: fixed by the seed, the same for every
     strategy and every backend."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_slices(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The batches of one epoch in `order`; a last batch of one sample joins the one
+    before it (BN cannot compute a variance from one value per channel)."""
+    slices = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(slices) > 1 and len(slices[-1]) == 1:
+        slices[-2:] = [np.concatenate(slices[-2:])]
+    return slices
 
 
 def missing(capability: str, feature: str, backend: str) -> BackendError:

@@ -12,13 +12,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.base import sample_order
+from bnkit.backends.base import batch_slices, sample_order
 from bnkit.backends.keras.core import BN, set_random_seed, walk
 from bnkit.backends.keras.deploy import identity_at_inference
 from bnkit.errors import BnkitError
 from bnkit.records import Diverged, EpochLog, Split
 
 HEAD_DROPOUT = 0.2
+SGD_MOMENTUM = 0.9
 EVAL_BATCH = 256
 
 
@@ -30,12 +31,17 @@ def output_units(model: Any) -> int | None:
     return outputs[0].shape[-1]
 
 
-def with_head(model: Any, num_classes: int, head: Callable[[Any], Any] | None) -> Any:
+def with_head(
+    model: Any,
+    num_classes: int,
+    head: Callable[[Any], Any] | None,
+    example: np.ndarray | None = None,
+) -> Any:
     """`model` with its top replaced when `head` is given or the output does not have
     `num_classes` units: the features are the output of the last top-level layer whose
     output is a feature map (rank 4), else the input of the last layer; the new top is
     `head(features)` or GlobalAveragePooling2D (for a feature map), Dropout(0.2) and a
-    Dense layer of `num_classes` logits."""
+    Dense layer of `num_classes` logits. `example` is not needed: Keras knows shapes."""
     if head is None and output_units(model) == num_classes:
         return model
     features = _features(model)
@@ -88,11 +94,17 @@ def from_logits(model: Any) -> bool:
     return activation is not keras.activations.softmax
 
 
-def prepare(model: Any, lr: float, logits: bool) -> None:
-    """A fresh Adam, sparse cross-entropy and accuracy."""
+def prepare(model: Any, lr: float, logits: bool, optimizer: str = "adam", loss: Any = None) -> None:
+    """A fresh optimizer (Adam, or SGD with momentum 0.9), the loss (`loss`, else sparse
+    cross-entropy) and accuracy."""
+    opt = (
+        keras.optimizers.SGD(lr, momentum=SGD_MOMENTUM)
+        if optimizer == "sgd"
+        else keras.optimizers.Adam(lr)
+    )
     model.compile(
-        optimizer=keras.optimizers.Adam(lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=logits),
+        optimizer=opt,
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=logits),
         metrics=["accuracy"],
     )
 
@@ -194,13 +206,10 @@ def guarded_fit(
     set_random_seed(seed)
     entered = _weights(model)  # the weights the next step starts from
     last_ok = entered  # the weights the last fully finite step (loss and update) started from
-    steps = -(-len(x) // batch_size)
     for epoch in range(epochs):
         start = time.perf_counter()
-        idx = sample_order(len(x), seed, epoch)
         loss_sum = acc_sum = 0.0
-        for step in range(steps):
-            b = idx[step * batch_size : (step + 1) * batch_size]
+        for step, b in enumerate(batch_slices(sample_order(len(x), seed, epoch), batch_size)):
             logs = model.train_on_batch(x[b], y[b], return_dict=True)
             loss = float(logs["loss"])
             new = _weights(model) if np.isfinite(loss) else None

@@ -31,7 +31,6 @@ from bnkit.backends.base import (
     MomentPass,
     Snapshot,
     Trainer,
-    missing,
 )
 from bnkit.data import DataError
 from bnkit.errors import BnkitError
@@ -265,7 +264,9 @@ class TorchBackend:
         self.name = f"torch {torch.__version__}"
 
     def trainer(self) -> Trainer:
-        raise missing("trainer", "compare", "PyTorch")
+        from bnkit.backends.torch.train import TorchTrainer
+
+        return TorchTrainer()
 
     def deployer(self) -> Deployer:
         from bnkit.backends.torch.deploy import TorchDeployer
