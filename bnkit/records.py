@@ -28,6 +28,9 @@ BATCH_STATS_AT_TRAINING_ONLY = "batch-stats-in-training-only"
 batch statistics in train(), the stored ones in eval()."""
 CUMULATIVE_AVERAGE = "cumulative-average"
 """PyTorch: momentum=None, the running statistics are a cumulative average."""
+FIXED_BN = "fixed-batchnorm"
+"""PyTorch: torchvision's FrozenBatchNorm2d, whose gamma/beta and statistics are buffers:
+always frozen, nothing to freeze, no other mode possible."""
 SYNC_WITHOUT_GROUP = "sync-batchnorm-unsynchronised"
 """PyTorch: SyncBatchNorm that cannot synchronise: no process group (it trains as a
 plain BN), or a group on CPU (its training forward raises)."""

@@ -89,12 +89,6 @@ def test_adapt_matches_numpy_and_shift_measures_the_distance():
     assert model.training  # the passes left the model's mode as it was
 
 
-def test_a_missing_capability_is_named():
-    x = np.zeros((4, 3, 6, 6), np.float32)
-    with pytest.raises(bnkit.BackendError, match="'trainer' capability"):
-        bnkit.compare(net(), (x, np.zeros(4, int)), (x, np.zeros(4, int)))
-
-
 def test_adapt_takes_tensors_and_half_precision_models():
     x = np.random.default_rng(0).normal(3.0, 2.0, size=(24, 3, 6, 6)).astype("float32")
     from_numpy, from_tensor = net(), net()
@@ -150,6 +144,33 @@ def test_sync_batchnorm_is_pinned_too():
     model.train()
     model(torch.randn(4, 3, 6, 6))
     assert not moved(before, state(model), "1.running_mean")
+
+
+def test_torchvision_frozen_batchnorm_is_reported_frozen_adapted_and_folded():
+    from torchvision.models import resnet18
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = resnet18(weights=None, norm_layer=FrozenBatchNorm2d, num_classes=3)
+    report = bnkit.inspect(model)
+    assert len(report.bn_layers) == 20 and {r.bn_mode for r in report.bn_layers} == {"frozen"}
+    assert all("buffers" in str(r.notes[0]) for r in report.bn_layers)
+    with pytest.warns(bnkit.BnkitWarning, match="cannot take mode 'train'"):
+        plan = bnkit.freeze(model, bn="train")
+    x = torch.randn(8, 3, 32, 32) * 2 + 1
+    with bnkit.watch(model, plan) as w:
+        train_steps_on(model, x)
+    assert w.report.counts()["bn_stats_kept"] == 20  # nothing moved: watch says so
+    assert any("bn1" in p for p in w.report.problems())  # against a plan that said train
+    bnkit.unfreeze(model)
+    result = bnkit.adapt(model, x.numpy())
+    assert len(result.layers) == 20
+    assert abs(float(model.bn1.running_mean.mean())) > 0  # re-estimated from the data
+    folded = bnkit.fold(model, example=x[:2].numpy())
+    assert len(folded.folded) == 20
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(folded.model(x).numpy(), model(x).numpy(), rtol=1e-4)
 
 
 def train_steps_on(model: nn.Module, x: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ A model's "BN mode" is what it does in a training loop, after `model.train()`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,12 +34,13 @@ from bnkit.backends.base import (
     Trainer,
 )
 from bnkit.data import DataError
-from bnkit.errors import BnkitError
+from bnkit.errors import BnkitError, BnkitWarning
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.records import (
     BATCH_STATS_AT_TRAINING_ONLY,
     CUMULATIVE_AVERAGE,
     EVAL_UNDONE_BY_TRAIN,
+    FIXED_BN,
     NO_RUNNING_STATS,
     STATS_WITHOUT_AFFINE,
     SYNC_WITHOUT_GROUP,
@@ -48,10 +50,23 @@ from bnkit.records import (
 )
 
 BN = nn.modules.batchnorm._BatchNorm
+FIXED_STATE = BNState(affine_trained=False, stats_update=False, batch_stats=False)
+FIXED_TEXT = "torchvision's FrozenBatchNorm2d keeps gamma, beta and statistics as buffers"
 # module -> the requires_grad of each of its own parameters before bnkit first touched it
 _ORIGINAL: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
 # parameter-free module -> the trainable flag a plan gave it (torch has none to set)
 _FLAGS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def is_fixed_bn(module: Any) -> bool:
+    """torchvision's FrozenBatchNorm2d (found by name, without importing torchvision): BN
+    whose gamma, beta and statistics are buffers, always normalising with the statistics."""
+    return type(module).__name__ == "FrozenBatchNorm2d" and hasattr(module, "running_var")
+
+
+def is_bn(module: Any) -> bool:
+    """A BatchNorm module: torch's (and subclasses: timm's, SyncBatchNorm) or a fixed one."""
+    return isinstance(module, BN) or is_fixed_bn(module)
 
 
 def is_model(obj: Any) -> bool:
@@ -136,7 +151,7 @@ def walk(model: Any) -> list[_Node]:
     def visit(module: Any, prefix: str, parents: tuple[Any, ...]) -> None:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, BN):  # one layer, with what it carries inside (timm)
+            if is_bn(child):  # one layer, with what it carries inside (timm)
                 nodes.append(_Node(path, child, False, parents))
                 continue
             kids = list(child.children())
@@ -288,7 +303,10 @@ class TorchBackend:
         trainable = any(p.requires_grad for p in sub) if sub else _FLAGS.get(module, True)
         bn_fields: dict[str, Any] = {}
         notes: list[Note] = []
-        if isinstance(module, BN):
+        if is_fixed_bn(module):
+            bn_fields = dict(is_bn=True, bn_mode=Mode.FROZEN.value, bn_state=FIXED_STATE)
+            notes = [Note(FIXED_BN, FIXED_TEXT)]
+        elif isinstance(module, BN):
             state = _bn_state(module)
             notes = _bn_notes(module, state)
             momentum = None if module.momentum is None else 1.0 - float(module.momentum)
@@ -336,6 +354,15 @@ class TorchBackend:
                     p.requires_grad_(d.trainable)
 
     def set_bn_mode(self, layer: Any, mode: Mode) -> None:
+        if is_fixed_bn(layer):
+            if MODE_STATES[mode].affine_trained or MODE_STATES[mode].stats_update:
+                warnings.warn(
+                    f"a FrozenBatchNorm2d cannot take mode {mode.value!r} ({FIXED_TEXT}): "
+                    "it stays frozen; swap it for nn.BatchNorm2d to train it",
+                    BnkitWarning,
+                    stacklevel=4,
+                )
+            return
         if not isinstance(layer, BN):
             raise BnkitError(
                 f"{type(layer).__name__} is not a BatchNorm module: bnkit cannot pin it"
@@ -378,7 +405,7 @@ class TorchBackend:
             own = {n: p.detach().cpu().numpy().copy() for n, p in _own(module)}
             if own:
                 weights[node.path] = own
-            if isinstance(module, BN) and module.running_mean is not None:
+            if is_bn(module) and module.running_mean is not None:
                 bn: Any = module
                 stats[node.path] = {
                     "mean": bn.running_mean.detach().cpu().numpy().copy(),

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import fusion
 
-from bnkit.backends.torch.core import BN, as_input, call, is_pinned, unpin_class, walk
+from bnkit.backends.torch.core import as_input, call, is_bn, is_pinned, unpin_class, walk
 from bnkit.errors import BnkitError
 from bnkit.records import BNFacts, Folded
 
@@ -63,7 +63,7 @@ class _BNLeafTracer(torch.fx.Tracer):
     whose forward would otherwise be traced into)."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, BN) or super().is_leaf_module(m, module_qualified_name)
+        return is_bn(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _trace(model: Any) -> tuple[_Graph | None, str]:
@@ -102,7 +102,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
 
 def _hooked_pass(model: Any, example: np.ndarray) -> tuple[dict[str, int], dict[str, int]]:
     """Calls per BN module and values per channel per sample, from one inference pass."""
-    bns = {n.path: n.module for n in walk(model) if isinstance(n.module, BN)}
+    bns = {n.path: n.module for n in walk(model) if is_bn(n.module)}
     calls: dict[str, int] = dict.fromkeys(bns, 0)
     spatial: dict[str, int] = {}
     handles = []
@@ -135,7 +135,7 @@ def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
     modules = {n.path: n.module for n in walk(model)}
     facts = []
     for path, module in modules.items():
-        if not isinstance(module, BN) or module.running_var is None:
+        if not is_bn(module) or module.running_var is None:
             continue
         bn: Any = module
         mean = bn.running_mean.detach().double().cpu().numpy()
@@ -165,7 +165,7 @@ def norm_layers(model: Any) -> dict[str, int]:
     for node in walk(model):
         m = node.module
         norm_named = re.search(r"Norm(\dd)?$", type(m).__name__) is not None
-        if isinstance(m, OTHER_NORMS) or (norm_named and not isinstance(m, BN)):
+        if isinstance(m, OTHER_NORMS) or (norm_named and not is_bn(m)):
             counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
     return counts
 
@@ -215,16 +215,20 @@ def fold_pairs(model: Any, graph: _Graph) -> dict[str, str]:
     modules = {n.path: n.module for n in walk(model)}
     pairs: dict[str, str] = {}
     for path, bn in modules.items():
-        if not isinstance(bn, BN) or bn.running_var is None or graph.calls.get(path) != 1:
+        if not is_bn(bn) or bn.running_var is None or graph.calls.get(path) != 1:
             continue
         src = graph.producer.get(path)
         conv = modules.get(src) if src is not None else None
         if src is None or not isinstance(conv, FOLDABLE) or graph.calls.get(src) != 1:
             continue
-        if graph.users.get(src) != 1 or _channels(conv) != bn.num_features:
+        if graph.users.get(src) != 1 or _channels(conv) != _bn_channels(bn):
             continue
         pairs[path] = src
     return pairs
+
+
+def _bn_channels(bn: Any) -> int:
+    return int(bn.running_var.numel())
 
 
 def _channels(module: Any) -> int:
@@ -272,7 +276,7 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
         for path, module in modules.items():
             if path in pairs:
                 continue
-            if isinstance(module, BN):
+            if is_bn(module):
                 if module.running_var is None:
                     raise BnkitError(
                         f"{path}: track_running_stats=False and no running statistics: it "
