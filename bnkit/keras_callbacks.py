@@ -10,13 +10,9 @@ import keras
 
 from bnkit.errors import BnkitError, BnkitWarning
 from bnkit.policy import Plan
-from bnkit.watch import Watch, WatchReport
+from bnkit.watch import ACTIONS, BNWatchError, Watch, WatchReport
 
-ACTIONS = ("warn", "stop", "raise")
-
-
-class BNWatchError(BnkitError):
-    """A BN layer did something its plan says it must not (`on_problem="raise"`)."""
+__all__ = ["BNWatch", "BNWatchError"]
 
 
 class BNWatch(keras.callbacks.Callback):

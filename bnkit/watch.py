@@ -18,6 +18,14 @@ from bnkit.freeze import last_plan
 from bnkit.policy import MODE_STATES, STATS_ONLY, Mode, Plan
 from bnkit.report import inspect
 
+ACTIONS = ("warn", "stop", "raise")
+"""What the training callbacks do when BN is off plan."""
+
+
+class BNWatchError(BnkitError):
+    """A BN layer did something its plan says it must not (a callback's
+    `on_problem="raise"`)."""
+
 
 @dataclass(frozen=True)
 class Expectation:
