@@ -34,6 +34,18 @@ Each row starts from the same weights and trains the whole network for the same 
 - bnkit's modes are pinned and verified by watch: frozen keeps everything, affine trains
   only gamma/beta, train trains all four, adapt stays frozen until re-estimated."""
 
+DEMO_LEGEND_TORCH = """\
+Each row starts from the same weights and trains with the usual loop: model.train(), then
+SGD over the parameters that require grad.
+- requires_grad=False stops gamma/beta, not the statistics: train() still updates them.
+- bn.eval() is undone by the next model.train().
+- Lightning's BaseFinetuning.freeze keeps the statistics by setting track_running_stats=False,
+  so BN normalises every training batch with its own statistics, unlike inference.
+- timm's freeze and torchvision's FrozenBatchNorm2d swap the modules: frozen for good, and
+  no mode but frozen (bnkit reports them as frozen).
+- bnkit's modes are pinned through model.train() and verified by watch."""
+FRAMEWORK_CHOICE = click.Choice(["keras", "torch", "both"])
+
 
 def _with_options(fn: Any, options: list[Any]) -> Any:
     """`fn` decorated with `options`, listed in the order --help shows them."""
@@ -724,24 +736,50 @@ def digits_cmd(folder: Path, seed: int, size: int) -> None:
 )
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--skip-traps", is_flag=True, help="Leave out the ResNet50V2 traps table.")
+@click.option("--skip-traps", is_flag=True, help="Leave out the traps tables.")
+@click.option(
+    "--framework",
+    type=FRAMEWORK_CHOICE,
+    default="both",
+    show_default=True,
+    help="Tell the story with Keras, with PyTorch, or with both.",
+)
 def demo_cmd(
-    out_dir: Path, labels_per_class: int, epochs: int, seeds: int, skip_traps: bool
+    out_dir: Path,
+    labels_per_class: int,
+    epochs: int,
+    seeds: int,
+    skip_traps: bool,
+    framework: str,
 ) -> None:
-    """The whole story on the embedded data: the Keras traps, a model pretrained on the
-    source digits, inspect and shift on the target, and compare of the BN strategies."""
-    from bnkit.demo import STORY_FILES, digits_story
+    """The whole story on the embedded data, in Keras and in PyTorch: the traps, a model
+    pretrained on the source digits, inspect and shift on the target, and compare of the
+    BN strategies."""
+    from bnkit.demo import story_files
     from bnkit.files import check_out_dir
 
-    check_out_dir(out_dir, STORY_FILES)
-    if not skip_traps:
-        _out.rule("1. What each way of freezing BN really does (ResNet50V2, Keras 3)")
-        _traps(steps=2, input_size=32)
-    _out.rule("2. Transfer to a shifted domain: digits -> MNIST-M-style digits")
+    frameworks = ["keras", "torch"] if framework == "both" else [framework]
+    check_out_dir(out_dir, tuple(n for f in frameworks for n in story_files(f)))
+    for f in frameworks:
+        _story(f, out_dir, labels_per_class, epochs, seeds, skip_traps)
+
+
+def _story(
+    framework: str, out_dir: Path, labels_per_class: int, epochs: int, seeds: int, skip: bool
+) -> None:
+    from bnkit.demo import digits_story, kit
+
+    name = "Keras 3" if framework == "keras" else "PyTorch"
+    if not skip:
+        _out.rule(
+            f"{name} 1. What each way of freezing BN really does ({kit(framework).TRAPS_TITLE})"
+        )
+        _traps(steps=2, input_size=32, framework=framework)
+    _out.rule(f"{name} 2. Transfer to a shifted domain: digits -> MNIST-M-style digits")
     with _CompareProgress() as bars:
         story = digits_story(
             out_dir, labels_per_class=labels_per_class, epochs=epochs, seeds=seeds,
-            progress=bars, on_status=lambda msg: _err.print(msg),
+            progress=bars, on_status=lambda msg: _err.print(msg), framework=framework,
         )  # fmt: skip
     cached = "loaded from the cache" if story.pretrained_cached else "trained now, then cached"
     _out.print(
@@ -782,25 +820,33 @@ def demo_cmd(
     default=32,
     show_default=True,
     type=click.IntRange(min=32),
-    help="Image side in pixels (ResNet50V2 needs 32 or more).",
+    help="Image side in pixels (ResNet50V2 and ResNet-50 need 32 or more).",
+)
+@click.option(
+    "--framework",
+    type=click.Choice(["keras", "torch"]),
+    default="keras",
+    show_default=True,
+    help="Keras 3's ResNet50V2, or torchvision's ResNet-50 with PyTorch's, Lightning's "
+    "and timm's ways.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def traps_cmd(steps: int, input_size: int, as_json: bool) -> None:
-    """Show what each way of freezing BN really does to ResNet50V2 in Keras 3."""
-    _traps(steps, input_size, as_json)
+def traps_cmd(steps: int, input_size: int, framework: str, as_json: bool) -> None:
+    """Show what each way of freezing BN really does, in Keras 3 or in PyTorch."""
+    _traps(steps, input_size, as_json, framework)
 
 
-def _traps(steps: int, input_size: int, as_json: bool = False) -> None:
-    from bnkit.demo import seed_demo
+def _traps(steps: int, input_size: int, as_json: bool = False, framework: str = "keras") -> None:
+    from bnkit.demo import kit, seed_demo
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing chatter per approach
-    with _err.status("training ResNet50V2 once per approach..."):
-        result = seed_demo(input_size=input_size, steps=steps)
+    with _err.status(f"training {kit(framework).TRAPS_TITLE} once per approach..."):
+        result = seed_demo(input_size=input_size, steps=steps, framework=framework)
     if as_json:
         click.echo(result.to_json())
         return
     _out.print(result.table())
-    _out.print(DEMO_LEGEND, highlight=False)
+    _out.print(DEMO_LEGEND if framework == "keras" else DEMO_LEGEND_TORCH, highlight=False)
 
 
 def _save_and_render(model: Any, output: Path, result: Any, as_json: bool) -> None:

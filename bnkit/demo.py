@@ -1,8 +1,11 @@
-"""The demo: what each way people try to freeze BN really does in Keras 3.
+"""The demo: what each way people try to freeze BN really does, in Keras 3 and in
+PyTorch, and the digits transfer story told in either framework.
 
-Each approach starts from the same ResNet50V2 weights (`weights=None`, no
-download), is set up the way guides and forum answers suggest, trained for a
-few steps on generated images, and measured with `watch`.
+Each approach starts from the same ResNet50V2 (Keras) or torchvision ResNet-50 (PyTorch)
+weights (`weights=None`, no download), is set up the way guides, forum answers and the
+libraries suggest, trained for a few steps on generated images, and measured with
+`watch`. The framework's set-ups live in `demo_keras` and `demo_torch`, which have the
+same function names.
 """
 
 from __future__ import annotations
@@ -21,6 +24,21 @@ from bnkit.policy import Mode
 from bnkit.watch import watch
 
 DEMO_CLASSES = 3
+FRAMEWORKS = ("keras", "torch")
+
+
+def kit(framework: str) -> Any:
+    """The demo set-ups of `framework` (`keras` or `torch`): `bnkit.demo_keras` or
+    `bnkit.demo_torch`."""
+    if framework == "keras":
+        from bnkit import demo_keras
+
+        return demo_keras
+    if framework == "torch":
+        from bnkit import demo_torch
+
+        return demo_torch
+    raise BnkitError(f"unknown framework {framework!r}: use one of {', '.join(FRAMEWORKS)}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,10 @@ class ApproachResult:
     """BN layers whose gamma and beta did not change."""
     problems: int
     """differences from the bnkit plan found by `watch` (bnkit approaches only)."""
+    batch_stats: int = 0
+    """BN layers that normalise with the batch's statistics in training (after the
+    set-up, by `inspect`): their outputs differ from inference even where the
+    statistics are kept."""
 
 
 @dataclass(frozen=True)
@@ -46,18 +68,26 @@ class DemoResult:
     backend: str
     steps: int
     rows: tuple[ApproachResult, ...]
+    model: str = "ResNet50V2"
 
     def to_json(self) -> str:
         """The result as a JSON document."""
         return json.dumps(
-            {"backend": self.backend, "steps": self.steps, "rows": [asdict(r) for r in self.rows]},
+            {
+                "backend": self.backend,
+                "model": self.model,
+                "steps": self.steps,
+                "rows": [asdict(r) for r in self.rows],
+            },
             indent=2,
         )
 
     def table(self) -> Table:
         """The side-by-side table."""
-        t = Table(title=f"ResNet50V2 after {self.steps} training steps ({self.backend})")
-        for col in ("approach", "BN touched", "kept statistics", "kept gamma/beta", "watch"):
+        t = Table(title=f"{self.model} after {self.steps} training steps ({self.backend})")
+        cols = ("approach", "BN touched", "kept statistics", "kept gamma/beta",
+                "batch statistics in training", "watch")  # fmt: skip
+        for col in cols:
             t.add_column(col, overflow="fold")
         for r in self.rows:
             t.add_row(
@@ -65,6 +95,7 @@ class DemoResult:
                 str(r.targeted),
                 f"{r.stats_kept}/{r.bn_layers}",
                 f"{r.affine_kept}/{r.bn_layers}",
+                f"{r.batch_stats}/{r.bn_layers}",
                 ""
                 if r.problems < 0
                 else ("as planned" if r.problems == 0 else f"{r.problems} off plan"),
@@ -85,62 +116,70 @@ def demo_images(n: int, input_size: int, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 def seed_demo(
-    input_size: int = 32, steps: int = 2, batch_size: int = 8, seed: int = 0
+    input_size: int = 32,
+    steps: int = 2,
+    batch_size: int = 8,
+    seed: int = 0,
+    framework: str = "keras",
 ) -> DemoResult:
-    """Runs every approach from the same weights and reports what happened to BN.
+    """Runs every approach from the same weights and reports what happened to BN:
+    Keras' ResNet50V2, or torchvision's ResNet-50 with `framework="torch"`.
 
     Example:
         >>> result = seed_demo(steps=1)
         >>> [r.stats_kept for r in result.rows][-1] == result.rows[-1].bn_layers
         True
     """
-    from bnkit import demo_keras
-
+    k = kit(framework)
     if input_size < 32 or steps < 1:
         raise BnkitError(
-            f"the traps table needs input_size >= 32 (ResNet50V2's minimum) and steps >= 1, "
-            f"got {input_size} and {steps}"
+            f"the traps table needs input_size >= 32 ({k.TRAPS_TITLE}'s minimum) and "
+            f"steps >= 1, got {input_size} and {steps}"
         )
-    demo_keras.seed_everything(seed)
-    model, _ = demo_keras.traps_model(input_size, DEMO_CLASSES)
-    start = model.get_weights()
+    k.seed_everything(seed)
+    model, _ = k.traps_model(input_size, DEMO_CLASSES)
+    start = k.get_state(model)
     x, y = demo_images(steps * batch_size, input_size, seed)
+    x = k.images(x)
     rows = []
-    for label, setup in demo_keras.trap_approaches():
-        rows.append(_run(label, setup, start, x, y, input_size, batch_size, use_plan=False))
+    for label, setup in k.trap_approaches():
+        rows.append(_run(k, label, setup, start, x, y, input_size, batch_size, use_plan=False))
     for mode in Mode:
-        label = f"bnkit.freeze(bn='{mode.value}'), then base.trainable = True"
-        rows.append(_run(label, _bnkit_setup(mode), start, x, y, input_size, batch_size, True))
-    return DemoResult(demo_keras.version(), steps, tuple(rows))
+        setup = _bnkit_setup(k, mode)
+        rows.append(_run(k, k.bnkit_label(mode), setup, start, x, y, input_size, batch_size, True))
+    return DemoResult(k.version(), steps, tuple(rows), k.TRAPS_TITLE)
 
 
-def _bnkit_setup(mode: Mode) -> Callable[[Any], int]:
+def _bnkit_setup(k: Any, mode: Mode) -> Callable[[Any], int]:
     def setup(base: Any) -> int:
         plan = freeze(base, bn=mode)
-        base.trainable = False
-        base.trainable = True
+        k.reenable(base)
         return sum(plan.bn_counts().values())
 
     return setup
 
 
 def _run(
+    kit: Any,
     label: str,
     setup: Callable[[Any], int],
-    start: list[np.ndarray],
+    start: Any,
     x: np.ndarray,
     y: np.ndarray,
     input_size: int,
     batch_size: int,
     use_plan: bool,
 ) -> ApproachResult:
-    from bnkit import demo_keras
+    from bnkit.report import inspect
 
-    model, base = demo_keras.traps_model(input_size, DEMO_CLASSES)
-    model.set_weights(start)
+    model, base = kit.traps_model(input_size, DEMO_CLASSES)
+    kit.set_state(model, start)
     targeted = setup(base)
+    batch_stats = sum(
+        bool(r.bn_state is not None and r.bn_state.batch_stats) for r in inspect(base).bn_layers
+    )
     with watch(base) as w:
-        demo_keras.fit_once(model, x, y, batch_size)
+        kit.fit_once(model, x, y, batch_size)
     assert w.report is not None
     k = w.report.counts()
     return ApproachResult(
@@ -150,12 +189,23 @@ def _run(
         stats_kept=k["bn_stats_kept"],
         affine_kept=k["bn_affine_kept"],
         problems=k["problems"] if use_plan else -1,
+        batch_stats=batch_stats,
     )
 
 
 # ---------------------------------------------------------------------- the digits story
 
 STORY_FILES = ("shift.png", "compare.png", "compare.json", "demo.json")
+
+
+def story_files(framework: str = "keras") -> tuple[str, ...]:
+    """The files `digits_story` writes: STORY_FILES for Keras, `-torch` names for
+    PyTorch, so both stories can share a folder."""
+    if framework == "keras":
+        return STORY_FILES
+    return tuple(n.replace(".", f"-{framework}.", 1) for n in STORY_FILES)
+
+
 STORY_LABELS_PER_CLASS = 20
 STORY_EPOCHS = 10
 STORY_SEEDS = 3
@@ -218,55 +268,58 @@ def digits_story(
     seeds: int = STORY_SEEDS,
     progress: Any = None,
     on_status: Callable[[str], None] | None = None,
+    framework: str = "keras",
 ) -> Story:
     """Pretrains (or loads from the cache) the residual CNN on the source digits, inspects
     it, measures its shift on the target, and compares the four BN strategies fine-tuning
     the whole network on `labels_per_class` labelled target images per class, validated
     on the target validation split. Writes shift.png, compare.png, compare.json and
-    demo.json into `out_dir`.
+    demo.json into `out_dir` (`-torch` names with `framework="torch"`, where the CNN is a
+    PyTorch module, pretrained with a plain loop).
     """
     from pathlib import Path
 
     from bnkit.compare import compare
     from bnkit.data import digits
-    from bnkit.demo_keras import accuracy
     from bnkit.files import atomic_files, check_out_dir
     from bnkit.plots import compare_plot, shift_plot
     from bnkit.pretrain import adabn_evidence, pretrained_digits
     from bnkit.report import inspect
     from bnkit.stats import shift
 
-    out = check_out_dir(Path(out_dir), STORY_FILES)
+    k = kit(framework)
+    names = story_files(framework)
+    out = check_out_dir(Path(out_dir), names)
     source, target = digits("source"), digits("target")
-    train = few_labels(*target.train, labels_per_class)
-    net = pretrained_digits(on_status=on_status)
-    shift_report = shift(net.model, target.train[0])
+    tx, ty = few_labels(*target.train, labels_per_class)
+    train = (k.images(tx), ty)
+    net = pretrained_digits(on_status=on_status, framework=framework)
+    shift_report = shift(net.model, k.images(target.train[0]))
     result = compare(
         net.model,
         train,
-        target.val,
+        (k.images(target.val[0]), target.val[1]),
         epochs=epochs,
         seeds=seeds,
         batch_size=STORY_BATCH,
         lr=STORY_LR,
         progress=progress,
     )
-    files = tuple(str(out / n) for n in STORY_FILES)
+    files = tuple(str(out / n) for n in names)
     story = Story(
         pretrained_cached=net.cached,
-        source_accuracy=accuracy(net.model, *source.test),
-        evidence=adabn_evidence(net.model),
+        source_accuracy=k.accuracy(net.model, *source.test),
+        evidence=adabn_evidence(net.model, framework=framework),
         inspect=inspect(net.model),
         shift=shift_report,
         compare=result,
         labelled=len(train[1]),
         files=files,
     )
-    with atomic_files(out, STORY_FILES) as paths:
-        shift_plot(
-            shift_report, paths["shift.png"], title="shift of the target digits from the source"
-        )
-        compare_plot(result, paths["compare.png"])
-        paths["compare.json"].write_text(result.to_json())
-        paths["demo.json"].write_text(story.to_json())
+    with atomic_files(out, names) as paths:
+        shift_png, compare_png, compare_json, demo_json = (paths[n] for n in names)
+        shift_plot(shift_report, shift_png, title="shift of the target digits from the source")
+        compare_plot(result, compare_png)
+        compare_json.write_text(result.to_json())
+        demo_json.write_text(story.to_json())
     return story

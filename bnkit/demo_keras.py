@@ -9,8 +9,11 @@ from typing import Any
 import keras
 
 from bnkit.backends.keras.core import set_random_seed, without_tensorflow
+from bnkit.policy import Mode
 
 WIDTHS = (16, 32, 64)
+MODEL_SUFFIX = ".keras"
+TRAPS_TITLE = "ResNet50V2"
 
 
 def digits_resnet(input_size: int = 32, num_classes: int = 10) -> keras.Model:
@@ -46,6 +49,11 @@ def _block(x: Any, width: int, stride: int, name: str) -> Any:
         x = keras.layers.Conv2D(width, 1, strides=stride, use_bias=False, name=f"{name}_proj")(x)
         x = keras.layers.BatchNormalization(name=f"{name}_proj_bn")(x)
     return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([x, y]))
+
+
+def images(x: Any) -> Any:
+    """The demo's (N, H, W, C) images, as Keras takes them."""
+    return x
 
 
 def train_classifier(
@@ -99,6 +107,27 @@ def traps_model(input_size: int, num_classes: int) -> tuple[keras.Model, keras.M
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
     return keras.Model(inputs, outputs, name="transfer"), base
+
+
+def get_state(model: keras.Model) -> list[Any]:
+    """Copies of every weight and statistic."""
+    return [w.copy() for w in model.get_weights()]
+
+
+def set_state(model: keras.Model, state: list[Any]) -> None:
+    """Puts back what `get_state` copied."""
+    model.set_weights(state)
+
+
+def bnkit_label(mode: Mode) -> str:
+    """The traps table's label of a bnkit row."""
+    return f"bnkit.freeze(bn='{mode.value}'), then base.trainable = True"
+
+
+def reenable(base: keras.Model) -> None:
+    """What the framework's own code does next: `base.trainable = True`."""
+    base.trainable = False
+    base.trainable = True
 
 
 def fit_once(model: keras.Model, x: Any, y: Any, batch_size: int) -> None:

@@ -49,37 +49,40 @@ def pretrained_digits(
     epochs: int = EPOCHS,
     cache: Path | None = None,
     on_status: Callable[[str], None] | None = None,
+    framework: str = "keras",
 ) -> Pretrained:
-    """The residual CNN pretrained on `digits("source", size, seed)`'s training split.
+    """The residual CNN pretrained on `digits("source", size, seed)`'s training split, a
+    Keras model or (`framework="torch"`) a PyTorch module.
 
     Trains for `epochs` with Adam, then re-estimates every BN layer's statistics on
     the training images (with Keras' momentum of 0.99 the moving statistics of a
     short training lag the weights badly; see DESIGN.md). The result is cached per
-    recipe, size, seed, epochs and Keras backend, so a second call loads it.
+    recipe, size, seed, epochs and framework (Keras backend), so a second call loads it.
 
     Example:
         >>> net = pretrained_digits(epochs=1, cache=Path(tempfile.mkdtemp()))  # doctest: +SKIP
         >>> net.model.output_shape  # doctest: +SKIP
         (None, 10)
     """
-    from bnkit import demo_keras
+    from bnkit.demo import kit
     from bnkit.files import save_model
     from bnkit.stats import adapt
 
+    k = kit(framework)
     folder = cache if cache is not None else cache_dir()
     name = f"digits-resnet-v{RECIPE_VERSION}-{size}px-seed{seed}-{epochs}ep"
-    path = folder / f"{name}-{demo_keras.backend_name()}.keras"
+    path = folder / f"{name}-{k.backend_name()}{k.MODEL_SUFFIX}"
     if path.exists():
-        return Pretrained(demo_keras.load(path), path, cached=True)
+        return Pretrained(k.load(path), path, cached=True)
     if on_status is not None:
         on_status(f"pretraining on the source digits ({epochs} epochs, cached in {folder})")
     data = digits("source", size=size, seed=seed)
-    demo_keras.seed_everything(seed)
-    model = demo_keras.digits_resnet(size, data.num_classes)
-    demo_keras.train_classifier(
+    k.seed_everything(seed)
+    model = k.digits_resnet(size, data.num_classes)
+    k.train_classifier(
         model, *data.train, epochs=epochs, batch_size=BATCH_SIZE, seed=seed, lr=LEARNING_RATE
     )
-    adapt(model, data.train[0])
+    adapt(model, k.images(data.train[0]))
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, path)
     return Pretrained(model, path, cached=False)
@@ -109,27 +112,31 @@ class Evidence:
         )
 
 
-def adabn_evidence(model: Any, *, size: int = 32, seed: int = 0) -> Evidence:
-    """Measures shift and the AdaBN effect of `adapt` on a copy of the pretrained model.
+def adabn_evidence(
+    model: Any, *, size: int = 32, seed: int = 0, framework: str = "keras"
+) -> Evidence:
+    """Measures shift and the AdaBN effect of `adapt` on a copy of the pretrained model
+    (a Keras model, or a PyTorch module with `framework="torch"`).
 
     Example:
         >>> ev = adabn_evidence(pretrained_digits().model)  # doctest: +SKIP
         >>> ev.accuracy_adapted > ev.accuracy_target  # doctest: +SKIP
         True
     """
-    from bnkit.demo_keras import accuracy, clone
+    from bnkit.demo import kit
     from bnkit.stats import adapt, shift
 
+    k = kit(framework)
     source, target = digits("source", size, seed), digits("target", size, seed)
-    copy = clone(model)
-    before = accuracy(copy, *target.test)
-    adapt(copy, target.train[0])
+    copy = k.clone(model)
+    before = k.accuracy(copy, *target.test)
+    adapt(copy, k.images(target.train[0]))
     return Evidence(
-        shift_source=shift(model, source.test[0]).score,
-        shift_target=shift(model, target.test[0]).score,
-        accuracy_source=accuracy(model, *source.test),
+        shift_source=shift(model, k.images(source.test[0])).score,
+        shift_target=shift(model, k.images(target.test[0])).score,
+        accuracy_source=k.accuracy(model, *source.test),
         accuracy_target=before,
-        accuracy_adapted=accuracy(copy, *target.test),
+        accuracy_adapted=k.accuracy(copy, *target.test),
     )
 
 
