@@ -173,6 +173,21 @@ def test_torchvision_frozen_batchnorm_is_reported_frozen_adapted_and_folded():
         np.testing.assert_allclose(folded.model(x).numpy(), model(x).numpy(), rtol=1e-4)
 
 
+def test_timm_freeze_swaps_in_frozen_bn_act_which_is_reported_and_folded():
+    import timm
+    from timm.utils.model import freeze
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=3)
+    freeze(model, [name for name, _ in model.named_children() if name != "classifier"])
+    report = bnkit.inspect(model)
+    assert {r.class_name for r in report.bn_layers} == {"FrozenBatchNormAct2d"}
+    assert len(report.bn_layers) == 49 and {r.bn_mode for r in report.bn_layers} == {"frozen"}
+    x = torch.randn(2, 3, 32, 32)
+    folded = bnkit.fold(model, example=x.numpy())
+    assert len(folded.folded) == 49 and folded.max_diff_original < 1e-4  # activation kept
+
+
 def train_steps_on(model: nn.Module, x: torch.Tensor) -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()

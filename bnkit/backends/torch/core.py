@@ -58,10 +58,14 @@ _ORIGINAL: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDict
 _FLAGS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
+FIXED_BN_CLASSES = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
+
+
 def is_fixed_bn(module: Any) -> bool:
-    """torchvision's FrozenBatchNorm2d (found by name, without importing torchvision): BN
-    whose gamma, beta and statistics are buffers, always normalising with the statistics."""
-    return type(module).__name__ == "FrozenBatchNorm2d" and hasattr(module, "running_var")
+    """torchvision's FrozenBatchNorm2d or timm's FrozenBatchNormAct2d (found by name,
+    without importing either): BN whose gamma, beta and statistics are buffers, always
+    normalising with the statistics."""
+    return type(module).__name__ in FIXED_BN_CLASSES and hasattr(module, "running_var")
 
 
 def is_bn(module: Any) -> bool:
