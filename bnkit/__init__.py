@@ -31,6 +31,7 @@ from bnkit.policy import (
 )
 from bnkit.report import Report, inspect
 from bnkit.stats import AdaptReport, ShiftReport, adapt, shift
+from bnkit.tta import TTAReport, tta
 from bnkit.watch import WatchReport, watch
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ __all__ = [
     "SelectorError",
     "Strategy",
     "ShiftReport",
+    "TTAReport",
     "WatchReport",
     "adapt",
     "check",
@@ -74,6 +76,7 @@ __all__ = [
     "freeze",
     "inspect",
     "shift",
+    "tta",
     "recompile",
     "unfreeze",
     "watch",

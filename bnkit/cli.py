@@ -334,6 +334,90 @@ def adapt_cmd(
     _save_and_render(m, output, report, as_json)
 
 
+@cli.command("tta")
+@_model_options
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--method",
+    type=click.Choice(["none", "adapt", "tent"]),
+    default="tent",
+    show_default=True,
+    help="Predict as is, re-estimate BN statistics first, or TENT.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Where to write the adapted model (.keras, or a PyTorch state_dict .pt).",
+)
+@click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of the stream.")
+@click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, help="TENT's learning rate.")
+@click.option("--episodic", is_flag=True, help="Reset to the start before every batch.")
+@click.option("--no-guard", is_flag=True, help="No reset on collapse or non-finite values.")
+@_data_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs that bnkit wrote before.")
+def tta_cmd(
+    model: Path,
+    data: Path,
+    method: str,
+    output: Path | None,
+    report: Path | None,
+    plot: Path | None,
+    steps: int,
+    lr: float,
+    episodic: bool,
+    no_guard: bool,
+    batch_size: int,
+    max_batches: int | None,
+    scale: str | None,
+    preprocess: str | None,
+    channels: str | None,
+    as_json: bool,
+    overwrite: bool,
+) -> None:
+    """Adapt MODEL to the unlabelled stream DATA batch by batch, without labels (labels
+    in DATA only score the predictions)."""
+    from bnkit.backends import model_suffix
+    from bnkit.data import parse_scaling
+    from bnkit.files import atomic_path, check_model_file, check_output, save_model
+    from bnkit.plots import tta_plot
+    from bnkit.tta import tta
+
+    parse_scaling(scale, preprocess)
+    check_model_file(model)
+    inputs = (*_inputs(model), data)
+    if output is not None:
+        check_output(output, *inputs, suffix=model_suffix(model), overwrite=overwrite)
+    if report is not None:
+        check_output(report, *inputs, suffix=".json", overwrite=overwrite)
+    if plot is not None:
+        check_output(plot, *inputs, suffix=".png", overwrite=overwrite)
+    m = _load(model)
+    source = _open_data(m, data, batch_size, scale, preprocess, channels)
+    with _progress(f"{method} on the stream", _progress_total(source, max_batches)) as tick:
+        result = tta(
+            m, source, method, batch_size=batch_size, steps=steps, lr=lr, episodic=episodic,
+            guard=not no_guard, max_batches=max_batches, on_batch=lambda b: tick(b.index + 1),
+        )  # fmt: skip
+    if output is not None:
+        save_model(m, output)
+    if report is not None:
+        with atomic_path(report) as tmp:
+            tmp.write_text(result.to_json())
+    if plot is not None:
+        tta_plot(result, plot)
+    if as_json:
+        click.echo(result.to_json())
+        return
+    _out.print(str(result), highlight=False)
+    for k, why in result.resets:
+        _out.print(f"reset after batch {k}: {why}", highlight=False)
+
+
 @cli.command("shift")
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))

@@ -96,3 +96,39 @@ def compare_plot(result: Any, out: Path) -> Path:
         fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
     return out
+
+
+def tta_plot(report: Any, out: Path) -> Path:
+    """Plots a TTAReport: per batch, the mean prediction entropy and (where labels were
+    given) the accuracy, with a red line at every reset.
+
+    Example:
+        >>> import torch, numpy as np, bnkit, tempfile, pathlib
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        >>> r = bnkit.tta(m, np.ones((32, 4), "float32"), "none")
+        >>> tta_plot(r, pathlib.Path(tempfile.mkdtemp()) / "t.png").stat().st_size > 0
+        True
+    """
+    plt = _pyplot()
+    index = [b.index for b in report.batches]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(index)), 3.6))
+    ax.plot(index, [b.entropy for b in report.batches], "-", color="tab:blue", label="entropy")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("mean prediction entropy, nats")
+    if report.accuracy is not None:
+        acc = ax.twinx()
+        acc.plot(index, [b.accuracy for b in report.batches], "-", color="tab:green")
+        acc.set_ylabel("batch accuracy", color="tab:green")
+        acc.set_ylim(0, 1)
+    for k, _ in report.resets:
+        ax.axvline(k, color="tab:red", lw=1, ls=":")
+    title = f"{report.method}: {len(report.resets)} reset(s)"
+    if report.accuracy is not None:
+        title += f", accuracy {report.accuracy:.1%}"
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    plt.close(fig)
+    return out

@@ -111,6 +111,25 @@ def test_compare_a_spec_writes_results_and_the_model_is_untouched(capsys, spec, 
     assert code == 2 and "lbfgs" in err
 
 
+def test_tta_writes_the_adapted_model_a_report_and_a_plot(capsys, spec, images, tmp_path):
+    out, report, plot = tmp_path / "tent.pt", tmp_path / "tta.json", tmp_path / "tta.png"
+    before = digest(images)
+    code, text, err = run(capsys, "tta", spec, str(images), "--method", "tent", "-o", str(out),
+                          "--report", str(report), "--plot", str(plot), "--batch-size", "16",
+                          "--lr", "0.01")  # fmt: skip
+    assert code == 0, err
+    assert "tent: 12 samples in 1 batches, accuracy" in text
+    doc = json.loads(report.read_text())
+    assert doc["method"] == "tent" and doc["batches"][0]["size"] == 12
+    assert not doc["batches"][0]["adapted"]  # 12 < 16: predicted, not adapted on
+    assert plot.read_bytes()[:4] == b"\x89PNG" and digest(images) == before
+    model = net()
+    model.load_state_dict(torch.load(out, weights_only=True))
+    code, _, err = run(capsys, "tta", spec, str(images), "--batch-size", "4")
+    assert code == 2 and "at least 16 (got 4)" in err and "--method adapt" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_export_a_torchvision_model(capsys, tmp_path, fmt):
     out = tmp_path / f"r18.{fmt}"

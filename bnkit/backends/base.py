@@ -152,6 +152,43 @@ class Deployer(Protocol):
         ...
 
 
+class TestTimeAdapter(Protocol):
+    """What `tta` needs: TENT's entropy step on BN gamma/beta and resets."""
+
+    def prepare(self, model: Any, lr: float, optimizer: str) -> None:
+        """Only BN gamma/beta trainable; a fresh `adam` or `sgd` optimizer over them."""
+        ...
+
+    def step(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """One entropy step on `x` with BN on batch statistics and every other layer in
+        inference mode; returns that forward's outputs (before the update)."""
+        ...
+
+    def finish(self, model: Any) -> None:
+        """Puts back every flag `prepare` changed."""
+        ...
+
+    def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """Inference-mode outputs."""
+        ...
+
+    def reference(self, model: Any) -> Any:
+        """A copy of `model` with its own weights."""
+        ...
+
+    def save_state(self, model: Any) -> Any:
+        """Every weight and statistic."""
+        ...
+
+    def restore_state(self, model: Any, state: Any) -> None:
+        """Puts back `save_state`'s copy and resets the optimizer's state."""
+        ...
+
+    def finite(self, model: Any) -> bool:
+        """True when every BN gamma and beta is finite."""
+        ...
+
+
 class Backend(Protocol):
     """What every framework adapter provides."""
 
@@ -225,6 +262,10 @@ class Backend(Protocol):
 
     def deployer(self) -> Deployer:
         """The deployment capability (`check`, `export`); BackendError when lacking."""
+        ...
+
+    def test_time(self) -> TestTimeAdapter:
+        """The test-time adaptation capability (`tta`); BackendError when lacking."""
         ...
 
 

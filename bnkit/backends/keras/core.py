@@ -24,7 +24,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.base import CHANNELS_LAST, Deployer, MomentPass, Snapshot, Trainer
+from bnkit.backends.base import (
+    CHANNELS_LAST,
+    Deployer,
+    MomentPass,
+    Snapshot,
+    TestTimeAdapter,
+    Trainer,
+)
 from bnkit.errors import BnkitError, ModelFileError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.records import (
@@ -250,6 +257,11 @@ class KerasBackend:
         from bnkit.backends.keras.deploy import KerasDeployer
 
         return KerasDeployer()
+
+    def test_time(self) -> TestTimeAdapter:
+        from bnkit.backends.keras.tta import KerasTestTime
+
+        return KerasTestTime()
 
     def records(self, model: Any) -> list[LayerRecord]:
         trainable_ids = {id(v) for v in model.trainable_variables}

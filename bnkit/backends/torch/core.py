@@ -31,6 +31,7 @@ from bnkit.backends.base import (
     Deployer,
     MomentPass,
     Snapshot,
+    TestTimeAdapter,
     Trainer,
 )
 from bnkit.data import DataError
@@ -291,6 +292,11 @@ class TorchBackend:
         from bnkit.backends.torch.deploy import TorchDeployer
 
         return TorchDeployer()
+
+    def test_time(self) -> TestTimeAdapter:
+        from bnkit.backends.torch.tta import TorchTestTime
+
+        return TorchTestTime()
 
     # ------------------------------------------------------------------ reading
 

@@ -1,0 +1,347 @@
+"""Test-time adaptation without labels: BN re-estimation (`adapt`) and TENT with guards
+against its known collapse, on Keras models and PyTorch modules alike.
+
+TENT (Wang et al., ICLR 2021) predicts each incoming batch with BN normalising on the
+batch's statistics and then trains only BN's gamma/beta to lower the entropy of those
+predictions. On some streams it collapses (one class takes over, the predictions lose
+their entropy); the guards here watch the predicted-class distribution over a window of
+recent batches against the start model's predictions on the same images, and reset to
+the start weights when it collapses or when anything turns non-finite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from bnkit.backends import get_backend
+from bnkit.backends.base import CHANNELS_FIRST
+from bnkit.data import DataError, load
+from bnkit.errors import BnkitError
+
+METHODS = ("none", "adapt", "tent")
+DEFAULT_BATCH_SIZE = 64
+"""the TENT paper's ImageNet batch size."""
+DEFAULT_LR = 1e-3
+"""the TENT repository's CIFAR setting: Adam, 1e-3, betas (0.9, 0.999), one step."""
+MIN_BATCH_SIZE = 16
+"""below it a batch's statistics are too noisy to normalise with (and to adapt on)."""
+WINDOW = 8
+"""batches over which the predicted-class distribution is watched."""
+ENTROPY_RATIO = 0.5
+"""collapse: the window's predicted-class entropy below this share of the start model's."""
+TAKEOVER = 0.5
+"""collapse: one class's share of the window's predictions above the start model's share
+of that class by more than this."""
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch of the stream."""
+
+    index: int
+    size: int
+    accuracy: float | None
+    """on this batch's predictions (made before its update), where labels were given."""
+    entropy: float
+    """mean entropy of the predicted distributions, in nats."""
+    reset: str | None
+    """why the weights went back to the start after this batch (None: they did not)."""
+    adapted: bool
+    """False for a batch below the minimum size: predicted, not adapted on."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TTAReport:
+    """What test-time adaptation did on a stream."""
+
+    method: str
+    batches: tuple[BatchRecord, ...]
+    samples: int
+    accuracy: float | None
+    """over every prediction, where labels were given."""
+    seconds: float
+    settings: dict[str, Any]
+
+    @property
+    def resets(self) -> list[tuple[int, str]]:
+        """(batch index, reason) of every reset."""
+        return [(b.index, b.reset) for b in self.batches if b.reset is not None]
+
+    def to_json(self) -> str:
+        """The report as a JSON document."""
+        return json.dumps(
+            {
+                "method": self.method,
+                "samples": self.samples,
+                "accuracy": self.accuracy,
+                "seconds": self.seconds,
+                "settings": self.settings,
+                "resets": [{"batch": i, "reason": r} for i, r in self.resets],
+                "batches": [asdict(b) for b in self.batches],
+            },
+            indent=2,
+        )
+
+    def __str__(self) -> str:
+        acc = "" if self.accuracy is None else f", accuracy {self.accuracy:.1%}"
+        text = f"{self.method}: {self.samples} samples in {len(self.batches)} batches{acc}"
+        resets = self.resets
+        if resets:
+            text += f"; {len(resets)} reset(s), first at batch {resets[0][0]}: {resets[0][1]}"
+        return text
+
+
+def tta(
+    model: Any,
+    data: Any,
+    method: str = "tent",
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    steps: int = 1,
+    episodic: bool = False,
+    lr: float = DEFAULT_LR,
+    optimizer: str = "adam",
+    guard: bool = True,
+    min_batch_size: int = MIN_BATCH_SIZE,
+    window: int = WINDOW,
+    max_batches: int | None = None,
+    on_batch: Callable[[BatchRecord], None] | None = None,
+) -> TTAReport:
+    """Adapts `model` in place to an unlabelled stream, predicting each batch as it comes.
+
+    `none` predicts with the model as it is. `adapt` re-estimates every BN layer's
+    statistics on the whole stream first (`bnkit.adapt`), then predicts. `tent`
+    predicts each batch with BN normalising on that batch's statistics and then takes
+    `steps` Adam (or SGD, momentum 0.9) steps on BN gamma/beta to lower the entropy of
+    the predictions; every other weight stays fixed and every other layer in
+    inference mode. `episodic` resets to the start weights before each batch. With
+    `guard`, the weights go back to the start when they or the outputs turn
+    non-finite, or when the predicted-class distribution over the last `window`
+    batches collapses against the start model's predictions on the same images (its
+    entropy falls below half of theirs, or one class gains more than half of the
+    predictions); each reset is reported with its batch. After `tent` the statistics
+    are re-estimated on the stream, so the model runs in inference mode as usual.
+
+    Labels in `data`, if any, only score the predictions.
+
+    Args:
+        model: a Keras classifier or a PyTorch module (changed in place).
+        data: the stream: anything `bnkit.data.load` reads (arrays, `(x, y)`, a
+            DataLoader, a folder); arrays are cut into batches of `batch_size`.
+        method: `none`, `adapt` or `tent`.
+        batch_size: the batch size for arrays and folders.
+        steps: TENT steps per batch.
+        episodic: reset before every batch.
+        lr: TENT's learning rate.
+        optimizer: `adam` or `sgd`.
+        guard: reset on collapse or non-finite values.
+        min_batch_size: smaller batches are refused (all of them) or, at the end of
+            the stream, predicted without adapting.
+        window: batches the collapse guard looks at.
+        max_batches: use at most this many batches of the stream.
+        on_batch: called with each batch's record.
+
+    Example:
+        >>> import torch, numpy as np, bnkit
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+        ...                         torch.nn.Linear(8, 3))
+        >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+        >>> r = bnkit.tta(m, (x, np.zeros(64, int)), "tent", batch_size=32)
+        >>> len(r.batches), r.resets
+        (2, [])
+    """
+    if method not in METHODS:
+        raise BnkitError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if not np.isfinite(lr) or lr <= 0:
+        raise BnkitError(f"the learning rate must be a positive number, got {lr}")
+    if steps < 1 or window < 1:
+        raise BnkitError(f"steps and window must be at least 1, got {steps} and {window}")
+    if method == "tent" and batch_size < min_batch_size:
+        raise BnkitError(
+            f"TENT needs batches of at least {min_batch_size} (got {batch_size}): smaller "
+            "batches give BN statistics too noisy to normalise with; use --method adapt, "
+            "which re-estimates the statistics over the whole stream, or larger batches"
+        )
+    backend = get_backend(model)
+    loaded = load(data, batch_size=batch_size, channels_first=backend.layout == CHANNELS_FIRST)
+    stream = _Limited(loaded, max_batches)
+    settings = {
+        "batch_size": batch_size, "steps": steps, "episodic": episodic, "lr": lr,
+        "optimizer": optimizer, "guard": guard, "min_batch_size": min_batch_size,
+        "window": window,
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    adapter = backend.test_time()
+    if method == "adapt":
+        from bnkit.stats import adapt
+
+        adapt(model, stream)
+    if method == "tent":
+        backend.unfreeze(model)  # pinned BN would ignore batch statistics
+        adapter.prepare(model, lr, optimizer)
+        start = adapter.save_state(model)
+        records = _tent(adapter, model, start, stream, steps, episodic, guard,
+                        min_batch_size, window, on_batch)  # fmt: skip
+        _settle(adapter, model, start, stream, records, guard)
+    else:
+        records = _predict_only(adapter, model, stream, on_batch)
+    return _report(method, records, time.perf_counter() - t0, settings)
+
+
+@dataclass(frozen=True)
+class _Limited:
+    """The first `limit` batches of a stream, re-iterable (all of them when None)."""
+
+    data: Any
+    limit: int | None
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.data), self.limit)
+
+
+@dataclass
+class _Scored:
+    record: BatchRecord
+    hits: int | None
+
+
+def _predict_only(
+    adapter: Any, model: Any, stream: Any, on_batch: Callable[[BatchRecord], None] | None
+) -> list[_Scored]:
+    out = []
+    for k, (x, y) in enumerate(stream):
+        t = time.perf_counter()
+        scored = _score(k, adapter.predict(model, x), y, None, True, time.perf_counter() - t)
+        out.append(scored)
+        if on_batch is not None:
+            on_batch(scored.record)
+    return out
+
+
+def _settle(
+    adapter: Any, model: Any, start: Any, stream: Any, records: list[_Scored], guard: bool
+) -> None:
+    """Re-estimates the statistics on the stream for inference; with `guard`, weights whose
+    statistics overflow go back to the start first (the last batch records it)."""
+    from bnkit.stats import adapt
+
+    try:
+        adapt(model, stream)
+    except DataError:
+        if not guard:
+            raise
+        adapter.restore_state(model, start)
+        adapt(model, stream)
+        last = records[-1]
+        reason = "non-finite statistics: the adapted weights overflow float32"
+        last.record = replace(last.record, reset=last.record.reset or reason)
+
+
+def _tent(
+    adapter: Any,
+    model: Any,
+    start: Any,
+    stream: Any,
+    steps: int,
+    episodic: bool,
+    guard: bool,
+    min_batch: int,
+    window: int,
+    on_batch: Callable[[BatchRecord], None] | None,
+) -> list[_Scored]:
+    reference = adapter.reference(model) if guard else None
+    recent: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
+    out: list[_Scored] = []
+    try:
+        for k, (x, y) in enumerate(stream):
+            t = time.perf_counter()
+            if len(x) < min_batch:  # the stream's last, short batch
+                scored = _score(k, adapter.predict(model, x), y, None, False, 0.0)
+            else:
+                if episodic:
+                    adapter.restore_state(model, start)
+                outputs = adapter.step(model, x)
+                for _ in range(steps - 1):
+                    adapter.step(model, x)
+                reset = None
+                if guard and not (np.isfinite(outputs).all() and adapter.finite(model)):
+                    reset = "non-finite outputs or BN weights"
+                    outputs = adapter.predict(reference, x)
+                elif reference is not None:
+                    recent.append((outputs.argmax(1), adapter.predict(reference, x).argmax(1)))
+                    reset = _collapse(recent, outputs.shape[1])
+                if reset is not None:
+                    adapter.restore_state(model, start)
+                    recent.clear()
+                scored = _score(k, outputs, y, reset, True, time.perf_counter() - t)
+            out.append(scored)
+            if on_batch is not None:
+                on_batch(scored.record)
+    finally:
+        adapter.finish(model)
+    return out
+
+
+def _collapse(recent: deque[tuple[np.ndarray, np.ndarray]], classes: int) -> str | None:
+    """Why the window's predictions collapsed against the start model's, or None."""
+    adapted = np.concatenate([a for a, _ in recent])
+    start = np.concatenate([r for _, r in recent])
+    share_a = np.bincount(adapted, minlength=classes) / len(adapted)
+    share_s = np.bincount(start, minlength=classes) / len(start)
+    h_a, h_s = _entropy(share_a), _entropy(share_s)
+    if h_a < ENTROPY_RATIO * h_s:
+        return (
+            f"collapse: predicted-class entropy {h_a:.2f} nats over {len(recent)} batches, "
+            f"under half the start model's {h_s:.2f}"
+        )
+    top = int(share_a.argmax())
+    if share_a[top] - share_s[top] > TAKEOVER:
+        return (
+            f"collapse: class {top} takes {share_a[top]:.0%} of the predictions over "
+            f"{len(recent)} batches (start model: {share_s[top]:.0%})"
+        )
+    return None
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def _score(
+    k: int, outputs: np.ndarray, y: Any, reset: str | None, adapted: bool, seconds: float
+) -> _Scored:
+    logits = outputs - outputs.max(axis=1, keepdims=True)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    if np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3) and (outputs >= 0).all():
+        probs = outputs  # a softmax output already
+    ent = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1).mean())
+    hits = None
+    acc = None
+    if y is not None:
+        labels = np.asarray(y).reshape(len(outputs), -1)
+        labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0]
+        hits = int((outputs.argmax(1) == labels).sum())
+        acc = hits / len(outputs)
+    record = BatchRecord(k, len(outputs), acc, ent, reset, adapted, seconds)
+    return _Scored(record, hits)
+
+
+def _report(
+    method: str, scored: list[_Scored], seconds: float, settings: dict[str, Any]
+) -> TTAReport:
+    if not scored:
+        raise DataError("the stream is empty: give at least one batch")
+    samples = sum(s.record.size for s in scored)
+    labelled = all(s.hits is not None for s in scored)
+    accuracy = sum(s.hits or 0 for s in scored) / samples if labelled else None
+    return TTAReport(method, tuple(s.record for s in scored), samples, accuracy, seconds, settings)

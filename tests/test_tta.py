@@ -1,0 +1,129 @@
+"""Test-time adaptation on a Keras model and a PyTorch module: TENT trains only BN
+gamma/beta, predicts before each update, refuses small batches with what to do instead,
+resets on non-finite values and on collapse, resets every batch when episodic; and the
+PyTorch path equals a straight implementation of the published algorithm."""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+
+import numpy as np
+import pytest
+
+import bnkit
+from bnkit.errors import BnkitError
+
+tta_module = sys.modules["bnkit.tta"]
+
+
+def test_tent_trains_only_bn_gamma_beta_and_reports_each_batch(fw):
+    model = fw.build()
+    x = fw.inputs(96)
+    before = bnkit.backends.get_backend(model).snapshot(model)
+    report = bnkit.tta(model, x, "tent", batch_size=32, guard=False, lr=1e-2)
+    after = bnkit.backends.get_backend(model).snapshot(model)
+    assert [b.size for b in report.batches] == [32, 32, 32] and report.accuracy is None
+    assert all(b.adapted and b.reset is None for b in report.batches)
+    bn_paths = {r.path for r in bnkit.inspect(model).bn_layers}
+    for path, weights in before.weights.items():
+        for name, value in weights.items():
+            moved = not np.array_equal(value, after.weights[path][name])
+            assert moved == (path in bn_paths), (path, name)
+    # the statistics were re-estimated on the stream, so inference mode is usable
+    assert any(not np.allclose(before.stats[p]["mean"], after.stats[p]["mean"]) for p in bn_paths)
+
+
+def test_a_batch_below_the_minimum_is_refused_with_what_to_do(fw):
+    with pytest.raises(BnkitError, match=r"at least 16 \(got 8\).*--method adapt"):
+        bnkit.tta(fw.build(), fw.inputs(32), "tent", batch_size=8)
+
+
+def test_the_last_short_batch_is_predicted_not_adapted(fw):
+    report = bnkit.tta(fw.build(), fw.inputs(70), "tent", batch_size=32)
+    assert [(b.size, b.adapted) for b in report.batches] == [(32, True), (32, True), (6, False)]
+
+
+def test_runaway_weights_reset_to_the_start(fw):
+    model = fw.build()
+    report = bnkit.tta(model, fw.inputs(64), "tent", batch_size=32, lr=1e38, optimizer="sgd")
+    assert report.resets  # caught as non-finite, or first as a collapse of the predictions
+    assert all(("non-finite" in why) or ("collapse" in why) for _, why in report.resets)
+    values = fw.bn_values(model)
+    assert all(np.isfinite(v).all() for layer in values.values() for v in layer.values())
+
+
+def test_episodic_starts_every_batch_from_the_start_weights(fw):
+    x = fw.inputs(32)
+    stream = np.concatenate([x, x, x])
+    episodic = bnkit.tta(fw.build(), stream, "tent", batch_size=32, episodic=True, lr=0.5)
+    online = bnkit.tta(fw.build(), stream, "tent", batch_size=32, guard=False, lr=0.5)
+    e = [b.entropy for b in episodic.batches]
+    assert e[0] == pytest.approx(e[1], rel=1e-5) and e[1] == pytest.approx(e[2], rel=1e-5)
+    o = [b.entropy for b in online.batches]
+    assert o[2] < o[0]  # online, the entropy being minimised goes down
+
+
+def test_none_changes_nothing_and_adapt_re_estimates(fw):
+    model = fw.build()
+    x = fw.inputs(64)
+    y = np.zeros(64, int)
+    before = fw.bn_values(model)
+    none = bnkit.tta(model, (x, y), "none", batch_size=32)
+    assert none.accuracy is not None and 0 <= none.accuracy <= 1
+    same = fw.bn_values(model)
+    assert all(np.array_equal(before[p][k], same[p][k]) for p in before for k in before[p])
+    bnkit.tta(model, (x, y), "adapt", batch_size=32)
+    after = fw.bn_values(model)
+    assert not np.allclose(before[fw.first_bn]["mean"], after[fw.first_bn]["mean"])
+    with pytest.raises(BnkitError, match="unknown method 'tnet'"):
+        bnkit.tta(model, x, "tnet")
+
+
+def test_collapse_is_named_against_the_start_models_predictions():
+    uniform = np.arange(64) % 4
+    takeover = np.zeros(64, int)
+    takeover[:8] = 1
+    why = tta_module._collapse(deque([(takeover, uniform)]), 4)
+    assert why is not None and "entropy" in why
+    three = np.where(np.arange(64) < 56, 0, np.arange(64) % 3 + 1)
+    why = tta_module._collapse(deque([(three, uniform)]), 4)
+    assert why is not None and ("class 0 takes" in why or "entropy" in why)
+    assert tta_module._collapse(deque([(uniform, uniform)]), 4) is None
+    sorted_stream = np.zeros(64, int)  # label shift: the start model agrees, no collapse
+    assert tta_module._collapse(deque([(sorted_stream, sorted_stream)]), 4) is None
+
+
+def test_torch_tent_equals_the_published_algorithm():
+    """The TENT repository's configure_model / collect_params / forward_and_adapt,
+    written out, against bnkit on the same stream."""
+    import torch
+    from torch import nn
+    from torch_nets import net
+
+    x = np.random.default_rng(0).normal(0.5, 2.0, (96, 3, 6, 6)).astype("float32")
+    reference = net()
+    reference.train()
+    reference.requires_grad_(False)
+    params = []
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(True)
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+            params += [m.weight, m.bias]
+    opt = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    entropies = []
+    for i in range(0, 96, 32):
+        outputs = reference(torch.as_tensor(x[i : i + 32]))
+        loss = -(outputs.softmax(1) * outputs.log_softmax(1)).sum(1)
+        entropies.append(float(loss.mean()))
+        loss.mean(0).backward()
+        opt.step()
+        opt.zero_grad()
+    model = net()
+    report = bnkit.tta(model, x, "tent", batch_size=32, guard=False)
+    np.testing.assert_allclose([b.entropy for b in report.batches], entropies, rtol=1e-5)
+    for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        np.testing.assert_allclose(mine.detach().numpy(), theirs.detach().numpy(), atol=1e-6)
