@@ -844,6 +844,10 @@ def demo_cmd(
 
     frameworks = ["keras", "torch"] if framework == "both" else [framework]
     check_out_dir(out_dir, tuple(n for f in frameworks for n in story_files(f)))
+    if "torch" in frameworks:
+        # torch 2.14's first import of torch._dynamo (torch.optim makes it) crashes once
+        # TensorFlow is loaded (its bundled triton): import it before Keras loads TF
+        import torch._dynamo  # noqa: F401
     for f in frameworks:
         _story(f, out_dir, labels_per_class, epochs, seeds, skip_traps)
 
