@@ -130,6 +130,25 @@ def adapt(
     return AdaptReport(tuple(_summary(p, before[p], new[p]) for p in paths), n_batches, n_samples)
 
 
+class OnlineAdapt:
+    """`adapt` over a growing stream: after each `update(x)` the model's BN statistics are
+    exactly what `adapt` computes over every batch given so far."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._backend, self._paths = _bn_paths(model, None)
+        self._moments = {p: _Moments() for p in self._paths}
+
+    def update(self, x: np.ndarray) -> None:
+        """Adds one batch and writes the statistics of the stream so far."""
+        with self._backend.moments_pass(self._model, self._paths, normalize="batch") as run:
+            for path, (mean, var, n) in run(x).items():
+                self._moments[path].add(mean, var, n)
+        new = {p: self._moments[p].result() for p in self._paths}
+        _check_finite_stats(new)
+        self._backend.set_bn_stats(self._model, new)
+
+
 def _check_finite_stats(stats: dict[str, dict[str, np.ndarray]]) -> None:
     """Raises DataError (the model unchanged) when a re-estimated statistic is not finite
     or too large for float32, which happens when the data's values are huge."""

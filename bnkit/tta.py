@@ -25,6 +25,7 @@ from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DataError, load
 from bnkit.errors import BnkitError
+from bnkit.stats import OnlineAdapt
 
 METHODS = ("none", "adapt", "tent")
 DEFAULT_BATCH_SIZE = 64
@@ -38,8 +39,10 @@ WINDOW = 8
 ENTROPY_RATIO = 0.5
 """collapse: the window's predicted-class entropy below this share of the start model's."""
 TAKEOVER = 0.5
-"""collapse: one class's share of the window's predictions above the start model's share
-of that class by more than this."""
+"""collapse: one class's share of the window's predictions above the reference's share of
+that class by more than this."""
+AGREEMENT = 0.5
+"""collapse: under this share of a batch's predictions agree with the reference's."""
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,7 @@ def _tent(
     on_batch: Callable[[BatchRecord], None] | None,
 ) -> list[_Scored]:
     reference = adapter.reference(model) if guard else None
+    online = OnlineAdapt(reference) if reference is not None else None
     recent: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
     out: list[_Scored] = []
     try:
@@ -273,15 +277,18 @@ def _tent(
                 for _ in range(steps - 1):
                     adapter.step(model, x)
                 reset = None
-                if guard and not (np.isfinite(outputs).all() and adapter.finite(model)):
-                    reset = "non-finite outputs or BN weights"
-                    outputs = adapter.predict(reference, x)
-                elif reference is not None:
-                    recent.append((outputs.argmax(1), adapter.predict(reference, x).argmax(1)))
-                    reset = _collapse(recent, outputs.shape[1])
+                if online is not None:
+                    online.update(x)
+                    fallback = adapter.predict(reference, x)
+                    if not (np.isfinite(outputs).all() and adapter.finite(model)):
+                        reset = "non-finite outputs or BN weights"
+                    else:
+                        recent.append((outputs.argmax(1), fallback.argmax(1)))
+                        reset = _collapse(recent, outputs.shape[1])
                 if reset is not None:
                     adapter.restore_state(model, start)
                     recent.clear()
+                    outputs = fallback  # the re-estimated model's predictions
                 scored = _score(k, outputs, y, reset, True, time.perf_counter() - t)
             out.append(scored)
             if on_batch is not None:
@@ -292,7 +299,15 @@ def _tent(
 
 
 def _collapse(recent: deque[tuple[np.ndarray, np.ndarray]], classes: int) -> str | None:
-    """Why the window's predictions collapsed against the start model's, or None."""
+    """Why the window's predictions collapsed against the reference's (the start weights
+    with statistics re-estimated on the stream so far), or None."""
+    last, last_ref = recent[-1]
+    agree = float((last == last_ref).mean())
+    if agree < AGREEMENT:
+        return (
+            f"collapse: {agree:.0%} of this batch's predictions agree with those of the "
+            "statistics re-estimated on the stream"
+        )
     adapted = np.concatenate([a for a, _ in recent])
     start = np.concatenate([r for _, r in recent])
     share_a = np.bincount(adapted, minlength=classes) / len(adapted)
@@ -301,13 +316,13 @@ def _collapse(recent: deque[tuple[np.ndarray, np.ndarray]], classes: int) -> str
     if h_a < ENTROPY_RATIO * h_s:
         return (
             f"collapse: predicted-class entropy {h_a:.2f} nats over {len(recent)} batches, "
-            f"under half the start model's {h_s:.2f}"
+            f"under half the re-estimated model's {h_s:.2f}"
         )
     top = int(share_a.argmax())
     if share_a[top] - share_s[top] > TAKEOVER:
         return (
             f"collapse: class {top} takes {share_a[top]:.0%} of the predictions over "
-            f"{len(recent)} batches (start model: {share_s[top]:.0%})"
+            f"{len(recent)} batches (re-estimated model: {share_s[top]:.0%})"
         )
     return None
 

@@ -80,18 +80,21 @@ def test_none_changes_nothing_and_adapt_re_estimates(fw):
         bnkit.tta(model, x, "tnet")
 
 
-def test_collapse_is_named_against_the_start_models_predictions():
+def test_collapse_is_named_against_the_re_estimated_models_predictions():
     uniform = np.arange(64) % 4
-    takeover = np.zeros(64, int)
-    takeover[:8] = 1
-    why = tta_module._collapse(deque([(takeover, uniform)]), 4)
-    assert why is not None and "entropy" in why
-    three = np.where(np.arange(64) < 56, 0, np.arange(64) % 3 + 1)
-    why = tta_module._collapse(deque([(three, uniform)]), 4)
-    assert why is not None and ("class 0 takes" in why or "entropy" in why)
+    disagree = (uniform + 1) % 4
+    why = tta_module._collapse(deque([(disagree, uniform)]), 4)
+    assert why is not None and "25%" not in why and "agree" in why
+    half = np.where(np.arange(64) < 36, uniform, 0)  # agrees on 36+, class 0 takes over
+    ref = np.where(np.arange(64) < 36, uniform, np.arange(64) % 3 + 1)
+    why = tta_module._collapse(deque([(half, uniform), (half, ref)]), 4)
+    assert why is None or "class 0" in why or "entropy" in why
     assert tta_module._collapse(deque([(uniform, uniform)]), 4) is None
-    sorted_stream = np.zeros(64, int)  # label shift: the start model agrees, no collapse
+    sorted_stream = np.zeros(64, int)  # label shift: the reference agrees, no collapse
     assert tta_module._collapse(deque([(sorted_stream, sorted_stream)]), 4) is None
+    taken = np.zeros(64, int)
+    why = tta_module._collapse(deque([(taken, uniform)]), 4)
+    assert why is not None  # 25% agree, one class takes everything
 
 
 def test_torch_tent_equals_the_published_algorithm():
@@ -127,3 +130,18 @@ def test_torch_tent_equals_the_published_algorithm():
     np.testing.assert_allclose([b.entropy for b in report.batches], entropies, rtol=1e-5)
     for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
         np.testing.assert_allclose(mine.detach().numpy(), theirs.detach().numpy(), atol=1e-6)
+
+
+def test_online_re_estimation_equals_adapt_over_the_batches_so_far(fw):
+    from bnkit.stats import OnlineAdapt
+
+    grown, whole = fw.build(), fw.build()
+    x = fw.inputs(64)
+    online = OnlineAdapt(grown)
+    online.update(x[:32])
+    online.update(x[32:])
+    bnkit.adapt(whole, x, batch_size=32)
+    a, b = fw.bn_values(grown), fw.bn_values(whole)
+    for path in a:
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(a[path][key], b[path][key], rtol=1e-5, atol=1e-6)
