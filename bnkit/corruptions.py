@@ -29,7 +29,7 @@ def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarra
 
     Example:
         >>> x = np.full((2, 32, 32, 3), 0.5, "float32")
-        >>> corrupt(x, "gaussian_noise", 5).std() > 0.1
+        >>> bool(corrupt(x, "gaussian_noise", 5).std() > 0.1)
         True
     """
     if name not in CORRUPTIONS:
