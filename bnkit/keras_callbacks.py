@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import keras
 
-from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.errors import BnkitError
 from bnkit.policy import Plan
-from bnkit.watch import ACTIONS, BNWatchError, Watch, WatchReport
+from bnkit.watch import ACTIONS, BNWatchError, Watch, WatchReport, act_on_problems, epoch_counts
 
 __all__ = ["BNWatch", "BNWatchError"]
 
@@ -65,15 +64,7 @@ class BNWatch(keras.callbacks.Callback):
             return
         report = self._watch.stop()
         self.reports.append(report)
-        counts = report.counts()
         if logs is not None:
-            for key in ("bn_layers", "bn_stats_kept", "bn_affine_kept", "problems"):
-                logs["bn_problems" if key == "problems" else key] = counts[key]
-        if report.ok:
-            return
-        message = f"epoch {epoch + 1}: BN off plan: " + "; ".join(report.problems()[:3])
-        if self.on_problem == "raise":
-            raise BNWatchError(message)
-        if self.on_problem == "stop":
+            logs.update(epoch_counts(report))
+        if act_on_problems(report, epoch + 1, self.on_problem):
             self.model.stop_training = True
-        warnings.warn(message, BnkitWarning, stacklevel=2)

@@ -5,22 +5,20 @@ Imported only by its users (it imports Lightning)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 
-from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.errors import BnkitError
 from bnkit.freeze import freeze
 from bnkit.policy import Plan, Rule
-from bnkit.watch import ACTIONS, BNWatchError, Watch, WatchReport
+from bnkit.watch import ACTIONS, BNWatchError, Watch, WatchReport, act_on_problems, epoch_counts
 
 __all__ = ["BNFinetuning", "BNWatchError"]
 
 UNFREEZE_LR_FACTOR = 0.1
 """Lightning's BackboneFinetuning starts the unfrozen part at the current rate / 10."""
-LOGGED = ("bn_layers", "bn_stats_kept", "bn_affine_kept", "problems")
 
 
 class BNFinetuning(pl.Callback):
@@ -165,14 +163,7 @@ class BNFinetuning(pl.Callback):
         report = self._watch.stop()
         self._watch = None
         self.reports.append(report)
-        counts = report.counts()
-        metrics = {("bn_problems" if k == "problems" else k): float(counts[k]) for k in LOGGED}
+        metrics = {k: float(v) for k, v in epoch_counts(report).items()}
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=True)
-        if report.ok:
-            return
-        message = f"epoch {trainer.current_epoch}: BN off plan: " + "; ".join(report.problems()[:3])
-        if self.on_problem == "raise":
-            raise BNWatchError(message)
-        if self.on_problem == "stop":
+        if act_on_problems(report, trainer.current_epoch, self.on_problem):
             trainer.should_stop = True
-        warnings.warn(message, BnkitWarning, stacklevel=2)

@@ -19,6 +19,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, out: Path) -> Path:
+    """Writes `fig` to `out` as a PNG, atomically, and closes it."""
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    plt.close(fig)
+    return out
+
+
 def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
     """Plots a ShiftReport: mean and max channel divergence of each BN layer by depth,
     on a log scale, with the recommendation thresholds.
@@ -46,11 +55,7 @@ def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
     ax.set_title(title or f"BN input shift: model {report.score:.3f} -> {report.recommendation}")
     ax.legend(fontsize="small", loc="best")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def compare_plot(result: Any, out: Path) -> Path:
@@ -91,11 +96,7 @@ def compare_plot(result: Any, out: Path) -> Path:
     axes[0].legend(fontsize="small")
     seeds = max(s.runs for s in result.summaries)
     fig.suptitle(f"BN strategies, mean and range over {seeds} seeds")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def tta_plot(report: Any, out: Path) -> Path:
@@ -127,8 +128,4 @@ def tta_plot(report: Any, out: Path) -> Path:
         title += f", accuracy {report.accuracy:.1%}"
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from bnkit.backends import get_backend
 from bnkit.backends.base import Snapshot
-from bnkit.errors import BnkitError
+from bnkit.errors import BnkitError, BnkitWarning
 from bnkit.freeze import last_plan
 from bnkit.policy import MODE_STATES, STATS_ONLY, Mode, Plan
 from bnkit.report import inspect
@@ -25,6 +26,27 @@ ACTIONS = ("warn", "stop", "raise")
 class BNWatchError(BnkitError):
     """A BN layer did something its plan says it must not (a callback's
     `on_problem="raise"`)."""
+
+
+def epoch_counts(report: WatchReport) -> dict[str, int]:
+    """What the training callbacks log each epoch: `bn_layers`, `bn_stats_kept`,
+    `bn_affine_kept` and `bn_problems`."""
+    counts = report.counts()
+    keys = ("bn_layers", "bn_stats_kept", "bn_affine_kept")
+    return {**{k: counts[k] for k in keys}, "bn_problems": counts["problems"]}
+
+
+def act_on_problems(report: WatchReport, epoch: int, action: str) -> bool:
+    """What a training callback does at the end of `epoch` (as its framework numbers
+    epochs): nothing when BN kept to the plan; else raises BNWatchError (`raise`) or
+    warns; True when the fit should stop (`stop`)."""
+    if report.ok:
+        return False
+    message = f"epoch {epoch}: BN off plan: " + "; ".join(report.problems()[:3])
+    if action == "raise":
+        raise BNWatchError(message)
+    warnings.warn(message, BnkitWarning, stacklevel=3)
+    return action == "stop"
 
 
 @dataclass(frozen=True)

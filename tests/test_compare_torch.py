@@ -4,12 +4,11 @@ data forms PyTorch users hold, and real torchvision/timm architectures."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_compare import _numbers
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch_nets import net, state
@@ -25,15 +24,6 @@ def splits():
     x = rng.normal(0.5, 1.0, size=(48, 3, 6, 6)).astype("float32")
     y = (x[:, 0].mean(axis=(1, 2)) > 0.5).astype(int) + (x[:, 1].mean(axis=(1, 2)) > 0.5)
     return (x[:32], y[:32]), (x[32:], y[32:])
-
-
-def _numbers(result):
-    doc = json.loads(result.to_json())
-    for run in doc["runs"]:
-        run.pop("seconds")
-        for e in run["epochs"]:
-            e.pop("seconds")
-    return doc
 
 
 def test_same_inputs_and_seeds_give_identical_numbers_and_model_is_untouched(splits):
