@@ -8,6 +8,7 @@ from typing import Any
 
 import keras
 
+from bnkit.backends.keras.core import clone as core_clone
 from bnkit.backends.keras.core import set_random_seed, without_tensorflow
 from bnkit.policy import Mode
 
@@ -77,10 +78,7 @@ def accuracy(model: keras.Model, x: Any, y: Any, batch_size: int = 256) -> float
 
 def clone(model: keras.Model) -> keras.Model:
     """A copy of `model` with its own variables (weights and BN statistics copied)."""
-    with without_tensorflow():
-        copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
+    return core_clone(model)
 
 
 # ---------------------------------------------------------------------- the traps table

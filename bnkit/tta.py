@@ -28,6 +28,7 @@ from bnkit.errors import BnkitError
 from bnkit.stats import OnlineAdapt
 
 METHODS = ("none", "adapt", "tent")
+OPTIMIZERS = ("adam", "sgd")
 DEFAULT_BATCH_SIZE = 64
 """the TENT paper's ImageNet batch size."""
 DEFAULT_LR = 1e-3
@@ -166,6 +167,8 @@ def tta(
         raise BnkitError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if not np.isfinite(lr) or lr <= 0:
         raise BnkitError(f"the learning rate must be a positive number, got {lr}")
+    if optimizer not in OPTIMIZERS:
+        raise BnkitError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     if steps < 1 or window < 1:
         raise BnkitError(f"steps and window must be at least 1, got {steps} and {window}")
     if method == "tent" and batch_size < min_batch_size:
@@ -335,10 +338,10 @@ def _entropy(p: np.ndarray) -> float:
 def _score(
     k: int, outputs: np.ndarray, y: Any, reset: str | None, adapted: bool, seconds: float
 ) -> _Scored:
-    logits = outputs - outputs.max(axis=1, keepdims=True)
-    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    if np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3) and (outputs >= 0).all():
-        probs = outputs  # a softmax output already
+    probs = outputs  # a softmax output already, or logits to turn into probabilities
+    if not (np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3) and (outputs >= 0).all()):
+        e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
     ent = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1).mean())
     hits = None
     acc = None

@@ -163,6 +163,23 @@ def test_saved_model_reloads_when_bnkit_is_imported_before_keras(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "['affine']"
 
 
+def test_tta_command_on_a_keras_model(capsys, model_file, tmp_path):
+    data = tmp_path / "stream.npz"
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(40, 8, 8, 3)).astype("float32")
+    np.savez(data, x=x, y=np.arange(40) % 3)
+    before = digest(model_file), digest(data)
+    out, report = tmp_path / "tent.keras", tmp_path / "tta.json"
+    code, text, err = run(capsys, "tta", str(model_file), str(data), "-o", str(out),
+                          "--report", str(report), "--batch-size", "20")  # fmt: skip
+    assert code == 0, err
+    assert "tent: 40 samples in 2 batches, accuracy" in text
+    doc = json.loads(report.read_text())
+    assert [b["adapted"] for b in doc["batches"]] == [True, True]
+    assert out.exists() and (digest(model_file), digest(data)) == before
+    code, _, err = run(capsys, "tta", str(model_file), str(data), "--batch-size", "4")
+    assert code == 2 and "at least 16 (got 4)" in err and len(err.strip().splitlines()) == 1
+
+
 def test_adapt_command_writes_model_with_new_statistics(capsys, model_file, tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "target.npz"

@@ -53,6 +53,15 @@ _PENDING: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 _ORIGINAL: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
+def clone(model: Any) -> Any:
+    """A copy of `model` with its own variables (weights and BN statistics copied),
+    without importing TensorFlow."""
+    with without_tensorflow():
+        copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def is_model(obj: Any) -> bool:
     """True for any Keras layer or model."""
     return isinstance(obj, keras.layers.Layer)

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.keras.core import BN, walk
+from bnkit.backends.keras.core import BN, clone, walk
 from bnkit.backends.keras.train import from_logits
 
 SGD_MOMENTUM = 0.9
@@ -63,8 +63,6 @@ class KerasTestTime:
 
     def reference(self, model: Any) -> Any:
         """A copy of the start model with its own variables."""
-        from bnkit.demo_keras import clone
-
         return clone(model)
 
     def save_state(self, model: Any) -> list[np.ndarray]:

@@ -21,7 +21,12 @@ from torch.nn import functional as F
 
 from bnkit.backends.base import batch_slices, sample_order
 from bnkit.backends.torch.core import BN, as_input, call, is_pinned, walk
-from bnkit.backends.torch.deploy import _BNLeafTracer, _eval_mode, identity_at_inference
+from bnkit.backends.torch.deploy import (
+    _BNLeafTracer,
+    _eval_mode,
+    _set_child,
+    identity_at_inference,
+)
 from bnkit.errors import BnkitError
 from bnkit.policy import Mode
 from bnkit.records import Diverged, EpochLog, Split
@@ -132,12 +137,6 @@ def _pooled_head(channels: int, num_classes: int) -> nn.Module:
 
 def _linear_head(features: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Dropout(HEAD_DROPOUT), nn.Linear(features, num_classes))
-
-
-def _set_child(root: Any, path: str, module: Any) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
 
 
 def _to_model_device(module: nn.Module, model: Any) -> None:

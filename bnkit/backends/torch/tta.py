@@ -9,9 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnkit.backends.torch.core import BN, as_input, call, walk
-from bnkit.backends.torch.deploy import _eval_mode
-from bnkit.backends.torch.train import from_logits
+from bnkit.backends.torch.core import BN, as_input, walk
+from bnkit.backends.torch.train import from_logits, predict, restore_state, save_state
 
 ADAM_BETAS = (0.9, 0.999)
 SGD_MOMENTUM = 0.9
@@ -69,22 +68,16 @@ class TorchTestTime:
         for p, flag in self._grads:
             p.requires_grad_(flag)
 
-    def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Inference-mode outputs."""
-        with _eval_mode(model), torch.no_grad():
-            return call(model, x).float().cpu().numpy()
+    predict = staticmethod(predict)
+    save_state = staticmethod(save_state)
 
     def reference(self, model: Any) -> Any:
-        """A frozen copy of the start model, to compare predictions with."""
+        """A copy of the start model, to compare predictions with."""
         return copy.deepcopy(model)
-
-    def save_state(self, model: Any) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer, copied."""
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def restore_state(self, model: Any, state: dict[str, torch.Tensor]) -> None:
         """Puts back `save_state`'s copy and starts the optimizer afresh."""
-        model.load_state_dict(state)
+        restore_state(model, state)
         if self._optimizer is not None:
             self._optimizer.state.clear()
 
