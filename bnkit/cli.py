@@ -492,7 +492,8 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     "--strategies",
     default="frozen,affine,train,adapt",
     show_default=True,
-    help="Comma-separated BN modes; NAME:RULE;RULE for your own policy, e.g. "
+    help="Comma-separated BN modes, or tent (label-free, on the validation inputs); "
+    "NAME:RULE;RULE for your own policy, e.g. "
     "'preact:bn=train;re:preact_bn$=frozen'.",
 )
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))

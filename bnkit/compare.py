@@ -14,10 +14,12 @@ import numpy as np
 from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST, batch_slices
 from bnkit.data import DEFAULT_BATCH_SIZE, DataError, load
-from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.errors import BnkitError, BnkitWarning, SelectorError
 from bnkit.policy import Mode, Rule, parse_mode, parse_rule
 
 DEFAULT_STRATEGIES = ("frozen", "affine", "train", "adapt")
+LABEL_FREE = ("tent",)
+"""strategies that use no labels: test-time adaptation on the validation inputs."""
 DEFAULT_EPOCHS = 5
 DEFAULT_SEEDS = 3
 DEFAULT_LR = 1e-3
@@ -39,12 +41,16 @@ class Strategy:
     """A named way to treat BN while fine-tuning: a BN mode for the trained part, or rules.
 
     `adapt` re-estimates every BN layer's statistics on the training inputs first, then
-    keeps them frozen.
+    keeps them frozen. `tent` uses no labels and does not fine-tune: the model adapts
+    at test time to the validation inputs (`bnkit.tta`, TENT with guards, the stream
+    ordered by the seed), then is scored on them.
     """
 
     name: str
     mode: Mode | None = None
     rules: tuple[Rule, ...] = ()
+    test_time: str | None = None
+    """`tent`: a label-free strategy run by `bnkit.tta` on the validation inputs."""
 
     @classmethod
     def of(cls, spec: str | Strategy | tuple[str, Sequence[str | Rule]]) -> Strategy:
@@ -52,7 +58,12 @@ class Strategy:
         if isinstance(spec, Strategy):
             return spec
         if isinstance(spec, str):
-            return cls(spec, mode=parse_mode(spec))
+            if spec in LABEL_FREE:
+                return cls(spec, test_time=spec)
+            try:
+                return cls(spec, mode=parse_mode(spec))
+            except SelectorError as e:
+                raise SelectorError(f"{e}, or the label-free {', '.join(LABEL_FREE)}") from None
         name, rules = spec
         parsed = tuple(r if isinstance(r, Rule) else parse_rule(r) for r in rules)
         return cls(name, rules=parsed)
@@ -202,7 +213,8 @@ def compare(
         model: a Keras classifier or a PyTorch module (not modified).
         train: labelled training data, anything `bnkit.data.load` reads.
         val: labelled validation data.
-        strategies: BN modes (`frozen`, `affine`, `train`, `adapt`), `Strategy`
+        strategies: BN modes (`frozen`, `affine`, `train`, `adapt`), `tent` (label
+            free, needs a model that already outputs the classes), `Strategy`
             objects, or `(name, ["SELECTOR=MODE", ...])` for your own policy.
         epochs: epochs per run.
         seeds: a number of seeds (0, 1, ...) or the seeds themselves.
@@ -255,6 +267,12 @@ def compare(
         raise BnkitError("compare needs at least one seed and one epoch")
     start_model = trainer.with_head(model, classes, head, x[:2])
     head_replaced = start_model is not model
+    label_free = [p.name for p in plans if p.test_time is not None]
+    if label_free and head_replaced:
+        raise BnkitError(
+            f"{label_free[0]} uses no labels, so it cannot train a new head: give a model "
+            f"whose output has one unit per class ({classes}), or leave {label_free[0]} out"
+        )
     logits = trainer.from_logits(start_model)
     runs: list[Run] = []
     notes: list[str] = []
@@ -338,6 +356,9 @@ def _one_run(
     t0 = time.perf_counter()
     backend.unfreeze(model)
     trainer.restore_state(model, start)
+    if strategy.test_time is not None:
+        return _test_time_run(trainer, model, strategy, seed, val, batch_size, lr, optimizer,
+                              logits, loss, progress, run_index, t0)  # fmt: skip
     x, y = train
     if strategy.mode is Mode.ADAPT:
         adapt(model, x, batch_size=batch_size)
@@ -398,6 +419,50 @@ def _one_run(
         bn_stats_kept=counts["bn_stats_kept"],
         bn_layers=counts["bn_layers"],
         plan_problems=tuple(report.problems()) if diverged is None else (),
+    )
+
+
+def _test_time_run(
+    trainer: Any,
+    model: Any,
+    strategy: Strategy,
+    seed: int,
+    val: tuple[np.ndarray, np.ndarray],
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    logits: bool,
+    loss: Any,
+    progress: Progress | None,
+    run_index: tuple[int, int],
+    t0: float,
+) -> Run:
+    """A label-free run: `tta` on the validation inputs in the seed's order, then scored
+    on them in inference mode (the statistics re-estimated on the stream)."""
+    import time
+
+    from bnkit.tta import tta
+
+    xv, yv = val
+    order = np.random.default_rng(seed).permutation(len(xv))
+    if progress is not None:
+        progress.run_started(f"{strategy.name} seed {seed}",
+                             len(batch_slices(order, batch_size)), *run_index)  # fmt: skip
+    on_batch = (lambda _: progress.step()) if progress is not None else None
+    report = tta(model, xv[order], str(strategy.test_time), batch_size=batch_size, lr=lr,
+                 optimizer=optimizer, on_batch=on_batch)  # fmt: skip
+    trainer.prepare(model, lr, logits, optimizer, loss)
+    val_loss, val_acc = trainer.evaluate(model, xv, yv)
+    return Run(
+        strategy=strategy.name,
+        seed=seed,
+        epochs=(),
+        status="ok",
+        final_val_loss=val_loss,
+        final_val_accuracy=val_acc,
+        seconds=time.perf_counter() - t0,
+        cached_prefix=False,
+        plan_problems=tuple(f"reset at batch {k}: {why}" for k, why in report.resets),
     )
 
 

@@ -60,7 +60,8 @@ def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
 
 def compare_plot(result: Any, out: Path) -> Path:
     """Validation accuracy and loss by epoch, one line per strategy (mean over seeds, the
-    band spanning the seeds); diverged runs end early.
+    band spanning the seeds); diverged runs end early; a label-free strategy (`tent`) is a
+    dashed level.
 
     Example:
         >>> import keras, numpy as np, bnkit, tempfile, pathlib
@@ -79,7 +80,9 @@ def compare_plot(result: Any, out: Path) -> Path:
         runs = [r for r in result.runs if r.strategy == summary.strategy]
         for ax, key in zip(axes, ("val_accuracy", "val_loss"), strict=True):
             length = max(len(r.epochs) for r in runs)
-            if length == 0:
+            if length == 0:  # a label-free strategy: no epochs, one final result
+                final = np.mean([getattr(r, f"final_{key}") for r in runs])
+                ax.axhline(final, ls="--", color="0.3", label=f"{summary.strategy} (no labels)")
                 continue
             grid = np.full((len(runs), length), np.nan)
             for i, r in enumerate(runs):
@@ -101,7 +104,8 @@ def compare_plot(result: Any, out: Path) -> Path:
 
 def tta_plot(report: Any, out: Path) -> Path:
     """Plots a TTAReport: per batch, the mean prediction entropy and (where labels were
-    given) the accuracy, with a red line at every reset.
+    given) the accuracy, with a red line at every reset and a grey band where TENT was
+    held on a label-shifted stream.
 
     Example:
         >>> import torch, numpy as np, bnkit, tempfile, pathlib
@@ -123,7 +127,11 @@ def tta_plot(report: Any, out: Path) -> Path:
         acc.set_ylim(0, 1)
     for k, _ in report.resets:
         ax.axvline(k, color="tab:red", lw=1, ls=":")
+    for k in report.held:
+        ax.axvspan(k - 0.5, k + 0.5, color="0.85", lw=0)
     title = f"{report.method}: {len(report.resets)} reset(s)"
+    if report.held:
+        title += f", {len(report.held)} held"
     if report.accuracy is not None:
         title += f", accuracy {report.accuracy:.1%}"
     ax.set_title(title)

@@ -25,7 +25,7 @@ from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DataError, load
 from bnkit.errors import BnkitError
-from bnkit.stats import OnlineAdapt
+from bnkit.stats import OnlineAdapt, _Moments
 
 METHODS = ("none", "adapt", "tent")
 OPTIMIZERS = ("adam", "sgd")
@@ -44,6 +44,9 @@ TAKEOVER = 0.5
 that class by more than this."""
 AGREEMENT = 0.5
 """collapse: under this share of a batch's predictions agree with the reference's."""
+LABEL_SHIFT_P = 1e-3
+"""label shift: a batch whose reference outputs are this unlikely (chi-square test) as a
+sample of the stream's so far shows the stream is not i.i.d.; from it on TENT is held."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,12 @@ class BatchRecord:
     reset: str | None
     """why the weights went back to the start after this batch (None: they did not)."""
     adapted: bool
-    """False for a batch below the minimum size: predicted, not adapted on."""
+    """False for a batch that was predicted, not adapted on (see `held`, or below the
+    minimum size)."""
     seconds: float
+    held: str | None = None
+    """why TENT held this batch out (the stream is label-shifted, found at this batch or
+    before): it was predicted with the stream's statistics and the start weights."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,11 @@ class TTAReport:
         """(batch index, reason) of every reset."""
         return [(b.index, b.reset) for b in self.batches if b.reset is not None]
 
+    @property
+    def held(self) -> list[int]:
+        """Indices of the batches TENT held out as label-shifted."""
+        return [b.index for b in self.batches if b.held is not None]
+
     def to_json(self) -> str:
         """The report as a JSON document."""
         return json.dumps(
@@ -90,6 +102,7 @@ class TTAReport:
                 "seconds": self.seconds,
                 "settings": self.settings,
                 "resets": [{"batch": i, "reason": r} for i, r in self.resets],
+                "held": self.held,
                 "batches": [asdict(b) for b in self.batches],
             },
             indent=2,
@@ -101,6 +114,9 @@ class TTAReport:
         resets = self.resets
         if resets:
             text += f"; {len(resets)} reset(s), first at batch {resets[0][0]}: {resets[0][1]}"
+        held = self.held
+        if held:
+            text += f"; {len(held)} label-shifted batch(es) held out of TENT, first {held[0]}"
         return text
 
 
@@ -132,8 +148,14 @@ def tta(
     non-finite, or when the predicted-class distribution over the last `window`
     batches collapses against the start model's predictions on the same images (its
     entropy falls below half of theirs, or one class gains more than half of the
-    predictions); each reset is reported with its batch. After `tent` the statistics
-    are re-estimated on the stream, so the model runs in inference mode as usual.
+    predictions); each reset is reported with its batch. Also with `guard`, once a
+    batch's outputs show the stream is not i.i.d. (a chi-square test of their mean
+    against the stream's so far, p < 0.001: label shift, as in a class-sorted stream),
+    TENT is held for the rest of the stream: one-class batches would both normalise
+    with their own statistics and teach TENT that class. Held batches are predicted by
+    the start weights with statistics re-estimated on the stream so far. After `tent`
+    the statistics are re-estimated on the stream, so the model runs in inference mode
+    as usual.
 
     Labels in `data`, if any, only score the predictions.
 
@@ -267,38 +289,91 @@ def _tent(
     reference = adapter.reference(model) if guard else None
     online = OnlineAdapt(reference) if reference is not None else None
     recent: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
+    seen = _Moments()  # of the reference's per-image outputs on the stream so far
+    shifted: str | None = None
     out: list[_Scored] = []
     try:
         for k, (x, y) in enumerate(stream):
             t = time.perf_counter()
             if len(x) < min_batch:  # the stream's last, short batch
                 scored = _score(k, adapter.predict(model, x), y, None, False, 0.0)
+            elif online is None:
+                scored = _step(adapter, model, start, x, y, k, steps, episodic, None, t)
             else:
-                if episodic:
-                    adapter.restore_state(model, start)
-                outputs = adapter.step(model, x)
-                for _ in range(steps - 1):
-                    adapter.step(model, x)
-                reset = None
-                if online is not None:
-                    online.update(x)
-                    fallback = adapter.predict(reference, x)
-                    if not (np.isfinite(outputs).all() and adapter.finite(model)):
-                        reset = "non-finite outputs or BN weights"
-                    else:
-                        recent.append((outputs.argmax(1), fallback.argmax(1)))
-                        reset = _collapse(recent, outputs.shape[1])
-                if reset is not None:
-                    adapter.restore_state(model, start)
-                    recent.clear()
-                    outputs = fallback  # the re-estimated model's predictions
-                scored = _score(k, outputs, y, reset, True, time.perf_counter() - t)
+                online.update(x)
+                fallback = adapter.predict(reference, x)
+                held = shifted or _label_shift(fallback, seen)
+                if held is not None and shifted is None:  # the stream is not i.i.d.
+                    shifted = f"{held}, at batch {k}"
+                seen.add(fallback.mean(0), fallback.var(0), len(fallback))
+                if held is not None:
+                    scored = _score(k, fallback, y, None, False, time.perf_counter() - t, held)
+                else:
+                    scored = _step(adapter, model, start, x, y, k, steps, episodic,
+                                   (fallback, recent), t)  # fmt: skip
             out.append(scored)
             if on_batch is not None:
                 on_batch(scored.record)
     finally:
         adapter.finish(model)
     return out
+
+
+def _step(
+    adapter: Any,
+    model: Any,
+    start: Any,
+    x: np.ndarray,
+    y: Any,
+    k: int,
+    steps: int,
+    episodic: bool,
+    guarded: tuple[np.ndarray, deque[tuple[np.ndarray, np.ndarray]]] | None,
+    t: float,
+) -> _Scored:
+    """TENT on one batch; with `guarded` (the reference's outputs, the window), a reset
+    on non-finite values or collapse, and the reference's predictions then."""
+    if episodic:
+        adapter.restore_state(model, start)
+    outputs = adapter.step(model, x)
+    for _ in range(steps - 1):
+        adapter.step(model, x)
+    reset = None
+    if guarded is not None:
+        fallback, recent = guarded
+        if not (np.isfinite(outputs).all() and adapter.finite(model)):
+            reset = "non-finite outputs or BN weights"
+        else:
+            recent.append((outputs.argmax(1), fallback.argmax(1)))
+            reset = _collapse(recent, outputs.shape[1])
+        if reset is not None:
+            adapter.restore_state(model, start)
+            recent.clear()
+            outputs = fallback  # the re-estimated model's predictions
+    return _score(k, outputs, y, reset, True, time.perf_counter() - t)
+
+
+def _label_shift(outputs: np.ndarray, seen: _Moments) -> str | None:
+    """Why a batch is not a sample of the stream so far, or None: the mean of the
+    reference's per-image outputs lies further from the stream's mean than sampling
+    allows (a chi-square test over the outputs, each scaled by its per-image variance
+    on the stream). One-class batches would otherwise both normalise TENT with their
+    own statistics and teach it that class (its collapse on sorted streams)."""
+    from scipy.stats import chi2
+
+    n = len(outputs)
+    if seen.mean is None or seen.m2 is None or seen.n < n:
+        return None
+    var = seen.m2 / seen.n
+    scale = var * (1 / n + 1 / seen.n)
+    statistic = float(((outputs.mean(0) - seen.mean) ** 2 / np.maximum(scale, 1e-12)).sum())
+    p = float(chi2.sf(statistic, outputs.shape[1]))
+    if p >= LABEL_SHIFT_P:
+        return None
+    return (
+        f"label shift: the mean output of this batch is off the stream's by a chi-square "
+        f"of {statistic:.0f} over {outputs.shape[1]} classes (p={p:.1g})"
+    )
 
 
 def _collapse(recent: deque[tuple[np.ndarray, np.ndarray]], classes: int) -> str | None:
@@ -336,7 +411,13 @@ def _entropy(p: np.ndarray) -> float:
 
 
 def _score(
-    k: int, outputs: np.ndarray, y: Any, reset: str | None, adapted: bool, seconds: float
+    k: int,
+    outputs: np.ndarray,
+    y: Any,
+    reset: str | None,
+    adapted: bool,
+    seconds: float,
+    held: str | None = None,
 ) -> _Scored:
     probs = outputs  # a softmax output already, or logits to turn into probabilities
     if not (np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3) and (outputs >= 0).all()):
@@ -350,7 +431,7 @@ def _score(
         labels = labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0]
         hits = int((outputs.argmax(1) == labels).sum())
         acc = hits / len(outputs)
-    record = BatchRecord(k, len(outputs), acc, ent, reset, adapted, seconds)
+    record = BatchRecord(k, len(outputs), acc, ent, reset, adapted, seconds, held)
     return _Scored(record, hits)
 
 

@@ -146,3 +146,66 @@ def test_online_re_estimation_equals_adapt_over_the_batches_so_far(fw):
     for path in a:
         for key in ("mean", "var"):
             np.testing.assert_allclose(a[path][key], b[path][key], rtol=1e-5, atol=1e-6)
+
+
+def test_the_label_shift_test_passes_iid_batches_and_catches_one_class_ones():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (5, 5))
+
+    def batch(classes: np.ndarray) -> np.ndarray:
+        return centres[classes] + rng.normal(0, 1, (len(classes), 5))
+
+    seen = tta_module._Moments()
+    fired = []
+    for _ in range(200):  # an i.i.d. stream: at p < 0.001, no batch of 200 should fire
+        out = batch(rng.integers(0, 5, 32))
+        fired.append(tta_module._label_shift(out, seen))
+        seen.add(out.mean(0), out.var(0), len(out))
+    assert fired[0] is None and sum(f is not None for f in fired) == 0
+    why = tta_module._label_shift(batch(np.full(32, 3)), seen)  # a one-class batch
+    assert why is not None and why.startswith("label shift") and "p=" in why
+
+
+def test_tent_is_held_from_the_batch_that_shows_the_stream_is_not_iid(fw):
+    x = fw.inputs(128)
+    stream = np.concatenate([x[:64], x[64:] + 4.0])  # the last two batches move away
+    model = fw.build()
+    report = bnkit.tta(model, stream, "tent", batch_size=32, lr=1e-2)
+    assert report.held == [2, 3] and "held out of TENT" in str(report)
+    assert [b.adapted for b in report.batches] == [True, True, False, False]
+    assert '"held": [\n    2,\n    3\n  ]' in report.to_json()
+    first_two = fw.build()
+    bnkit.tta(first_two, x[:64], "tent", batch_size=32, lr=1e-2)
+    a, b = fw.bn_values(model), fw.bn_values(first_two)  # nothing learnt from held batches
+    for path in a:
+        for key in ("gamma", "beta"):
+            np.testing.assert_allclose(a[path][key], b[path][key], rtol=1e-6, atol=1e-7)
+    unguarded = bnkit.tta(fw.build(), stream, "tent", batch_size=32, lr=1e-2, guard=False)
+    assert unguarded.held == [] and all(b.adapted for b in unguarded.batches)
+
+
+def test_compare_runs_tent_label_free_on_the_validation_inputs(fw):
+    x = fw.inputs(96)
+    y = np.arange(96) % 3
+    model = fw.build()
+    before = fw.bn_values(model)
+    result = bnkit.compare(model, (x[:48], y[:48]), (x[48:], y[48:]), ["frozen", "tent"],
+                           epochs=1, seeds=2, batch_size=16)  # fmt: skip
+    tent = {r.seed: r for r in result.runs if r.strategy == "tent"}
+    assert {r.strategy for r in result.runs} == {"frozen", "tent"} and len(tent) == 2
+    assert all(r.epochs == () and r.status == "ok" for r in tent.values())
+    after = fw.bn_values(model)  # the caller's model is untouched
+    assert all(np.array_equal(before[p][k], after[p][k]) for p in before for k in before[p])
+    # the run is tta on the validation inputs in the seed's order, scored in inference mode
+    for seed, run in tent.items():
+        alone = fw.build()
+        order = np.random.default_rng(seed).permutation(48)
+        bnkit.tta(alone, x[48:][order], "tent", batch_size=16)
+        backend = bnkit.backends.get_backend(alone)
+        adapter = backend.test_time()
+        hits = (adapter.predict(alone, x[48:]).argmax(1) == y[48:]).mean()
+        assert run.final_val_accuracy == pytest.approx(hits, abs=1e-6)
+    with pytest.raises(BnkitError, match="tent uses no labels, so it cannot train a new head"):
+        bnkit.compare(model, (x[:48], y[:48]), (x[48:], y[48:]), ["tent"], num_classes=5)
+    with pytest.raises(BnkitError, match="or the label-free tent"):
+        bnkit.compare(model, (x[:48], y[:48]), (x[48:], y[48:]), ["tnet"])

@@ -3,7 +3,8 @@
 Only BN layers stay trainable, so a training-mode call normalises them with the batch's
 statistics and leaves every other layer in inference mode. The gradient is taken the
 way each backend takes one (torch autograd, a TensorFlow tape, `jax.value_and_grad` over
-`stateless_call`) and applied with a Keras optimizer.
+`stateless_call`) and applied with a Keras optimizer. On TensorFlow the step and the
+inference pass run as compiled `tf.function`s, as `fit` and `predict` do.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class KerasTestTime:
         self._optimizer: Any = None
         self._logits = True
         self._flags: list[tuple[Any, bool]] = []
+        self._compiled: dict[int, Any] = {}  # TensorFlow: id(model) -> compiled functions
 
     def prepare(self, model: Any, lr: float, optimizer: str) -> None:
         """Only BN layers trainable (the flags before are remembered); a fresh optimizer."""
@@ -43,23 +45,58 @@ class KerasTestTime:
             else keras.optimizers.Adam(lr)
         )
         self._optimizer.build(model.trainable_variables)
+        self._compiled = {}
 
     def step(self, model: Any, x: np.ndarray) -> np.ndarray:
         """One entropy-minimisation step on `x`; returns that forward's outputs."""
+        if keras.backend.backend() == "tensorflow":
+            out = self._tf(model)[0](x)
+            return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
         variables = model.trainable_variables
         out, grads = _GRADIENT[keras.backend.backend()](model, x, variables, self._logits)
         if variables:
             self._optimizer.apply(grads, variables)
         return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
+    def _tf(self, model: Any) -> tuple[Any, Any]:
+        """The compiled TENT step and inference pass of `model` (traced once per input
+        shape, like `fit`'s train function)."""
+        if id(model) not in self._compiled:
+            import tensorflow as tf
+
+            variables = model.trainable_variables
+            logits, optimizer = self._logits, self._optimizer
+
+            def step(x: Any) -> Any:
+                out, grads = _tensorflow_gradient(model, x, variables, logits)
+                if variables:
+                    optimizer.apply(grads, variables)
+                return out
+
+            def infer(x: Any) -> Any:
+                return model(x, training=False)
+
+            self._compiled[id(model)] = (
+                tf.function(step, reduce_retracing=True),
+                tf.function(infer, reduce_retracing=True),
+                model,  # kept alive, so its id is not reused
+            )
+        fns = self._compiled[id(model)]
+        return fns[0], fns[1]
+
     def finish(self, model: Any) -> None:
         """Puts back the trainable flags `prepare` changed."""
+        self._compiled = {}
         for layer, flag in reversed(self._flags):
             layer.trainable = flag
 
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         """Inference-mode outputs."""
-        return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), np.float32)
+        if keras.backend.backend() == "tensorflow" and self._optimizer is not None:
+            out = self._tf(model)[1](x)
+        else:
+            out = model(x, training=False)
+        return np.asarray(keras.ops.convert_to_numpy(out), np.float32)
 
     def reference(self, model: Any) -> Any:
         """A copy of the start model with its own variables."""
