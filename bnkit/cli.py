@@ -90,6 +90,35 @@ def _load(model: Path) -> Any:
     return load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
 
 
+@contextlib.contextmanager
+def _ranks(model: Any) -> Iterator[tuple[int, int]]:
+    """(rank, world) of this process: under torchrun (WORLD_SIZE > 1 in the environment)
+    it joins the job's process group (NCCL on a GPU, else gloo) for the command's
+    duration; alone it is (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world < 2:
+        yield 0, 1
+        return
+    from bnkit.backends import get_backend
+
+    if not get_backend(model).name.startswith("torch"):
+        raise BnkitError(
+            f"this is one of {world} processes (WORLD_SIZE), but only PyTorch models are "
+            "combined across processes: run the command without torchrun for a Keras model"
+        )
+    import torch
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
 def _input_shape() -> tuple[int, ...] | None:
     """--input-shape as a tuple of positive ints."""
     text = click.get_current_context().meta.get("bnkit.input_shape")
@@ -329,9 +358,14 @@ def adapt_cmd(
     check_output(output, *_inputs(model), data, suffix=model_suffix(model), overwrite=overwrite)
     m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
-    with _progress("re-estimating BN statistics", _progress_total(source, max_batches)) as tick:
-        report = adapt(m, source, max_batches=max_batches, on_batch=tick)
-    _save_and_render(m, output, report, as_json)
+    with _ranks(m) as (rank, world):
+        if world > 1:  # torchrun: each process reads its share of the batches
+            source = source.sharded(rank, world)
+        total = None if world > 1 else _progress_total(source, max_batches)
+        with _progress("re-estimating BN statistics", total) as tick:
+            report = adapt(m, source, max_batches=max_batches, on_batch=tick)
+        if rank == 0:  # every rank holds the combined statistics; one writes them
+            _save_and_render(m, output, report, as_json)
 
 
 @cli.command("tta")
@@ -453,8 +487,14 @@ def shift_cmd(
         check_output(plot, model, data, suffix=".png", overwrite=overwrite)
     m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
-    with _progress("measuring BN input statistics", _progress_total(source, max_batches)) as tick:
-        report = shift(m, source, max_batches=max_batches, on_batch=tick)
+    with _ranks(m) as (rank, world):
+        if world > 1:  # torchrun: each process reads its share of the batches
+            source = source.sharded(rank, world)
+        total = None if world > 1 else _progress_total(source, max_batches)
+        with _progress("measuring BN input statistics", total) as tick:
+            report = shift(m, source, max_batches=max_batches, on_batch=tick)
+    if rank != 0:  # every rank holds the combined measure; one reports it
+        return
     if plot is not None:
         shift_plot(report, plot)
     if as_json:

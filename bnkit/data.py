@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,10 +138,22 @@ class Data:
     channels_first: bool = False
     """yield image batches as (N, C, H, W), as PyTorch modules take them; array sources
     are then read as (N, C, H, W) too (folders always hold images channels-last)."""
+    shard: tuple[int, int] | None = None
+    """(rank, world): yield only the batches k with k % world == rank."""
+
+    def sharded(self, rank: int, world: int) -> Data:
+        """This process's share of the batches in a job of `world` processes: batch k
+        goes to rank k % world (a rank may get none)."""
+        if not 0 <= rank < world:
+            raise DataError(f"rank {rank} is outside 0..{world - 1}")
+        return replace(self, shard=(rank, world))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        count = 0
+        seen = 0
         for k, (x, y) in enumerate(_pairs(self.source, self.batch_size)):
+            seen += 1
+            if self.shard is not None and k % self.shard[1] != self.shard[0]:
+                continue
             x = to_numpy(x)
             check_array(x, f"batch {k} of {self.description}")
             x = np.asarray(x, dtype=np.float32)
@@ -164,9 +176,8 @@ class Data:
                 _check_finite(x, k, scaled=True)
             if swap:
                 x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-            count += 1
             yield x, y
-        if count == 0:
+        if seen == 0:
             raise DataError(f"{self.description} is empty: give at least one sample")
 
     def inputs(self, max_batches: int | None = None) -> Iterator[np.ndarray]:

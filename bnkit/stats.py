@@ -202,7 +202,43 @@ def _collect(
             n_samples += len(x)
             if on_batch is not None:
                 on_batch(n_batches)
+    collective = backend.collective()
+    if collective is not None:
+        return _combine(collective, backend, model, paths, moments, n_batches, n_samples)
     return moments, n_batches, n_samples
+
+
+def _combine(
+    collective: Any,
+    backend: Any,
+    model: Any,
+    paths: list[str],
+    moments: dict[str, _Moments],
+    n_batches: int,
+    n_samples: int,
+) -> tuple[dict[str, _Moments], int, int]:
+    """Every rank's moments combined, in rank order, with Chan's update in float64: each
+    rank then holds the moments of the union of the shards (a rank may have none)."""
+    stored = backend.snapshot(model).stats
+    widths = [stored[p]["mean"].size for p in paths]
+    parts = [np.array([n_batches, n_samples], np.float64)]
+    for path, width in zip(paths, widths, strict=True):
+        m = moments[path]
+        if m.mean is None or m.m2 is None:
+            parts.append(np.zeros(1 + 2 * width))
+        else:
+            parts.append(np.concatenate([[m.n], m.mean.ravel(), m.m2.ravel()]))
+    gathered = collective.all_gather(np.concatenate(parts))
+    total = {p: _Moments() for p in paths}
+    for values in gathered:
+        at = 2
+        for path, width in zip(paths, widths, strict=True):
+            n = int(values[at])
+            mean, m2 = values[at + 1 : at + 1 + width], values[at + 1 + width : at + 1 + 2 * width]
+            at += 1 + 2 * width
+            if n > 0:
+                total[path].add(mean, m2 / n, n)
+    return total, sum(int(v[0]) for v in gathered), sum(int(v[1]) for v in gathered)
 
 
 def _summary(path: str, old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> LayerAdapt:

@@ -240,8 +240,8 @@ def moved_keys(before: dict, after: dict) -> dict[str, set[str]]:
 
 
 PURE_TORCH = ("test_torch_backend.py", "test_check_torch.py", "test_deploy_torch.py",
-              "test_cli_torch.py", "test_compare_torch.py",
-              "test_lightning_callbacks.py", "test_demo_torch.py")  # fmt: skip
+              "test_cli_torch.py", "test_compare_torch.py", "test_lightning_callbacks.py",
+              "test_demo_torch.py", "test_distributed.py")  # fmt: skip
 """Test files that use no Keras: run once, in the torch-backend pass of `make test`."""
 
 

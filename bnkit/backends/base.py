@@ -189,6 +189,19 @@ class TestTimeAdapter(Protocol):
         ...
 
 
+class Collective(Protocol):
+    """The processes of a distributed job this one belongs to (one per rank), as far as
+    `adapt` and `shift` need them: to combine each layer's moments exactly."""
+
+    rank: int
+    world: int
+
+    def all_gather(self, values: np.ndarray) -> list[np.ndarray]:
+        """Every rank's `values` (a float64 vector of the same length on every rank),
+        in rank order; every rank must call it."""
+        ...
+
+
 class Backend(Protocol):
     """What every framework adapter provides."""
 
@@ -266,6 +279,10 @@ class Backend(Protocol):
 
     def test_time(self) -> TestTimeAdapter:
         """The test-time adaptation capability (`tta`); BackendError when lacking."""
+        ...
+
+    def collective(self) -> Collective | None:
+        """The distributed job this process is one rank of (None: it runs alone)."""
         ...
 
 

@@ -272,6 +272,10 @@ class KerasBackend:
 
         return KerasTestTime()
 
+    def collective(self) -> None:
+        """Keras runs alone here: a Keras model's statistics are combined over one process."""
+        return None
+
     def records(self, model: Any) -> list[LayerRecord]:
         trainable_ids = {id(v) for v in model.trainable_variables}
         compiled = (

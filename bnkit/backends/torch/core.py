@@ -298,6 +298,15 @@ class TorchBackend:
 
         return TorchTestTime()
 
+    def collective(self) -> TorchCollective | None:
+        """The default process group of an initialised `torch.distributed` job with more
+        than one rank (torchrun, `mp.spawn`), else None."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return TorchCollective(dist.get_rank(), dist.get_world_size())
+
     # ------------------------------------------------------------------ reading
 
     def records(self, model: Any) -> list[LayerRecord]:
@@ -677,11 +686,39 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+@dataclass
+class TorchCollective:
+    """The default `torch.distributed` process group (gloo, or NCCL on GPUs)."""
+
+    rank: int
+    world: int
+
+    def all_gather(self, values: np.ndarray) -> list[np.ndarray]:
+        import torch.distributed as dist
+
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        mine = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float64), device=device)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(out, mine)
+        return [t.cpu().numpy() for t in out]
+
+
+def unwrapped(model: Any) -> Any:
+    """The module inside DistributedDataParallel or DataParallel (whose own forward would
+    broadcast buffers, a collective call every rank must make alike), else `model`."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
+    inner = unwrapped(model)
+
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         captured.clear()
         with torch.no_grad():
-            call(model, x)
+            call(inner, x)
         return {p: (m.cpu().numpy(), v.cpu().numpy(), int(n)) for p, (m, v, n) in captured.items()}
 
     return run
