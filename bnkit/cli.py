@@ -553,6 +553,18 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
 @click.option("--scale", metavar="FACTOR", help="Multiply inputs by FACTOR (e.g. 1/255).")
 @click.option("--preprocess", metavar="NAME", help="keras.applications preprocessing.")
 @click.option(
+    "--executor",
+    type=click.Choice(["sequential", "ray"]),
+    default="sequential",
+    show_default=True,
+    help="Run the runs one after the other here, or as Ray tasks.",
+)
+@click.option(
+    "--address",
+    metavar="ADDRESS",
+    help="The Ray cluster for --executor ray (ray://HOST:10001, auto); default: a local one.",
+)
+@click.option(
     "--out",
     "out_dir",
     type=click.Path(path_type=Path),
@@ -572,6 +584,8 @@ def compare_cmd(
     batch_size: int,
     scale: str | None,
     preprocess: str | None,
+    executor: str,
+    address: str | None,
     out_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -583,6 +597,8 @@ def compare_cmd(
     specs = _parse_strategies(strategies)
     for spec in specs:
         Strategy.of(spec)
+    if address is not None and executor != "ray":
+        raise BnkitError("--address names a Ray cluster: give it with --executor ray")
     parse_scaling(scale, preprocess)
     check_model_file(model)
     if out_dir is not None:  # checked before the sweep, not after it
@@ -594,7 +610,7 @@ def compare_cmd(
         result = compare(
             m, train, val, specs, epochs=epochs, seeds=seeds,
             train_from=train_from, batch_size=batch_size, lr=lr, optimizer=optimizer,
-            progress=bars,
+            progress=bars, executor=executor, address=address,
         )  # fmt: skip
     if out_dir is not None:
         _write_compare(result, out_dir)
@@ -670,6 +686,12 @@ class _CompareProgress:
         self._done += 1
         self._progress.update(
             self._overall, completed=self._done, description=f"runs done: {self._done}"
+        )
+        what = f"val accuracy {run.final_val_accuracy:.1%}"
+        if run.status != "ok":
+            what = f"{run.status}" + (f": {run.error}" if run.error else "")
+        self._progress.console.print(
+            f"{run.strategy} seed {run.seed}: {what} ({run.seconds:.0f} s)", highlight=False
         )
 
 

@@ -24,6 +24,7 @@ DEFAULT_EPOCHS = 5
 DEFAULT_SEEDS = 3
 DEFAULT_LR = 1e-3
 OPTIMIZERS = ("adam", "sgd")
+EXECUTORS = ("sequential", "ray")
 
 
 class Progress(Protocol):
@@ -43,7 +44,7 @@ class Strategy:
     `adapt` re-estimates every BN layer's statistics on the training inputs first, then
     keeps them frozen. `tent` uses no labels and does not fine-tune: the model adapts
     at test time to the validation inputs (`bnkit.tta`, TENT with guards, the stream
-    ordered by the seed), then is scored on them.
+    ordered by the seed, in batches of 64), then is scored on them.
     """
 
     name: str
@@ -93,7 +94,7 @@ class Run:
     seed: int
     epochs: tuple[EpochRecord, ...]
     status: str
-    """`ok` or `diverged`."""
+    """`ok`, `diverged`, or `failed` (the run raised or its Ray worker died)."""
     final_val_loss: float
     final_val_accuracy: float
     seconds: float
@@ -106,6 +107,8 @@ class Run:
     bn_layers: int = 0
     plan_problems: tuple[str, ...] = ()
     """differences between the strategy's plan and what `watch` saw."""
+    error: str | None = None
+    """why a `failed` run did not finish."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,9 @@ class Summary:
     val_loss_mean: float
     val_loss_std: float
     runs: int
+    """runs that finished (ok or diverged); failed runs are left out of the means."""
     diverged: int
+    failed: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,15 +161,17 @@ class CompareResult:
         seeds = max(s.runs for s in self.summaries)
         t = Table(title=f"final validation results, mean ± std over {seeds} seeds")
         t.add_column("strategy", no_wrap=True)
-        for col in ("val accuracy", "val loss", "runs", "diverged"):
+        failed = any(s.failed for s in self.summaries)
+        for col in ("val accuracy", "val loss", "runs", "diverged", *(("failed",) * failed)):
             t.add_column(col, justify="right")
-        for s in sorted(self.summaries, key=lambda x: -x.val_accuracy_mean):
+        for s in sorted(self.summaries, key=lambda x: -np.nan_to_num(x.val_accuracy_mean, nan=-1)):
             t.add_row(
                 s.strategy + (" *" if s.strategy == self.best else ""),
                 f"{s.val_accuracy_mean:.1%} ± {s.val_accuracy_std:.1%}",
                 f"{s.val_loss_mean:.3f} ± {s.val_loss_std:.3f}",
                 str(s.runs),
                 str(s.diverged),
+                *((str(s.failed),) * failed),
             )
         return t
 
@@ -189,6 +196,8 @@ def compare(
     loss: Any = None,
     cache_prefix: bool = True,
     progress: Progress | None = None,
+    executor: str = "sequential",
+    address: str | None = None,
 ) -> CompareResult:
     """Fine-tunes `model` once per strategy and seed and compares validation results.
 
@@ -205,6 +214,12 @@ def compare(
     last finite weights back and is marked `diverged`; the sweep goes on. When
     everything before `train_from` is frozen and deterministic, the prefix runs once
     and training uses its cached outputs.
+
+    With `executor="ray"` every (strategy, seed) run is a Ray task started from the
+    packed start model (on the Ray instance already initialised, else one started
+    locally, or the cluster at `address`), with the same numbers as run one after the
+    other; a run that raises or whose worker dies is marked `failed` and left out of
+    the summary, and the other runs are kept.
 
     PyTorch runs train as a user's loop does: `model.train()`, then one optimizer step
     per batch over the parameters that require grad; data is (N, C, H, W).
@@ -229,7 +244,10 @@ def compare(
         loss: the framework's loss, called on (labels, outputs) by Keras and on
             (outputs, labels) by PyTorch; sparse cross-entropy when None.
         cache_prefix: allow frozen-prefix caching.
-        progress: receives run and step events.
+        progress: receives run and step events (on Ray, each run as it finishes).
+        executor: `sequential` (in this process) or `ray`.
+        address: the Ray cluster to use (`ray://host:10001`, `auto`); None: the Ray
+            instance already initialised, else a local one.
 
     Example:
         >>> import keras, numpy as np, bnkit
@@ -246,6 +264,12 @@ def compare(
         raise BnkitError(f"batch_size must be at least 1, got {batch_size}")
     if optimizer not in OPTIMIZERS:
         raise BnkitError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if executor not in EXECUTORS:
+        raise BnkitError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        from bnkit.ray_executor import ray_module
+
+        ray_module()  # says how to install it before anything runs
     backend = get_backend(model)
     trainer = backend.trainer()
     first = backend.layout == CHANNELS_FIRST
@@ -279,21 +303,42 @@ def compare(
     features: dict[str, Any] = {}
     # one working copy, independent of the caller's model (a new head shares its layers);
     # each run restores its weights from the one copy of the start state
+    settings = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "logits": logits,
+        "optimizer": optimizer, "loss": loss, "train_from": train_from,
+        "cache_prefix": cache_prefix,
+    }  # fmt: skip
     with trainer.working_copy(start_model) as work:
-        start = trainer.save_state(work)
-        total = len(seed_list) * len(plans)
-        for seed in seed_list:
-            for strategy in plans:
-                run = _one_run(
-                    backend, trainer, work, start, strategy, seed, (x, y), (xv, yv),
-                    epochs=epochs, batch_size=batch_size, lr=lr, logits=logits,
-                    optimizer=optimizer, loss=loss,
-                    train_from=train_from, cache_prefix=cache_prefix, progress=progress,
-                    run_index=(len(runs), total), features=features,
-                )  # fmt: skip
-                runs.append(run)
-                if progress is not None:
-                    progress.run_finished(run)
+        if executor == "ray":
+            from bnkit.ray_executor import ray_runs
+
+            runs = ray_runs(trainer, work, plans, seed_list, (x, y), (xv, yv), settings,
+                            progress, address)  # fmt: skip
+        else:
+            start = trainer.save_state(work)
+            total = len(seed_list) * len(plans)
+            for seed in seed_list:
+                for strategy in plans:
+                    run = _one_run(
+                        backend,
+                        trainer,
+                        work,
+                        start,
+                        strategy,
+                        seed,
+                        (x, y),
+                        (xv, yv),
+                        progress=progress,
+                        run_index=(len(runs), total),
+                        features=features,
+                        **settings,
+                    )
+                    runs.append(run)
+                    if progress is not None:
+                        progress.run_finished(run)
+    for r in runs:
+        if r.status == "failed":
+            notes.append(f"{r.strategy} seed {r.seed} failed ({r.error}): left out of the summary")
     if cache_prefix and train_from is not None and not any(r.cached_prefix for r in runs):
         notes.append(
             f"frozen-prefix caching was not possible for train_from={train_from!r}: it needs a "
@@ -437,19 +482,21 @@ def _test_time_run(
     run_index: tuple[int, int],
     t0: float,
 ) -> Run:
-    """A label-free run: `tta` on the validation inputs in the seed's order, then scored
-    on them in inference mode (the statistics re-estimated on the stream)."""
+    """A label-free run: `tta` on the validation inputs in the seed's order, in batches
+    of 64 (TENT's), then scored on them in inference mode (the statistics re-estimated on
+    the stream). `batch_size` is the training batch size: unused."""
     import time
 
-    from bnkit.tta import tta
+    from bnkit.tta import DEFAULT_BATCH_SIZE, tta
 
     xv, yv = val
     order = np.random.default_rng(seed).permutation(len(xv))
+    stream = DEFAULT_BATCH_SIZE  # the test-time batch, not the training batch
     if progress is not None:
         progress.run_started(f"{strategy.name} seed {seed}",
-                             len(batch_slices(order, batch_size)), *run_index)  # fmt: skip
+                             len(batch_slices(order, stream)), *run_index)  # fmt: skip
     on_batch = (lambda _: progress.step()) if progress is not None else None
-    report = tta(model, xv[order], str(strategy.test_time), batch_size=batch_size, lr=lr,
+    report = tta(model, xv[order], str(strategy.test_time), batch_size=stream, lr=lr,
                  optimizer=optimizer, on_batch=on_batch)  # fmt: skip
     trainer.prepare(model, lr, logits, optimizer, loss)
     val_loss, val_acc = trainer.evaluate(model, xv, yv)
@@ -477,9 +524,10 @@ def _drift(
     return moved, delta
 
 
-def _summarise(name: str, runs: list[Run]) -> Summary:
-    acc = np.array([r.final_val_accuracy for r in runs])
-    loss = np.array([r.final_val_loss for r in runs])
+def _summarise(name: str, every: list[Run]) -> Summary:
+    runs = [r for r in every if r.status != "failed"]
+    acc = np.array([r.final_val_accuracy for r in runs]) if runs else np.array([np.nan])
+    loss = np.array([r.final_val_loss for r in runs]) if runs else np.array([np.nan])
     ddof = 1 if len(runs) > 1 else 0
     return Summary(
         strategy=name,
@@ -489,6 +537,7 @@ def _summarise(name: str, runs: list[Run]) -> Summary:
         val_loss_std=float(loss.std(ddof=ddof)),
         runs=len(runs),
         diverged=sum(r.status == "diverged" for r in runs),
+        failed=len(every) - len(runs),
     )
 
 
@@ -501,13 +550,14 @@ def _verdict(summaries: Sequence[Summary], n_seeds: int) -> tuple[str, bool, str
         return (
             "",
             False,
-            "no strategy finished every run without diverging: lower the learning rate, "
-            "check the data's scale, then compare again",
+            "no strategy finished every run without diverging or failing: lower the "
+            "learning rate, check the data's scale, then compare again",
         )
     best = ranked[0]
     dropped = [s.strategy for s in summaries if s not in ranked]
     if dropped:
-        note = f" ({', '.join(dropped)} left out: runs diverged)"
+        why = {s.strategy: "failed" if s.runs == 0 else "diverged" for s in summaries}
+        note = "".join(f" ({d} left out: runs {why[d]})" for d in dropped)
         best_s, decisive, verdict = _verdict(ranked, n_seeds)
         return best_s, decisive, verdict + note
     if len(ranked) == 1:

@@ -241,8 +241,9 @@ def moved_keys(before: dict, after: dict) -> dict[str, set[str]]:
 
 PURE_TORCH = ("test_torch_backend.py", "test_check_torch.py", "test_deploy_torch.py",
               "test_cli_torch.py", "test_compare_torch.py", "test_lightning_callbacks.py",
-              "test_demo_torch.py", "test_distributed.py")  # fmt: skip
-"""Test files that use no Keras: run once, in the torch-backend pass of `make test`."""
+              "test_demo_torch.py", "test_distributed.py", "test_ray.py")  # fmt: skip
+"""Test files that use no Keras (test_ray runs Keras only on torch): run once, in the
+torch-backend pass of `make test`."""
 
 
 def pytest_collection_modifyitems(config, items):

@@ -200,7 +200,7 @@ def test_compare_runs_tent_label_free_on_the_validation_inputs(fw):
     for seed, run in tent.items():
         alone = fw.build()
         order = np.random.default_rng(seed).permutation(48)
-        bnkit.tta(alone, x[48:][order], "tent", batch_size=16)
+        bnkit.tta(alone, x[48:][order], "tent")  # one batch of 48: TENT's batch is 64
         backend = bnkit.backends.get_backend(alone)
         adapter = backend.test_time()
         hits = (adapter.predict(alone, x[48:]).argmax(1) == y[48:]).mean()

@@ -62,6 +62,14 @@ class Trainer(Protocol):
         """While open, a copy of `model` with its own weights, to train runs on."""
         ...
 
+    def packed(self, model: Any) -> Any:
+        """`model` in a picklable form another process turns back with `unpacked`."""
+        ...
+
+    def unpacked(self, value: Any) -> Any:
+        """The model `packed` sent."""
+        ...
+
     def save_state(self, model: Any) -> Any:
         """Every weight and statistic of `model`, to restore runs from."""
         ...

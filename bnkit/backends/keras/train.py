@@ -166,6 +166,24 @@ def working_copy(model: Any) -> Iterator[Any]:
         yield backend.load(Path(tmp) / "start.keras")
 
 
+def packed(model: Any) -> bytes:
+    """`model` as the bytes of a saved `.keras` file, for another process (`unpacked`)."""
+    from bnkit.backends.keras.core import KerasBackend
+
+    with tempfile.TemporaryDirectory(prefix="bnkit-pack-") as tmp:
+        KerasBackend().save(model, Path(tmp) / "start.keras")
+        return (Path(tmp) / "start.keras").read_bytes()
+
+
+def unpacked(value: bytes) -> Any:
+    """The model `packed` saved, loaded."""
+    from bnkit.backends.keras.core import KerasBackend
+
+    with tempfile.TemporaryDirectory(prefix="bnkit-pack-") as tmp:
+        (Path(tmp) / "start.keras").write_bytes(value)
+        return KerasBackend().load(Path(tmp) / "start.keras")
+
+
 def save_state(model: Any) -> list[np.ndarray]:
     """Copies of every variable of `model` (weights and BN statistics, not the
     optimizer's: each run compiles a fresh one)."""
@@ -288,6 +306,8 @@ class KerasTrainer:
     with_head = staticmethod(with_head)
     from_logits = staticmethod(from_logits)
     working_copy = staticmethod(working_copy)
+    packed = staticmethod(packed)
+    unpacked = staticmethod(unpacked)
     save_state = staticmethod(save_state)
     restore_state = staticmethod(restore_state)
     prepare = staticmethod(prepare)

@@ -282,6 +282,17 @@ def working_copy(model: Any) -> Iterator[Any]:
     yield copy.deepcopy(model)
 
 
+def packed(model: Any) -> Any:
+    """`model` in a form another process can receive (Ray pickles modules, as torch.save
+    does); `unpacked` turns it back into a module there."""
+    return model
+
+
+def unpacked(value: Any) -> Any:
+    """The module `packed` sent."""
+    return value
+
+
 def save_state(model: Any) -> dict[str, torch.Tensor]:
     """Copies of every parameter and buffer (not the optimizer's: each run makes one)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -316,6 +327,8 @@ class TorchTrainer:
     with_head = staticmethod(with_head)
     from_logits = staticmethod(from_logits)
     working_copy = staticmethod(working_copy)
+    packed = staticmethod(packed)
+    unpacked = staticmethod(unpacked)
     save_state = staticmethod(save_state)
     restore_state = staticmethod(restore_state)
     frozen_prefix = staticmethod(frozen_prefix)

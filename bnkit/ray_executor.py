@@ -1,0 +1,149 @@
+"""`compare` on Ray: each (strategy, seed) run is a Ray task started from the packed
+start model, on a local Ray instance or a cluster's address.
+
+Runs are the same code as the sequential executor's (`compare._one_run`), from the same
+start weights and seeds, so their numbers are the same (bit for bit when the thread
+counts match: Ray gives each task one CPU and one thread). A run whose worker dies, or
+that raises, comes back as that run failing; the others are kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bnkit.errors import BnkitError
+
+
+def ray_module() -> Any:
+    """`ray`, or one line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise BnkitError(
+            "the ray executor needs Ray: pip install 'ray==2.60.0' (or leave --executor "
+            "out to run sequentially)"
+        ) from None
+    return ray
+
+
+def ray_runs(
+    trainer: Any,
+    model: Any,
+    plans: Sequence[Any],
+    seeds: Sequence[int],
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    settings: dict[str, Any],
+    progress: Any,
+    address: str | None,
+) -> list[Any]:
+    """Every (strategy, seed) run as a Ray task; the runs in the sequential order."""
+    ray = ray_module()
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     logging_level="ERROR",
+                     runtime_env=_runtime_env() if address is None else None)  # fmt: skip
+        except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError
+            where = f"at {address}" if address else "locally"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise BnkitError(f"cannot start or reach Ray {where}: {first}") from None
+    try:
+        payload = ray.put((type(trainer).__module__, _keras_backend(), trainer.packed(model)))
+        train_ref, val_ref = ray.put(train), ray.put(val)
+        task = ray.remote(num_cpus=1, max_retries=0)(_run_task)
+        pending = {}
+        order = []
+        for seed in seeds:
+            for strategy in plans:
+                ref = task.remote(payload, strategy, seed, train_ref, val_ref, settings)
+                pending[ref] = (strategy, seed)
+                order.append((strategy.name, seed))
+        if progress is not None:
+            progress.run_started(f"{len(order)} runs on Ray", 0, 0, len(order))
+        done = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            strategy, seed = pending.pop(ready[0])
+            try:
+                run = ray.get(ready[0])
+            except ray.exceptions.RayError as err:
+                run = failed_run(strategy.name, seed, err)
+            done[strategy.name, seed] = run
+            if progress is not None:
+                progress.run_finished(run)
+        return [done[key] for key in order]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def failed_run(strategy: str, seed: int, err: BaseException) -> Any:
+    """The record of a run that did not come back."""
+    from bnkit.compare import Run
+
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    crashed = type(err).__name__ in ("WorkerCrashedError", "NodeDiedError", "ActorDiedError")
+    why = "its worker died" if crashed else (lines[-1] if lines else type(err).__name__)
+    if "ModuleNotFoundError" in why:
+        why += (
+            " (the Ray workers cannot import the model's code: start Ray with "
+            "runtime_env={'py_modules': [...]} or {'working_dir': ...})"
+        )
+    return Run(strategy=strategy, seed=seed, epochs=(), status="failed",
+               final_val_loss=float("nan"), final_val_accuracy=float("nan"), seconds=0.0,
+               cached_prefix=False, error=why[:300])  # fmt: skip
+
+
+def _keras_backend() -> str | None:
+    import sys
+
+    if "keras" not in sys.modules:
+        return None
+    import keras
+
+    return str(keras.backend.backend())
+
+
+def _runtime_env() -> dict[str, Any]:
+    """For the workers of the Ray instance bnkit starts: the driver's Keras backend
+    choice and its import path (so a model class defined in the user's modules loads
+    there, as it does on a local machine)."""
+    import sys
+
+    keep = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return {"env_vars": env}
+
+
+def _run_task(
+    payload: tuple[str, str | None, Any],
+    strategy: Any,
+    seed: int,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    settings: dict[str, Any],
+) -> Any:
+    """One run in a Ray worker: the start model unpacked, then `compare._one_run`."""
+    module, keras_backend, packed = payload
+    if keras_backend is not None:
+        os.environ.setdefault("KERAS_BACKEND", keras_backend)
+    from bnkit.backends import get_backend
+    from bnkit.compare import _one_run
+
+    model = importlib.import_module(module).unpacked(packed)
+    backend = get_backend(model)
+    trainer = backend.trainer()
+    start = trainer.save_state(model)
+    # the object store hands out read-only arrays; training code may write to its inputs
+    train = (np.array(train[0]), np.array(train[1]))
+    val = (np.array(val[0]), np.array(val[1]))
+    return _one_run(backend, trainer, model, start, strategy, seed, train, val,
+                    progress=None, run_index=(0, 1), features={}, **settings)  # fmt: skip

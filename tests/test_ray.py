@@ -1,0 +1,138 @@
+"""compare on Ray: every (strategy, seed) run a task on a local Ray instance, numbers
+identical to the sequential executor's (one thread each), runs reported as they finish,
+a run whose worker dies reported as failing with the others kept; on a PyTorch module
+and a Keras model (torch backend); and `bnkit compare --executor ray`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from test_compare import _numbers
+from torch_nets import net
+
+import bnkit
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray whose workers import what the tests do (torch_nets), as a user's
+    runtime_env would give them."""
+    import sys
+
+    path = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": path})  # fmt: skip
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Ray gives each task one thread: the sequential run gets the same, so that every
+    reduction adds in the same order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def splits(shape):
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 1.0, size=(48, *shape)).astype("float32")
+    axis = 1 if shape[0] == 3 else -1
+    y = (x.mean(axis=tuple(i for i in range(1, 4) if i != (axis % 4))) > 0.5).astype(int)
+    y = y[:, 0] + (y[:, 1] if y.ndim > 1 else 0)
+    return (x[:32], y[:32]), (x[32:], y[32:])
+
+
+class Finished:
+    def __init__(self):
+        self.runs = []
+        self.started = []
+
+    def run_started(self, label, steps, index, total):
+        self.started.append((label, total))
+
+    def step(self):
+        pass
+
+    def run_finished(self, run):
+        self.runs.append((run.strategy, run.seed))
+
+
+def test_ray_runs_equal_the_sequential_runs_on_a_torch_module(local_ray, one_thread):
+    data = splits((3, 6, 6))
+    kwargs = {"epochs": 2, "seeds": 2, "batch_size": 8}
+    strategies = ["frozen", "train", "adapt", "tent"]
+    model = net()
+    sequential = bnkit.compare(model, *data, strategies, **kwargs)
+    seen = Finished()
+    on_ray = bnkit.compare(model, *data, strategies, executor="ray", progress=seen, **kwargs)
+    assert _numbers(on_ray) == _numbers(sequential)
+    assert {r.status for r in on_ray.runs} == {"ok"} and len(on_ray.runs) == 8
+    assert seen.started == [("8 runs on Ray", 8)] and sorted(seen.runs) == sorted(
+        (r.strategy, r.seed) for r in on_ray.runs
+    )
+
+
+def test_ray_runs_equal_the_sequential_runs_on_a_keras_model(local_ray, one_thread):
+    import keras
+    from conftest import INPUT, build_transfer
+
+    if keras.backend.backend() != "torch":
+        pytest.skip("the Ray workers run the torch pass's Keras backend")
+    data = splits(INPUT)
+    model, _ = build_transfer()
+    kwargs = {"epochs": 1, "seeds": 2, "batch_size": 8}
+    sequential = bnkit.compare(model, *data, ["frozen", "train"], **kwargs)
+    on_ray = bnkit.compare(model, *data, ["frozen", "train"], executor="ray", **kwargs)
+    assert _numbers(on_ray) == _numbers(sequential)
+
+
+def test_a_run_whose_worker_dies_fails_and_the_others_are_kept(local_ray, tmp_path):
+    marker = tmp_path / "died"
+
+    def deadly_loss(outputs, labels):  # kills the first worker process that trains
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)
+        return torch.nn.functional.cross_entropy(outputs, labels)
+
+    data = splits((3, 6, 6))
+    result = bnkit.compare(net(), *data, ["frozen", "train"], epochs=1, seeds=2, batch_size=8,
+                           loss=deadly_loss, executor="ray")  # fmt: skip
+    failed = [r for r in result.runs if r.status == "failed"]
+    assert len(failed) == 1 and failed[0].error == "its worker died"
+    assert sum(r.status == "ok" for r in result.runs) == 3
+    summary = {s.strategy: s for s in result.summaries}[failed[0].strategy]
+    assert summary.failed == 1 and summary.runs == 1 and np.isfinite(summary.val_accuracy_mean)
+    assert any("failed (its worker died): left out of the summary" in n for n in result.notes)
+    assert json.loads(result.to_json())["runs"][result.runs.index(failed[0])]["status"] == "failed"
+
+
+def test_compare_command_with_the_ray_executor(local_ray, capsys, tmp_path):
+    from test_cli import run
+    from test_cli_torch import FACTORY
+
+    (tmp_path / "models.py").write_text(FACTORY)
+    spec = f"{tmp_path / 'models.py'}:build"
+    (x, y), _ = splits((3, 6, 6))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    code, out, err = run(capsys, "compare", spec, str(tmp_path / "d.npz"), "--val",
+                         str(tmp_path / "d.npz"), "--strategies", "frozen,train", "--epochs",
+                         "1", "--seeds", "1", "--batch-size", "8", "--executor", "ray",
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert {r["strategy"] for r in doc["runs"]} == {"frozen", "train"}
+    assert "frozen seed 0: val accuracy" in err and "train seed 0: val accuracy" in err
+    code, _, err = run(capsys, "compare", spec, str(tmp_path / "d.npz"), "--val",
+                       str(tmp_path / "d.npz"), "--address", "auto")  # fmt: skip
+    assert code == 2 and "--address names a Ray cluster: give it with --executor ray" in err
