@@ -39,7 +39,7 @@ def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
         >>> shift_plot(r, pathlib.Path(tempfile.mkdtemp()) / "s.png").stat().st_size > 0
         True
     """
-    from bnkit.stats import ADAPT_THRESHOLD, TRAIN_THRESHOLD
+    from bnkit.stats import ADAPT_THRESHOLD, LABELS_THRESHOLD
 
     plt = _pyplot()
     depth = [x.depth for x in report.layers]
@@ -48,7 +48,7 @@ def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
     ax.plot(depth, [max(x.kl_mean, floor) for x in report.layers], "o-", label="mean over channels")
     ax.plot(depth, [max(x.kl_max, floor) for x in report.layers], "^:", label="worst channel")
     ax.axhline(ADAPT_THRESHOLD, color="tab:orange", lw=1, ls="--", label="adapt from")
-    ax.axhline(TRAIN_THRESHOLD, color="tab:red", lw=1, ls="--", label="train BN from")
+    ax.axhline(LABELS_THRESHOLD, color="tab:red", lw=1, ls="--", label="collect labels from")
     ax.set_yscale("log")
     ax.set_xlabel("BN layer (input side first)")
     ax.set_ylabel("KL(data || stored), nats")

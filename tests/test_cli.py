@@ -243,7 +243,7 @@ def test_shift_command_prints_table_json_and_plot(capsys, model_file, tmp_path):
     code, out, _ = run(capsys, "shift", str(model_file), str(data), "--json")
     doc = json.loads(out)
     assert code == 0 and doc["samples"] == 12 and len(doc["layers"]) == 4
-    assert doc["recommendation"] in ("frozen", "adapt", "train")
+    assert doc["recommendation"] in ("frozen", "adapt", "labels")
 
 
 def test_adapt_and_shift_read_an_image_folder_resized_to_the_model(capsys, model_file, tmp_path):

@@ -42,7 +42,7 @@ def test_demo_command_tells_the_digits_story_and_writes_figures(tmp_path, capsys
         assert marker in text
     doc = json.loads((out / "demo.json").read_text())
     assert doc["labelled"] == 30 and doc["inspect"]["bn_layers"] == 9
-    assert doc["shift"]["recommendation"] == "adapt"
+    assert doc["shift"]["recommendation"] == "labels"  # target shift above 0.03
     assert len(doc["compare"]["runs"]) == 8  # four strategies, two seeds
     ev = doc["without_labels"]
     assert ev["shift_target"] > 20 * ev["shift_source"]

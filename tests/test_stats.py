@@ -14,7 +14,7 @@ from bnkit.data import DataError
 from bnkit.policy import Glob
 from bnkit.stats import (
     ADAPT_THRESHOLD,
-    TRAIN_THRESHOLD,
+    LABELS_THRESHOLD,
     VARIANCE_EPSILON,
     gaussian_kl,
     recommend,
@@ -160,8 +160,9 @@ def test_shift_is_near_zero_on_the_data_the_statistics_came_from(conv_model):
 def test_recommendation_follows_the_calibrated_thresholds():
     assert recommend(0.0) == "frozen"
     assert recommend(ADAPT_THRESHOLD) == "adapt"
-    assert recommend(TRAIN_THRESHOLD) == "train"
-    assert ADAPT_THRESHOLD < TRAIN_THRESHOLD
+    assert recommend(LABELS_THRESHOLD) == "labels"
+    assert recommend((ADAPT_THRESHOLD + LABELS_THRESHOLD) / 2) == "adapt"
+    assert ADAPT_THRESHOLD < LABELS_THRESHOLD
 
 
 def test_shift_and_adapt_read_streams_and_reject_wrong_shapes(conv_model):
