@@ -3,8 +3,9 @@
 Only BN layers stay trainable, so a training-mode call normalises them with the batch's
 statistics and leaves every other layer in inference mode. The gradient is taken the
 way each backend takes one (torch autograd, a TensorFlow tape, `jax.value_and_grad` over
-`stateless_call`) and applied with a Keras optimizer. On TensorFlow the step and the
-inference pass run as compiled `tf.function`s, as `fit` and `predict` do.
+`stateless_call`) and applied with a Keras optimizer. On TensorFlow and JAX the step and
+the inference pass are compiled (XLA `tf.function`s, `jax.jit`), as Keras compiles `fit`
+and `predict` by default.
 """
 
 from __future__ import annotations
@@ -49,38 +50,26 @@ class KerasTestTime:
 
     def step(self, model: Any, x: np.ndarray) -> np.ndarray:
         """One entropy-minimisation step on `x`; returns that forward's outputs."""
-        if keras.backend.backend() == "tensorflow":
-            out = self._tf(model)[0](x)
-            return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
-        variables = model.trainable_variables
-        out, grads = _GRADIENT[keras.backend.backend()](model, x, variables, self._logits)
-        if variables:
-            self._optimizer.apply(grads, variables)
+        compiled = self._functions(model)
+        if compiled is not None:
+            out = compiled[0](x)
+        else:  # torch: eager, as torch users run
+            variables = model.trainable_variables
+            out, grads = _torch_gradient(model, x, variables, self._logits)
+            if variables:
+                self._optimizer.apply(grads, variables)
         return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
-    def _tf(self, model: Any) -> tuple[Any, Any]:
-        """The compiled TENT step and inference pass of `model` (traced once per input
-        shape, like `fit`'s train function)."""
+    def _functions(self, model: Any) -> tuple[Any, Any] | None:
+        """The compiled TENT step and inference pass of `model` on TensorFlow
+        (`tf.function` with XLA, as Keras compiles `fit` and `predict` by default) and on
+        JAX (`jax.jit` over `stateless_call`); None on torch. Traced once per shape."""
+        backend = keras.backend.backend()
+        if backend not in _COMPILERS:
+            return None
         if id(model) not in self._compiled:
-            import tensorflow as tf
-
-            variables = model.trainable_variables
-            logits, optimizer = self._logits, self._optimizer
-
-            def step(x: Any) -> Any:
-                out, grads = _tensorflow_gradient(model, x, variables, logits)
-                if variables:
-                    optimizer.apply(grads, variables)
-                return out
-
-            def infer(x: Any) -> Any:
-                return model(x, training=False)
-
-            self._compiled[id(model)] = (
-                tf.function(step, reduce_retracing=True),
-                tf.function(infer, reduce_retracing=True),
-                model,  # kept alive, so its id is not reused
-            )
+            step, infer = _COMPILERS[backend](model, self._logits, self._optimizer)
+            self._compiled[id(model)] = (step, infer, model)  # model kept: its id stays
         fns = self._compiled[id(model)]
         return fns[0], fns[1]
 
@@ -92,10 +81,8 @@ class KerasTestTime:
 
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         """Inference-mode outputs."""
-        if keras.backend.backend() == "tensorflow" and self._optimizer is not None:
-            out = self._tf(model)[1](x)
-        else:
-            out = model(x, training=False)
+        compiled = self._functions(model) if self._optimizer is not None else None
+        out = compiled[1](x) if compiled is not None else model(x, training=False)
         return np.asarray(keras.ops.convert_to_numpy(out), np.float32)
 
     def reference(self, model: Any) -> Any:
@@ -139,31 +126,62 @@ def _torch_gradient(model: Any, x: np.ndarray, variables: list[Any], logits: boo
     return out.detach(), list(grads)
 
 
-def _tensorflow_gradient(model: Any, x: np.ndarray, variables: list[Any], logits: bool) -> Any:
+def _tensorflow(model: Any, logits: bool, optimizer: Any) -> tuple[Any, Any]:
     import tensorflow as tf
 
-    with tf.GradientTape() as tape:
-        out = model(x, training=True)
-        loss = _entropy(out, logits)
-    return out, tape.gradient(loss, variables) if variables else []
+    variables = model.trainable_variables
+
+    def step(x: Any) -> Any:
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = _entropy(out, logits)
+        if variables:
+            optimizer.apply(tape.gradient(loss, variables), variables)
+        return out
+
+    def infer(x: Any) -> Any:
+        return model(x, training=False)
+
+    return (tf.function(step, reduce_retracing=True, jit_compile=True),
+            tf.function(infer, reduce_retracing=True, jit_compile=True))  # fmt: skip
 
 
-def _jax_gradient(model: Any, x: np.ndarray, variables: list[Any], logits: bool) -> Any:
+def _jax(model: Any, logits: bool, optimizer: Any) -> tuple[Any, Any]:
     import jax
 
-    trainable = [v.value for v in model.trainable_variables]
-    fixed = [v.value for v in model.non_trainable_variables]
+    def gradient(trainable: list[Any], fixed: list[Any], x: Any) -> Any:
+        def loss(values: list[Any]) -> Any:
+            out, _ = model.stateless_call(values, fixed, x, training=True)
+            return _entropy(out, logits), out
 
-    def loss(values: list[Any]) -> Any:
-        out, _ = model.stateless_call(values, fixed, x, training=True)
-        return _entropy(out, logits), out
+        (_, out), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+        return out, grads
 
-    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
-    return out, grads
+    def update(trainable: list[Any], fixed: list[Any], slots: list[Any], x: Any) -> Any:
+        out, grads = gradient(trainable, fixed, x)
+        trainable, slots = optimizer.stateless_apply(slots, grads, trainable)
+        return out, trainable, slots
+
+    update_jit = jax.jit(update)
+    infer_jit = jax.jit(lambda t, f, x: model.stateless_call(t, f, x, training=False)[0])
+
+    def values() -> tuple[list[Any], list[Any]]:
+        return ([v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables])  # fmt: skip
+
+    def step(x: Any) -> Any:
+        variables = model.trainable_variables
+        if not variables:  # nothing to train: BN still on the batch's statistics
+            return model.stateless_call(*values(), x, training=True)[0]
+        slots = [v.value for v in optimizer.variables]
+        out, trainable, slots = update_jit(*values(), slots, x)
+        for v, value in zip(variables, trainable, strict=True):
+            v.assign(value)
+        for v, value in zip(optimizer.variables, slots, strict=True):
+            v.assign(value)
+        return out
+
+    return step, lambda x: infer_jit(*values(), x)
 
 
-_GRADIENT = {
-    "torch": _torch_gradient,
-    "tensorflow": _tensorflow_gradient,
-    "jax": _jax_gradient,
-}
+_COMPILERS = {"tensorflow": _tensorflow, "jax": _jax}
