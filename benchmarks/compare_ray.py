@@ -4,10 +4,11 @@ this 2-core machine, as a ratio, with the same numbers.
 The demo's PyTorch residual CNN pretrained on the source digits, fine-tuned on the
 target digits' training split (the whole network, 3 epochs, batch 32, Adam 1e-3) for
 the strategies frozen, affine, train and adapt over 2 seeds: 8 runs. Sequential: one
-process with torch's default threads (2 here), as `bnkit compare` runs. Ray: a local
-`ray.init(num_cpus=2)`, one run per task, one thread per task. Ray's start-up is timed
-apart from the sweep. The largest difference between the two executors' final
-validation accuracies is printed (reductions over 1 or 2 threads add in other orders).
+process with torch's default threads (2 here), as `bnkit compare` runs, and again with
+one thread. Ray: a local `ray.init(num_cpus=2)`, one run per task, one thread per task.
+Ray's start-up is timed apart from the sweep. The largest differences between the
+executors' final validation accuracies are printed: none against one thread; against two
+threads, reductions add in another order and the last bits differ.
 
     .venv/bin/python benchmarks/compare_ray.py [--epochs 3] [--seeds 2]
 """
@@ -52,6 +53,11 @@ def main() -> None:
     t = time.perf_counter()
     sequential = bnkit.compare(net.model, train, val, STRATEGIES, **kwargs)
     seq = time.perf_counter() - t
+    torch.set_num_threads(1)  # the thread count each Ray task gets
+    t = time.perf_counter()
+    one_thread = bnkit.compare(net.model, train, val, STRATEGIES, **kwargs)
+    seq1 = time.perf_counter() - t
+    torch.set_num_threads(threads)
     t = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     start = time.perf_counter() - t
@@ -65,10 +71,12 @@ def main() -> None:
         f"sequential {seq:6.1f} s; Ray (2 workers) {par:6.1f} s (+ {start:.1f} s to start "
         f"Ray); speed-up {seq / par:.2f}x ({seq / (par + start):.2f}x with the start)"
     )
-    print(
-        f"largest difference in final validation accuracy: {diff:.2%}; "
-        f"statuses {sorted({r.status for r in on_ray.runs})}"
-    )
+    same = max(abs(a.final_val_accuracy - b.final_val_accuracy)
+               for a, b in zip(one_thread.runs, on_ray.runs, strict=True))  # fmt: skip
+    print(f"sequential with one thread {seq1:6.1f} s: Ray speed-up {seq1 / par:.2f}x")
+    print(f"largest difference in final validation accuracy: {diff:.2%} against the "
+          f"sequential run on {threads} threads, {same:.2%} against the one on one thread; "
+          f"statuses {sorted({r.status for r in on_ray.runs})}")  # fmt: skip
     for s in sequential.summaries:
         r = next(x for x in on_ray.summaries if x.strategy == s.strategy)
         print(f"  {s.strategy:7s} sequential {s.val_accuracy_mean:6.1%}  "
