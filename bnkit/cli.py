@@ -93,30 +93,15 @@ def _load(model: Path) -> Any:
 @contextlib.contextmanager
 def _ranks(model: Any) -> Iterator[tuple[int, int]]:
     """(rank, world) of this process: under torchrun (WORLD_SIZE > 1 in the environment)
-    it joins the job's process group (NCCL on a GPU, else gloo) for the command's
-    duration; alone it is (0, 1)."""
+    it is one rank of the job for the command's duration; alone it is (0, 1)."""
+    from bnkit.backends import get_backend
+
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world < 2:
         yield 0, 1
         return
-    from bnkit.backends import get_backend
-
-    if not get_backend(model).name.startswith("torch"):
-        raise BnkitError(
-            f"this is one of {world} processes (WORLD_SIZE), but only PyTorch models are "
-            "combined across processes: run the command without torchrun for a Keras model"
-        )
-    import torch
-    import torch.distributed as dist
-
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        if started:
-            dist.destroy_process_group()
+    with get_backend(model).launched_job(world) as ranks:
+        yield ranks
 
 
 def _input_shape() -> tuple[int, ...] | None:

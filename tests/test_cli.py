@@ -208,6 +208,18 @@ def test_adapt_command_writes_model_with_new_statistics(capsys, model_file, tmp_
     )
 
 
+def test_a_keras_model_under_torchrun_is_refused_in_one_line(capsys, model_file, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    data = tmp_path / "target.npz"
+    np.savez(data, x=np.zeros((8, 8, 8, 3), "float32"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process
+    out_path = tmp_path / "adapted.keras"
+    code, _, err = run(capsys, "adapt", str(model_file), str(data), "-o", str(out_path))
+    assert code == 2 and _one_line(err)
+    assert "one of 2 processes (WORLD_SIZE), but a Keras model's statistics" in err
+    assert not out_path.exists()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -293,6 +293,12 @@ class Backend(Protocol):
         """The distributed job this process is one rank of (None: it runs alone)."""
         ...
 
+    def launched_job(self, world: int) -> AbstractContextManager[tuple[int, int]]:
+        """While open, this process is one rank of the job a launcher (torchrun) started
+        with `world` processes, its process group joined: yields (rank, world).
+        BackendError when this framework's models are not combined across processes."""
+        ...
+
 
 def sample_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The sample order of one training epoch: fixed by the seed, the same for every

@@ -17,6 +17,7 @@ import contextlib
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from bnkit.backends.base import (
     TestTimeAdapter,
     Trainer,
 )
-from bnkit.errors import BnkitError, ModelFileError
+from bnkit.errors import BackendError, BnkitError, ModelFileError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.records import (
     CHANGED_SINCE_COMPILE,
@@ -275,6 +276,12 @@ class KerasBackend:
     def collective(self) -> None:
         """Keras runs alone here: a Keras model's statistics are combined over one process."""
         return None
+
+    def launched_job(self, world: int) -> AbstractContextManager[tuple[int, int]]:
+        raise BackendError(
+            f"this is one of {world} processes (WORLD_SIZE), but a Keras model's statistics "
+            "are combined in one process: run the command without torchrun"
+        )
 
     def records(self, model: Any) -> list[LayerRecord]:
         trainable_ids = {id(v) for v in model.trainable_variables}

@@ -307,6 +307,21 @@ class TorchBackend:
             return None
         return TorchCollective(dist.get_rank(), dist.get_world_size())
 
+    @contextlib.contextmanager
+    def launched_job(self, world: int) -> Iterator[tuple[int, int]]:
+        """Joins the default process group from torchrun's environment (NCCL on a GPU,
+        else gloo) unless it is joined already, and leaves it at the end."""
+        import torch.distributed as dist
+
+        started = not dist.is_initialized()
+        if started:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            yield dist.get_rank(), dist.get_world_size()
+        finally:
+            if started:
+                dist.destroy_process_group()
+
     # ------------------------------------------------------------------ reading
 
     def records(self, model: Any) -> list[LayerRecord]:
