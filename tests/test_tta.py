@@ -209,3 +209,24 @@ def test_compare_runs_tent_label_free_on_the_validation_inputs(fw):
         bnkit.compare(model, (x[:48], y[:48]), (x[48:], y[48:]), ["tent"], num_classes=5)
     with pytest.raises(BnkitError, match="or the label-free tent"):
         bnkit.compare(model, (x[:48], y[:48]), (x[48:], y[48:]), ["tnet"])
+
+
+def test_tent_on_tensorflow_runs_a_model_xla_cannot_compile():
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("XLA compilation is the TensorFlow backend's")
+    import tensorflow as tf
+
+    def through_python(t):  # tf.py_function: differentiable, not XLA-compilable
+        out = tf.py_function(lambda a: a * 2.0, [t], tf.float32)
+        return tf.reshape(out, tf.shape(t))
+
+    inputs = keras.Input((6,))
+    h = keras.layers.BatchNormalization()(keras.layers.Dense(8)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Lambda(through_python)(h)))
+    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    gamma = np.array(model.layers[2].gamma.numpy(), copy=True)
+    report = bnkit.tta(model, x, "tent", batch_size=32, guard=False, lr=0.1)
+    assert len(report.batches) == 2 and all(b.adapted for b in report.batches)
+    assert not np.allclose(model.layers[2].gamma.numpy(), gamma)  # it did train

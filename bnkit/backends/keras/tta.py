@@ -142,8 +142,26 @@ def _tensorflow(model: Any, logits: bool, optimizer: Any) -> tuple[Any, Any]:
     def infer(x: Any) -> Any:
         return model(x, training=False)
 
-    return (tf.function(step, reduce_retracing=True, jit_compile=True),
-            tf.function(infer, reduce_retracing=True, jit_compile=True))  # fmt: skip
+    return _xla_or_graph(step), _xla_or_graph(infer)
+
+
+def _xla_or_graph(fn: Any) -> Any:
+    """`fn` as an XLA-compiled `tf.function`, or as a plain one for a model with an
+    operation XLA cannot compile (found on the first call, before anything ran)."""
+    import tensorflow as tf
+
+    chosen = [tf.function(fn, reduce_retracing=True, jit_compile=True)]
+
+    def call(x: Any) -> Any:
+        try:
+            return chosen[0](x)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            if len(chosen) > 1:
+                raise
+            chosen.insert(0, tf.function(fn, reduce_retracing=True))
+            return chosen[0](x)
+
+    return call
 
 
 def _jax(model: Any, logits: bool, optimizer: Any) -> tuple[Any, Any]:
