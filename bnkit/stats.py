@@ -102,8 +102,12 @@ def adapt(
     are averaged over all batches exactly (not an exponential moving average).
     The variance stored is the population (biased) variance, as Keras uses.
 
+    Inside a `torch.distributed` job (an initialised process group of more than one
+    rank) each rank passes its own shard; the moments are all-gathered and combined,
+    and every rank ends with the statistics of the union of the shards.
+
     Args:
-        model: a Keras model.
+        model: a Keras model or a PyTorch module (DDP-wrapped or not).
         data: anything `bnkit.data.load` reads (array, `(x, y)`, folder, `.npz`,
             `tf.data.Dataset`, `PyDataset`, iterable of batches); labels are unused.
         select: which BN layers to re-estimate (every BN layer by default).
@@ -394,10 +398,11 @@ def shift(
     divergence from the standard normal of the layer's normalised activations on
     this data: 0 when the layer's statistics fit, growing with both a mean offset and
     a change of scale, and invariant to rescaling a channel. Nothing in the model
-    changes.
+    changes. Inside a `torch.distributed` job each rank measures its own shard and
+    every rank gets the measure of their union, as `adapt` does.
 
     Args:
-        model: a Keras model.
+        model: a Keras model or a PyTorch module (DDP-wrapped or not).
         data: anything `bnkit.data.load` reads; labels are unused.
         select: which BN layers to measure (all by default).
         batch_size: batch size when `data` is an array or folder.
