@@ -104,6 +104,19 @@ def _ranks(model: Any) -> Iterator[tuple[int, int]]:
         yield ranks
 
 
+def _on_ranks(
+    measure: Any, model: Any, source: Any, max_batches: int | None, label: str
+) -> tuple[int, Any]:
+    """`measure` (adapt or shift) over the data with a progress bar, and this process's
+    rank; under torchrun each process reads its share of the batches."""
+    with _ranks(model) as (rank, world):
+        if world > 1:
+            source = source.sharded(rank, world)
+        total = None if world > 1 else _progress_total(source, max_batches)
+        with _progress(label, total) as tick:
+            return rank, measure(model, source, max_batches=max_batches, on_batch=tick)
+
+
 def _input_shape() -> tuple[int, ...] | None:
     """--input-shape as a tuple of positive ints."""
     text = click.get_current_context().meta.get("bnkit.input_shape")
@@ -343,14 +356,9 @@ def adapt_cmd(
     check_output(output, *_inputs(model), data, suffix=model_suffix(model), overwrite=overwrite)
     m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
-    with _ranks(m) as (rank, world):
-        if world > 1:  # torchrun: each process reads its share of the batches
-            source = source.sharded(rank, world)
-        total = None if world > 1 else _progress_total(source, max_batches)
-        with _progress("re-estimating BN statistics", total) as tick:
-            report = adapt(m, source, max_batches=max_batches, on_batch=tick)
-        if rank == 0:  # every rank holds the combined statistics; one writes them
-            _save_and_render(m, output, report, as_json)
+    rank, report = _on_ranks(adapt, m, source, max_batches, "re-estimating BN statistics")
+    if rank == 0:  # every rank holds the combined statistics; one writes them
+        _save_and_render(m, output, report, as_json)
 
 
 @cli.command("tta")
@@ -472,12 +480,7 @@ def shift_cmd(
         check_output(plot, model, data, suffix=".png", overwrite=overwrite)
     m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
-    with _ranks(m) as (rank, world):
-        if world > 1:  # torchrun: each process reads its share of the batches
-            source = source.sharded(rank, world)
-        total = None if world > 1 else _progress_total(source, max_batches)
-        with _progress("measuring BN input statistics", total) as tick:
-            report = shift(m, source, max_batches=max_batches, on_batch=tick)
+    rank, report = _on_ranks(shift, m, source, max_batches, "measuring BN input statistics")
     if rank != 0:  # every rank holds the combined measure; one reports it
         return
     if plot is not None:

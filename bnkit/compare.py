@@ -402,8 +402,8 @@ def _one_run(
     backend.unfreeze(model)
     trainer.restore_state(model, start)
     if strategy.test_time is not None:
-        return _test_time_run(trainer, model, strategy, seed, val, batch_size, lr, optimizer,
-                              logits, loss, progress, run_index, t0)  # fmt: skip
+        return _test_time_run(trainer, model, strategy, seed, val, lr, optimizer, logits,
+                              loss, progress, run_index, t0)  # fmt: skip
     x, y = train
     if strategy.mode is Mode.ADAPT:
         adapt(model, x, batch_size=batch_size)
@@ -473,7 +473,6 @@ def _test_time_run(
     strategy: Strategy,
     seed: int,
     val: tuple[np.ndarray, np.ndarray],
-    batch_size: int,
     lr: float,
     optimizer: str,
     logits: bool,
@@ -483,8 +482,8 @@ def _test_time_run(
     t0: float,
 ) -> Run:
     """A label-free run: `tta` on the validation inputs in the seed's order, in batches
-    of 64 (TENT's), then scored on them in inference mode (the statistics re-estimated on
-    the stream). `batch_size` is the training batch size: unused."""
+    of 64 (TENT's, not the training batch size), then scored on them in inference mode
+    (the statistics re-estimated on the stream)."""
     import time
 
     from bnkit.tta import DEFAULT_BATCH_SIZE, tta

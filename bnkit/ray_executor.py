@@ -49,13 +49,13 @@ def ray_runs(
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR",
-                     runtime_env=_runtime_env() if address is None else None)  # fmt: skip
+                     runtime_env=_runtime_env(trainer) if address is None else None)  # fmt: skip
         except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError
             where = f"at {address}" if address else "locally"
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise BnkitError(f"cannot start or reach Ray {where}: {first}") from None
     try:
-        payload = ray.put((type(trainer).__module__, _keras_backend(), trainer.packed(model)))
+        payload = ray.put((type(trainer).__module__, trainer.worker_env(), trainer.packed(model)))
         train_ref, val_ref = ray.put(train), ray.put(val)
         task = ray.remote(num_cpus=1, max_retries=0)(_run_task)
         pending = {}
@@ -74,7 +74,7 @@ def ray_runs(
             try:
                 run = ray.get(ready[0])
             except ray.exceptions.RayError as err:
-                run = failed_run(strategy.name, seed, err)
+                run = failed_run(strategy.name, seed, _why(ray, err))
             done[strategy.name, seed] = run
             if progress is not None:
                 progress.run_finished(run)
@@ -84,47 +84,44 @@ def ray_runs(
             ray.shutdown()
 
 
-def failed_run(strategy: str, seed: int, err: BaseException) -> Any:
+def failed_run(strategy: str, seed: int, why: str) -> Any:
     """The record of a run that did not come back."""
     from bnkit.compare import Run
 
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    crashed = type(err).__name__ in ("WorkerCrashedError", "NodeDiedError", "ActorDiedError")
-    why = "its worker died" if crashed else (lines[-1] if lines else type(err).__name__)
-    if "ModuleNotFoundError" in why:
-        why += (
-            " (the Ray workers cannot import the model's code: start Ray with "
-            "runtime_env={'py_modules': [...]} or {'working_dir': ...})"
-        )
     return Run(strategy=strategy, seed=seed, epochs=(), status="failed",
                final_val_loss=float("nan"), final_val_accuracy=float("nan"), seconds=0.0,
                cached_prefix=False, error=why[:300])  # fmt: skip
 
 
-def _keras_backend() -> str | None:
+def _why(ray: Any, err: BaseException) -> str:
+    """One line on why a Ray task gave no run: its worker or node died, or its last
+    error line (with the fix when the workers cannot import the model's code)."""
+    died = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+    if isinstance(err, died):
+        return "its worker died"
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    why = lines[-1] if lines else type(err).__name__
+    if "ModuleNotFoundError" in why:
+        why += (
+            " (the Ray workers cannot import the model's code: start Ray with "
+            "runtime_env={'py_modules': [...]} or {'working_dir': ...})"
+        )
+    return why
+
+
+def _runtime_env(trainer: Any) -> dict[str, Any]:
+    """For the workers of the Ray instance bnkit starts: what the framework needs (the
+    Keras backend) and the driver's import path, so a model class defined in the
+    user's modules loads there, as it does on a local machine."""
     import sys
 
-    if "keras" not in sys.modules:
-        return None
-    import keras
-
-    return str(keras.backend.backend())
-
-
-def _runtime_env() -> dict[str, Any]:
-    """For the workers of the Ray instance bnkit starts: the driver's Keras backend
-    choice and its import path (so a model class defined in the user's modules loads
-    there, as it does on a local machine)."""
-    import sys
-
-    keep = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env = dict(trainer.worker_env())
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return {"env_vars": env}
 
 
 def _run_task(
-    payload: tuple[str, str | None, Any],
+    payload: tuple[str, dict[str, str], Any],
     strategy: Any,
     seed: int,
     train: tuple[np.ndarray, np.ndarray],
@@ -132,9 +129,9 @@ def _run_task(
     settings: dict[str, Any],
 ) -> Any:
     """One run in a Ray worker: the start model unpacked, then `compare._one_run`."""
-    module, keras_backend, packed = payload
-    if keras_backend is not None:
-        os.environ.setdefault("KERAS_BACKEND", keras_backend)
+    module, env, packed = payload
+    for name, value in env.items():  # before the framework is imported here
+        os.environ.setdefault(name, value)
     from bnkit.backends import get_backend
     from bnkit.compare import _one_run
 

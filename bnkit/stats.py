@@ -17,7 +17,7 @@ from bnkit.policy import AllBN, Selector
 from bnkit.records import leaf_records
 
 
-class _Moments:
+class Moments:
     """Per-channel mean and population variance over many batches, combined exactly
     (Chan et al.'s parallel update, in float64)."""
 
@@ -141,7 +141,7 @@ class OnlineAdapt:
     def __init__(self, model: Any) -> None:
         self._model = model
         self._backend, self._paths = _bn_paths(model, None)
-        self._moments = {p: _Moments() for p in self._paths}
+        self._moments = {p: Moments() for p in self._paths}
 
     def update(self, x: np.ndarray) -> None:
         """Adds one batch and writes the statistics of the stream so far."""
@@ -188,13 +188,13 @@ def _collect(
     batch_size: int,
     max_batches: int | None,
     on_batch: Callable[[int], None] | None,
-) -> tuple[dict[str, _Moments], int, int]:
+) -> tuple[dict[str, Moments], int, int]:
     """One pass over the data; each layer's input moments combined over all batches."""
     if max_batches is not None and max_batches < 1:
         raise DataError(f"max_batches (--max-batches) must be at least 1, got {max_batches}")
     source = data if isinstance(data, Data) else load(data, batch_size=batch_size)
     expected = backend.input_shape(model)
-    moments = {p: _Moments() for p in paths}
+    moments = {p: Moments() for p in paths}
     n_batches = n_samples = 0
     with backend.moments_pass(model, paths, normalize=normalize) as run:
         for x in source.inputs(max_batches):
@@ -217,10 +217,10 @@ def _combine(
     backend: Any,
     model: Any,
     paths: list[str],
-    moments: dict[str, _Moments],
+    moments: dict[str, Moments],
     n_batches: int,
     n_samples: int,
-) -> tuple[dict[str, _Moments], int, int]:
+) -> tuple[dict[str, Moments], int, int]:
     """Every rank's moments combined, in rank order, with Chan's update in float64: each
     rank then holds the moments of the union of the shards (a rank may have none)."""
     stored = backend.snapshot(model).stats
@@ -233,7 +233,7 @@ def _combine(
         else:
             parts.append(np.concatenate([[m.n], m.mean.ravel(), m.m2.ravel()]))
     gathered = collective.all_gather(np.concatenate(parts))
-    total = {p: _Moments() for p in paths}
+    total = {p: Moments() for p in paths}
     for values in gathered:
         at = 2
         for path, width in zip(paths, widths, strict=True):

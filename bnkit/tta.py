@@ -25,7 +25,7 @@ from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DataError, load
 from bnkit.errors import BnkitError
-from bnkit.stats import OnlineAdapt, _Moments
+from bnkit.stats import Moments, OnlineAdapt
 
 METHODS = ("none", "adapt", "tent")
 OPTIMIZERS = ("adam", "sgd")
@@ -289,7 +289,7 @@ def _tent(
     reference = adapter.reference(model) if guard else None
     online = OnlineAdapt(reference) if reference is not None else None
     recent: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
-    seen = _Moments()  # of the reference's per-image outputs on the stream so far
+    seen = Moments()  # of the reference's per-image outputs on the stream so far
     shifted: str | None = None
     out: list[_Scored] = []
     try:
@@ -353,7 +353,7 @@ def _step(
     return _score(k, outputs, y, reset, True, time.perf_counter() - t)
 
 
-def _label_shift(outputs: np.ndarray, seen: _Moments) -> str | None:
+def _label_shift(outputs: np.ndarray, seen: Moments) -> str | None:
     """Why a batch is not a sample of the stream so far, or None: the mean of the
     reference's per-image outputs lies further from the stream's mean than sampling
     allows (a chi-square test over the outputs, each scaled by its per-image variance

@@ -155,7 +155,7 @@ def test_the_label_shift_test_passes_iid_batches_and_catches_one_class_ones():
     def batch(classes: np.ndarray) -> np.ndarray:
         return centres[classes] + rng.normal(0, 1, (len(classes), 5))
 
-    seen = tta_module._Moments()
+    seen = tta_module.Moments()
     fired = []
     for _ in range(200):  # an i.i.d. stream: at p < 0.001, no batch of 200 should fire
         out = batch(rng.integers(0, 5, 32))

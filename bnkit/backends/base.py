@@ -70,6 +70,10 @@ class Trainer(Protocol):
         """The model `packed` sent."""
         ...
 
+    def worker_env(self) -> dict[str, str]:
+        """Environment variables another process needs to set before `unpacked`."""
+        ...
+
     def save_state(self, model: Any) -> Any:
         """Every weight and statistic of `model`, to restore runs from."""
         ...

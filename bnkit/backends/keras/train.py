@@ -184,6 +184,11 @@ def unpacked(value: bytes) -> Any:
         return KerasBackend().load(Path(tmp) / "start.keras")
 
 
+def worker_env() -> dict[str, str]:
+    """The Keras backend in use: another process must pick it before importing Keras."""
+    return {"KERAS_BACKEND": str(keras.backend.backend())}
+
+
 def save_state(model: Any) -> list[np.ndarray]:
     """Copies of every variable of `model` (weights and BN statistics, not the
     optimizer's: each run compiles a fresh one)."""
@@ -308,6 +313,7 @@ class KerasTrainer:
     working_copy = staticmethod(working_copy)
     packed = staticmethod(packed)
     unpacked = staticmethod(unpacked)
+    worker_env = staticmethod(worker_env)
     save_state = staticmethod(save_state)
     restore_state = staticmethod(restore_state)
     prepare = staticmethod(prepare)

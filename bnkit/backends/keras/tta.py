@@ -29,7 +29,7 @@ class KerasTestTime:
         self._optimizer: Any = None
         self._logits = True
         self._flags: list[tuple[Any, bool]] = []
-        self._compiled: dict[int, Any] = {}  # TensorFlow: id(model) -> compiled functions
+        self._compiled: dict[int, Any] = {}  # TensorFlow, JAX: id(model) -> functions
 
     def prepare(self, model: Any, lr: float, optimizer: str) -> None:
         """Only BN layers trainable (the flags before are remembered); a fresh optimizer."""
@@ -150,16 +150,19 @@ def _xla_or_graph(fn: Any) -> Any:
     operation XLA cannot compile (found on the first call, before anything ran)."""
     import tensorflow as tf
 
-    chosen = [tf.function(fn, reduce_retracing=True, jit_compile=True)]
+    xla = tf.function(fn, reduce_retracing=True, jit_compile=True)
+    chosen: list[Any] = []  # the function that ran once
 
     def call(x: Any) -> Any:
+        if chosen:
+            return chosen[0](x)
         try:
-            return chosen[0](x)
+            out = xla(x)
+            chosen.append(xla)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
-            if len(chosen) > 1:
-                raise
-            chosen.insert(0, tf.function(fn, reduce_retracing=True))
-            return chosen[0](x)
+            chosen.append(tf.function(fn, reduce_retracing=True))
+            out = chosen[0](x)
+        return out
 
     return call
 

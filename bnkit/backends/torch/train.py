@@ -293,6 +293,11 @@ def unpacked(value: Any) -> Any:
     return value
 
 
+def worker_env() -> dict[str, str]:
+    """Nothing: a module unpickles in any process with torch."""
+    return {}
+
+
 def save_state(model: Any) -> dict[str, torch.Tensor]:
     """Copies of every parameter and buffer (not the optimizer's: each run makes one)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -329,6 +334,7 @@ class TorchTrainer:
     working_copy = staticmethod(working_copy)
     packed = staticmethod(packed)
     unpacked = staticmethod(unpacked)
+    worker_env = staticmethod(worker_env)
     save_state = staticmethod(save_state)
     restore_state = staticmethod(restore_state)
     frozen_prefix = staticmethod(frozen_prefix)
