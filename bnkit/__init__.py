@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
-from types import ModuleType
-from typing import Any
-
+from bnkit import _imports
 from bnkit.check import CheckReport, Finding, check
 from bnkit.compare import CompareResult, Strategy, compare
 from bnkit.deploy import ExportError, ExportReport, FoldResult, export, fold
@@ -83,31 +78,4 @@ __all__ = [
 ]
 
 
-class _RegisterAfterKerasImport(importlib.abc.MetaPathFinder):
-    """Registers bnkit's Keras layers as soon as the user imports keras.
-
-    bnkit never imports a framework the user has not loaded, yet a model saved
-    with pinned BN layers must reload with plain `keras.models.load_model`.
-    """
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "keras":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("keras")
-        if spec is None or spec.loader is None:
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module: ModuleType) -> None:
-            run(module)
-            importlib.import_module("bnkit.backends.keras.core")
-
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
-if "keras" in sys.modules:
-    importlib.import_module("bnkit.backends.keras.core")
-else:
-    sys.meta_path.insert(0, _RegisterAfterKerasImport())
+_imports.install()

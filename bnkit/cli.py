@@ -84,10 +84,48 @@ def _model_options(fn: Any) -> Any:
 def _load(model: Path) -> Any:
     """The model MODEL names: a '.keras' file, or a PyTorch spec built with --args and
     its --weights loaded."""
+    from bnkit.backends import framework_of
     from bnkit.files import load_model
 
     meta = click.get_current_context().meta
-    return load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+    with _framework_start(framework_of(model)):
+        return load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+
+
+START_CHATTER = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on",
+)
+"""What TensorFlow 2.21 prints to the process's stderr whenever it starts, whatever
+TF_CPP_MIN_LOG_LEVEL says: dropped, so that an error stays one line."""
+
+
+@contextlib.contextmanager
+def _framework_start(framework: str) -> Iterator[None]:
+    """Imports `framework` (and Keras' backend) with the process's stderr captured, then
+    prints what it wrote there except TensorFlow's start-up chatter."""
+    if framework in sys.modules:
+        yield
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            __import__(framework)
+        except ImportError:
+            pass  # the backend says which package is missing, in one line
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+    kept = [line for line in text.splitlines() if not any(c in line for c in START_CHATTER)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
+    yield
 
 
 @contextlib.contextmanager

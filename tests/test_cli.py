@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import keras
@@ -18,8 +19,19 @@ import bnkit
 from bnkit.cli import main
 from bnkit.files import MARKER
 
+IN_PROCESS = not os.environ.get("BNKIT_TEST_CLI_PROCESS")
+"""`make test` runs this file once more with BNKIT_TEST_CLI_PROCESS=1 and KERAS_BACKEND
+unset: every command then runs as a user runs it, in a new process where Keras picks its
+default backend (an in-process run hides what the test runner imported first)."""
+
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
+    if not IN_PROCESS:
+        env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "bnkit.cli", *args], env=env, capture_output=True, text=True
+        )
+        return proc.returncode, proc.stdout, proc.stderr
     sys.argv = ["bnkit", *args]
     try:
         main()
@@ -568,7 +580,7 @@ def test_bad_rules_and_layer_names_are_reported_before_the_framework_starts(mode
     assert "block2_conv" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["freeze", "compare"])
+@pytest.mark.parametrize("command", ["freeze", "compare", "export", "export-onnx"])
 def test_commands_on_the_torch_backend_do_not_import_tensorflow(model_file, tmp_path, command):
     if keras.backend.backend() != "torch":
         pytest.skip("about the torch backend")
@@ -577,7 +589,10 @@ def test_commands_on_the_torch_backend_do_not_import_tensorflow(model_file, tmp_
         "freeze": [str(model_file), "-o", str(tmp_path / "o.keras"), "--bn", "frozen"],
         "compare": [str(model_file), str(data), "--val", str(data), "--epochs", "1",
                     "--seeds", "1", "--strategies", "frozen", "--out", str(tmp_path / "r")],
+        "export": [str(model_file), "-o", str(tmp_path / "d.keras")],
+        "export-onnx": [str(model_file), "-o", str(tmp_path / "d.onnx")],
     }[command]  # fmt: skip
+    command = command.split("-")[0]
     code = (
         "import sys\n"
         "from bnkit.cli import main\n"
@@ -589,3 +604,18 @@ def test_commands_on_the_torch_backend_do_not_import_tensorflow(model_file, tmp_
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.stdout.split()[-1] == "False", proc.stdout + proc.stderr
     assert "oneDNN" not in proc.stderr and "exit 2" not in proc.stdout
+
+
+def test_a_model_compiled_on_torch_is_written_loadable_on_every_backend(tmp_path):
+    model, _ = build_transfer()
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    bnkit.freeze(model, bn="frozen")
+    from bnkit.files import save_model
+
+    save_model(model, tmp_path / "out.keras")
+    with zipfile.ZipFile(tmp_path / "out.keras") as z:
+        optimizer = json.loads(z.read("config.json"))["compile_config"]["optimizer"]
+    # the torch backend's own model.save names keras.src.backend.torch.optimizers.torch_adam,
+    # which only the torch backend can load
+    assert (optimizer["module"], optimizer["class_name"]) == ("keras.optimizers", "Adam")
+    assert "get_compile_config" not in vars(model)

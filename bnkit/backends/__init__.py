@@ -59,6 +59,12 @@ def _files(path: Path) -> ModuleType:
     return importlib.import_module(f"bnkit.backends.{package}.files")
 
 
+def framework_of(path: Path) -> str:
+    """The framework that reads the model `path` names (`keras` or `torch`), known without
+    importing it."""
+    return _files(path).__name__.rsplit(".", 2)[-2]
+
+
 def check_model_file(path: Path) -> Path:
     """Checks a model file without importing any framework; raises ModelFileError."""
     return _files(path).check(path)  # type: ignore[no-any-return]
@@ -73,13 +79,12 @@ def layer_names(path: Path) -> set[str] | None:
 def model_suffix(path: Path) -> str:
     """The suffix of the model file the command line writes for the model `path` names
     (`.keras`, or `.pt` for a PyTorch state_dict), known without importing a framework."""
-    return _MODEL_SUFFIX[_files(path).__name__.rsplit(".", 2)[-2]]
+    return _MODEL_SUFFIX[framework_of(path)]
 
 
 def backend_for_file(path: Path) -> Backend:
     """The backend that reads model files with `path`'s suffix (imports its framework)."""
-    package = _files(path).__name__.rsplit(".", 2)[-2]
-    core = importlib.import_module(f"bnkit.backends.{package}.core")
+    core = importlib.import_module(f"bnkit.backends.{framework_of(path)}.core")
     return core.backend()  # type: ignore[no-any-return]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -467,8 +468,10 @@ class KerasBackend:
 
     def load(self, path: Path) -> Any:
         try:
-            with without_tensorflow():
-                return keras.models.load_model(path)
+            with without_tensorflow(), warnings.catch_warnings():
+                # another backend's optimizer has other variables: its state is not kept
+                warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+                return keras.models.load_model(path, custom_objects=_foreign_classes(path))
         except Exception as err:  # Keras raises many types for a bad archive
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelFileError(
@@ -478,8 +481,86 @@ class KerasBackend:
             ) from None
 
     def save(self, model: Any, path: Path) -> None:
-        with without_tensorflow():
+        save(model, path)
+
+
+def save(model: Any, path: Path) -> None:
+    """`model.save(path)`, loadable on every Keras backend: an optimizer of the torch
+    backend is written under its public name (`keras.optimizers.Adam`), as TensorFlow and
+    JAX write theirs, not as `keras.src.backend.torch.optimizers...`, which another
+    backend cannot use and imports torch to look at."""
+    with without_tensorflow():
+        portable = _portable_compile_config(model)
+        try:
+            if portable is not None:
+                object.__setattr__(model, "get_compile_config", lambda: portable)
             model.save(path)
+        finally:
+            if "get_compile_config" in vars(model):
+                object.__delattr__(model, "get_compile_config")
+
+
+_BACKEND_PACKAGE = "keras.src.backend."
+_PUBLIC_MODULES = ("optimizers", "losses", "metrics")
+"""Where the public class of a backend-specific one is found, by its class name."""
+
+
+def _portable_compile_config(model: Any) -> dict[str, Any] | None:
+    """The model's serialised compile config with a backend-specific optimizer under its
+    public module, or None when there is nothing to change."""
+    if not getattr(model, "compiled", False):
+        return None
+    config = model.get_compile_config()
+    optimizer = config.get("optimizer") if isinstance(config, dict) else None
+    if not isinstance(optimizer, dict):
+        return None
+    module = str(optimizer.get("module") or "")
+    if not module.startswith(_BACKEND_PACKAGE) or _public(optimizer.get("class_name", "")) is None:
+        return None
+    return {**config, "optimizer": {**optimizer, "module": "keras.optimizers"}}
+
+
+def _public(class_name: str) -> Any:
+    for module in _PUBLIC_MODULES:
+        found = getattr(getattr(keras, module), class_name, None)
+        if isinstance(found, type):
+            return found
+    return None
+
+
+def _foreign_classes(path: Path) -> dict[str, Any]:
+    """Classes a saved config names in another Keras backend's package (the torch backend
+    saves its optimizers as `keras.src.backend.torch.optimizers.*`), mapped to this
+    backend's public class of the same name. Loading them as saved would import that
+    backend (on TensorFlow, torch's import after TensorFlow crashes the process) or fail
+    where it is not installed."""
+    from bnkit.backends.keras.files import read_config
+
+    here = f"{_BACKEND_PACKAGE}{keras.backend.backend()}."
+    found: dict[str, Any] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for value in node:
+                visit(value)
+            return
+        if not isinstance(node, dict):
+            return
+        module, name = node.get("module"), node.get("class_name")
+        if (
+            isinstance(module, str)
+            and isinstance(name, str)
+            and module.startswith(_BACKEND_PACKAGE)
+            and not module.startswith(here)
+        ):
+            public = _public(name)
+            if public is not None:
+                found[str(node.get("registered_name") or name)] = public
+        for value in node.values():
+            visit(value)
+
+    visit(read_config(path))
+    return found
 
 
 def set_random_seed(seed: int) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.keras.core import BN, walk
+from bnkit.backends.keras.core import BN, save, walk, without_tensorflow
 from bnkit.records import BNFacts, Folded
 
 FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
@@ -169,7 +169,8 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
         return layer(*args, **kwargs)
 
     calls = {} if isinstance(model, keras.Sequential) else {"call_function": call_layer}
-    copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True, **calls)
+    with without_tensorflow():
+        copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True, **calls)
     _copy_weights(model, copy, pairs, into)
     copy.trainable = False
     reasons = tuple((name, _why_kept(model, name, fold)) for name in kept)
@@ -337,7 +338,7 @@ FORMATS: tuple[str, ...] = ("keras", "savedmodel", "onnx")
 def write(model: Any, path: Path, format: str, example: np.ndarray) -> None:
     """Writes the inference copy: a `.keras` file, a SavedModel folder or an ONNX file."""
     if format == "keras":
-        model.save(path)
+        save(model, path)
     elif format == "savedmodel":
         export_savedmodel(model, path)
     else:

@@ -11,6 +11,9 @@ from typing import Any
 from bnkit.errors import ModelFileError
 
 SUFFIXES = (".keras",)
+CONFIG_LIMIT = 256 * 2**20
+"""The largest `config.json` read (bytes, uncompressed): Keras configs of the largest
+models are a few MB; a larger one is damaged or hostile (a zip that inflates without end)."""
 
 
 def check(path: Path) -> Path:
@@ -30,6 +33,7 @@ def check(path: Path) -> Path:
     try:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
+            _refuse_bombs(path, z)
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ModelFileError(f"{path}: corrupt Keras archive ({err}); re-save the model") from None
@@ -40,10 +44,45 @@ def check(path: Path) -> Path:
     return path
 
 
+BOMB_RATIO = 100
+"""Keras stores archive members uncompressed and DEFLATE cannot pass ~1032:1: a large
+member declaring more than this many times its stored size is a decompression bomb."""
+
+
+def _refuse_bombs(path: Path, z: zipfile.ZipFile) -> None:
+    for info in z.infolist():
+        inflated = info.file_size
+        if info.filename == "config.json" and inflated > CONFIG_LIMIT:
+            raise ModelFileError(
+                f"{path}: config.json inflates to {inflated / 2**20:.0f} MiB, more than a "
+                f"Keras model's configuration ({CONFIG_LIMIT // 2**20} MiB at most); the file "
+                "is damaged or not a model"
+            )
+        if inflated > CONFIG_LIMIT and inflated > BOMB_RATIO * max(info.compress_size, 1):
+            raise ModelFileError(
+                f"{path}: member {info.filename!r} inflates {inflated / 2**20:.0f} MiB from "
+                f"{info.compress_size / 2**20:.1f} MiB (a decompression bomb, not a Keras "
+                "model: Keras stores its members uncompressed)"
+            )
+
+
+def read_config(path: Path) -> Any:
+    """A `.keras` archive's `config.json`, parsed; ModelFileError when it is larger than
+    CONFIG_LIMIT or not JSON."""
+    with zipfile.ZipFile(check(path)) as z, z.open("config.json") as f:
+        raw = f.read(CONFIG_LIMIT)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ModelFileError(
+            f"{path}: config.json is not valid JSON ({str(err)[:80]}); the file is damaged: "
+            "re-save the model with model.save()"
+        ) from None
+
+
 def layer_names(path: Path) -> set[str]:
     """Every layer name in a `.keras` archive's config, read as JSON."""
-    with zipfile.ZipFile(check(path)) as z:
-        config = json.loads(z.read("config.json"))
+    config = read_config(path)
     names: set[str] = set()
 
     def visit(node: Any) -> None:
