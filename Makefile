@@ -1,6 +1,7 @@
 # `make demo` runs the main job; `make test` runs lint, types, the tests and the
 # docstring examples under the Keras torch, TensorFlow and JAX backends (the pure
-# PyTorch tests in the first pass only). Both create .venv when it is missing.
+# PyTorch tests in the first pass only), then the CLI tests once more as users run the
+# command (a new process each, KERAS_BACKEND unset). Both create .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -29,6 +30,7 @@ test: lint
 	KERAS_BACKEND=torch $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
 	KERAS_BACKEND=jax $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
+	env -u KERAS_BACKEND BNKIT_TEST_CLI_PROCESS=1 $(PY) -m pytest -q -n 2 tests/test_cli.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bnkit-demo
