@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click
 from rich.console import Console
 
-from bnkit.errors import BnkitError
+from bnkit.errors import BnkitError, BnkitWarning
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -88,25 +89,43 @@ def _load(model: Path) -> Any:
     from bnkit.files import load_model
 
     meta = click.get_current_context().meta
-    with _framework_start(framework_of(model)):
-        return load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+    _check_inputs(model)
+    _framework_start(framework_of(model))
+    return load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+
+
+def _check_inputs(model: Path, *data: Path | None) -> None:
+    """Refuses a bad model (file, spec, --args, --weights) or data path before any
+    framework starts (seconds of imports)."""
+    from bnkit.backends import check_model
+    from bnkit.data import check_source
+
+    meta = click.get_current_context().meta
+    check_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+    for path in data:
+        if path is not None:
+            check_source(path)
 
 
 START_CHATTER = (
     "All log messages before absl::InitializeLog() is called are written to STDERR",
     "oneDNN custom operations are on",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions:",
 )
 """What TensorFlow 2.21 prints to the process's stderr whenever it starts, whatever
 TF_CPP_MIN_LOG_LEVEL says: dropped, so that an error stays one line."""
 
 
-@contextlib.contextmanager
-def _framework_start(framework: str) -> Iterator[None]:
-    """Imports `framework` (and Keras' backend) with the process's stderr captured, then
-    prints what it wrote there except TensorFlow's start-up chatter."""
+def _framework_start(framework: str) -> None:
+    """Starts `framework` (Keras with its backend, or torch) after checking that it can
+    start here, with the process's stderr captured: what it wrote there is printed again
+    except TensorFlow's start-up chatter."""
+    from bnkit.backends import check_framework
+
     if framework in sys.modules:
-        yield
         return
+    check_framework(framework)
     import tempfile
 
     sys.stderr.flush()
@@ -115,8 +134,11 @@ def _framework_start(framework: str) -> Iterator[None]:
         os.dup2(captured.fileno(), 2)
         try:
             __import__(framework)
-        except ImportError:
-            pass  # the backend says which package is missing, in one line
+        except Exception as err:  # a broken install raises anything
+            raise BnkitError(
+                f"{framework} failed to start ({type(err).__name__}: {_first_line(err)}); "
+                "check its installation"
+            ) from None
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -125,7 +147,6 @@ def _framework_start(framework: str) -> Iterator[None]:
     kept = [line for line in text.splitlines() if not any(c in line for c in START_CHATTER)]
     if kept:
         print("\n".join(kept), file=sys.stderr)
-    yield
 
 
 @contextlib.contextmanager
@@ -134,12 +155,47 @@ def _ranks(model: Any) -> Iterator[tuple[int, int]]:
     it is one rank of the job for the command's duration; alone it is (0, 1)."""
     from bnkit.backends import get_backend
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = _world()
     if world < 2:
         yield 0, 1
         return
     with get_backend(model).launched_job(world) as ranks:
         yield ranks
+
+
+LAUNCH_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun sets besides WORLD_SIZE, and a process group needs."""
+
+
+def _world() -> int:
+    """WORLD_SIZE, checked with the launcher's other variables before anything starts."""
+    text = os.environ.get("WORLD_SIZE", "").strip()
+    if not text:
+        return 1
+    try:
+        world = int(text)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise BnkitError(
+            f"WORLD_SIZE={text!r} is not a number of processes: unset it, or start bnkit with "
+            "torchrun, which sets it"
+        )
+    if world == 1:
+        return 1
+    missing = [v for v in LAUNCH_VARIABLES if not os.environ.get(v, "").strip()]
+    if missing:
+        raise BnkitError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set: start bnkit with torchrun "
+            f"(torchrun --nproc-per-node {world} -m bnkit.cli ...), which sets them, or "
+            "unset WORLD_SIZE to run in one process"
+        )
+    rank, port = os.environ["RANK"].strip(), os.environ["MASTER_PORT"].strip()
+    if not rank.isdigit() or int(rank) >= world:
+        raise BnkitError(f"RANK={rank!r} is not a rank of a job of {world} (0..{world - 1})")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise BnkitError(f"MASTER_PORT={port!r} is not a port number (1..65535)")
+    return world
 
 
 def _on_ranks(
@@ -177,7 +233,10 @@ def _inputs(model: Path) -> list[Path]:
 
 MODEL_HELP = (
     "MODEL is a '.keras' file or a PyTorch model spec: torchvision:NAME, timm:NAME, "
-    "package.module:factory or path/to/file.py:factory."
+    "package.module:factory or path/to/file.py:factory. A spec runs Python code, as "
+    "`python -c` does (the module is imported and the factory called with --args): give "
+    "only specs you trust. A factory that never returns keeps bnkit waiting: stop it with "
+    "Ctrl-C."
 )
 
 
@@ -187,7 +246,7 @@ def cli() -> None:
     """BatchNorm made correct, visible and decidable in transfer learning."""
 
 
-@cli.command("inspect")
+@cli.command("inspect", epilog=MODEL_HELP)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -204,7 +263,7 @@ def inspect_cmd(model: Path, as_json: bool, bn_only: bool) -> None:
     _out.print(report.summary(), highlight=False)
 
 
-@cli.command("freeze")
+@cli.command("freeze", epilog=MODEL_HELP)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -250,12 +309,12 @@ def freeze_cmd(
 ) -> None:
     """Apply a freeze policy and save the model with its BN modes pinned."""
     from bnkit.backends import layer_names, model_suffix
-    from bnkit.files import check_model_file, check_output
+    from bnkit.files import check_output
     from bnkit.freeze import freeze
     from bnkit.policy import find_layer_name, parse_rule
 
     parsed = [parse_rule(r) for r in rules]  # checked before any framework starts
-    check_model_file(model)
+    _check_inputs(model)
     names = layer_names(model)
     if train_from is not None and names is not None:
         find_layer_name(train_from, names)
@@ -263,15 +322,14 @@ def freeze_cmd(
     check_output(output, *_inputs(model), suffix=suffix, overwrite=overwrite)
     plan_path = output.with_suffix(".plan.json") if suffix != ".keras" else None
     if plan_path is not None:
-        check_output(plan_path, *_inputs(model), suffix=".json", overwrite=overwrite)
+        check_output(
+            plan_path, *_inputs(model), suffix=".json", overwrite=overwrite, json_kind="plan"
+        )
     m = _load(model)
     plan = freeze(m, train_from=train_from, bn=bn, rules=parsed)
-    if plan_path is not None:  # a state_dict does not carry the modes: the plan does
-        from bnkit.files import atomic_path
-
-        with atomic_path(plan_path) as tmp:
-            tmp.write_text(plan.to_json())
-    _save_and_render(m, output, plan, as_json)
+    # a state_dict does not carry the modes: the plan beside it does, written with it
+    sidecars = {plan_path: plan.to_json()} if plan_path is not None else None
+    _save_and_render(m, output, plan, as_json, sidecars)
 
 
 def _data_options(fn: Any) -> Any:
@@ -354,7 +412,7 @@ def _progress_total(data: Any, max_batches: int | None) -> int | None:
     return total
 
 
-@cli.command("adapt")
+@cli.command("adapt", epilog=MODEL_HELP)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
@@ -386,11 +444,12 @@ def adapt_cmd(
     sub-folders of images (resized to the model's input). Labels are unused."""
     from bnkit.backends import model_suffix
     from bnkit.data import parse_scaling
-    from bnkit.files import check_model_file, check_output
+    from bnkit.files import check_output
     from bnkit.stats import adapt
 
     parse_scaling(scale, preprocess)
-    check_model_file(model)
+    _world()
+    _check_inputs(model, data)
     check_output(output, *_inputs(model), data, suffix=model_suffix(model), overwrite=overwrite)
     m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
@@ -399,7 +458,7 @@ def adapt_cmd(
         _save_and_render(m, output, report, as_json)
 
 
-@cli.command("tta")
+@cli.command("tta", epilog=MODEL_HELP)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
@@ -448,17 +507,17 @@ def tta_cmd(
     in DATA only score the predictions)."""
     from bnkit.backends import model_suffix
     from bnkit.data import parse_scaling
-    from bnkit.files import atomic_path, check_model_file, check_output, save_model
+    from bnkit.files import atomic_path, check_output, save_model
     from bnkit.plots import tta_plot
     from bnkit.tta import tta
 
     parse_scaling(scale, preprocess)
-    check_model_file(model)
+    _check_inputs(model, data)
     inputs = (*_inputs(model), data)
     if output is not None:
         check_output(output, *inputs, suffix=model_suffix(model), overwrite=overwrite)
     if report is not None:
-        check_output(report, *inputs, suffix=".json", overwrite=overwrite)
+        check_output(report, *inputs, suffix=".json", overwrite=overwrite, json_kind="tta")
     if plot is not None:
         check_output(plot, *inputs, suffix=".png", overwrite=overwrite)
     m = _load(model)
@@ -483,7 +542,7 @@ def tta_cmd(
         _out.print(f"reset after batch {k}: {why}", highlight=False)
 
 
-@cli.command("shift")
+@cli.command("shift", epilog=MODEL_HELP)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
@@ -508,12 +567,13 @@ def shift_cmd(
     """Measure how far DATA is from each BN layer's stored statistics, and say whether
     to keep BN frozen, re-estimate it (adapt) or train it."""
     from bnkit.data import parse_scaling
-    from bnkit.files import check_model_file, check_output
+    from bnkit.files import check_output
     from bnkit.plots import shift_plot
     from bnkit.stats import shift
 
     parse_scaling(scale, preprocess)
-    check_model_file(model)
+    _world()
+    _check_inputs(model, data)
     if plot is not None:
         check_output(plot, model, data, suffix=".png", overwrite=overwrite)
     m = _load(model)
@@ -543,7 +603,7 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
         yield lambda k: progress.update(task, completed=k)
 
 
-@cli.command("compare")
+@cli.command("compare", epilog=MODEL_HELP)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("train_data", type=click.Path(path_type=Path))
@@ -618,15 +678,19 @@ def compare_cmd(
     """Fine-tune MODEL on TRAIN_DATA once per BN strategy and seed; compare on --val."""
     from bnkit.compare import Strategy, compare
     from bnkit.data import parse_scaling
-    from bnkit.files import check_model_file, check_out_dir
+    from bnkit.files import check_out_dir
 
     specs = _parse_strategies(strategies)
     for spec in specs:
         Strategy.of(spec)
     if address is not None and executor != "ray":
         raise BnkitError("--address names a Ray cluster: give it with --executor ray")
+    if executor == "ray":
+        from bnkit.ray_executor import check_address
+
+        check_address(address)
     parse_scaling(scale, preprocess)
-    check_model_file(model)
+    _check_inputs(model, train_data, val_data)
     if out_dir is not None:  # checked before the sweep, not after it
         check_out_dir(out_dir, COMPARE_FILES, model, train_data, val_data)
     m = _load(model)
@@ -721,7 +785,7 @@ class _CompareProgress:
         )
 
 
-@cli.command("check")
+@cli.command("check", epilog=MODEL_HELP)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -759,13 +823,12 @@ def check_cmd(
 ) -> None:
     """Find BN pitfalls in MODEL; exit 1 when an error-level finding is present."""
     from bnkit.check import check
-    from bnkit.files import check_model_file
     from bnkit.policy import parse_selector
 
     if select is not None:
         parse_selector(select)
     shape = _input_shape()
-    check_model_file(model)
+    _check_inputs(model, example)
     m = _load(model)
     data = None if example is None else _open_data(m, example, 8, None, None, None)
     report = check(
@@ -781,7 +844,7 @@ def check_cmd(
         sys.exit(EXIT_FINDINGS)
 
 
-@cli.command("export")
+@cli.command("export", epilog=MODEL_HELP)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -830,14 +893,13 @@ def export_cmd(
     from bnkit.deploy import ExportError, export
     from bnkit.files import (
         check_dir_output,
-        check_model_file,
         check_out_dir,
         check_output,
     )
 
     inputs = _inputs(model) + ([check_data] if check_data is not None else [])
     shape = _input_shape()
-    check_model_file(model)
+    _check_inputs(model, check_data)
     fmt = fmt or (output.suffix[1:] if output.suffix else "savedmodel")
     if fmt == "savedmodel":  # a folder
         check_out_dir(output, (), *inputs)
@@ -1026,11 +1088,14 @@ def _traps(steps: int, input_size: int, as_json: bool = False, framework: str = 
     _out.print(DEMO_LEGEND if framework == "keras" else DEMO_LEGEND_TORCH, highlight=False)
 
 
-def _save_and_render(model: Any, output: Path, result: Any, as_json: bool) -> None:
-    """Writes the model atomically, then prints the result (JSON or text)."""
+def _save_and_render(
+    model: Any, output: Path, result: Any, as_json: bool, sidecars: dict[Path, str] | None = None
+) -> None:
+    """Writes the model (and its sidecar files) atomically, then prints the result (JSON or
+    text)."""
     from bnkit.files import save_model
 
-    save_model(model, output)
+    save_model(model, output, sidecars)
     if as_json:
         click.echo(result.to_json())
         return
@@ -1038,28 +1103,64 @@ def _save_and_render(model: Any, output: Path, result: Any, as_json: bool) -> No
     _out.print(f"wrote {output}", highlight=False)
 
 
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, the shell's convention for a command stopped by Ctrl-C (SIGTERM: 143)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters escaped (a newline in a file name), so that a message
+    is always one line."""
+    import unicodedata
+
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text.strip())
+
+
+def _warning_text(w: warnings.WarningMessage) -> str:
+    category = "" if issubclass(w.category, BnkitWarning) else f"{w.category.__name__}: "
+    return _one_line(f"{category}{w.message}")
+
+
+def _fail(message: str, caught: list[warnings.WarningMessage], code: int = EXIT_USAGE) -> None:
+    """Prints the one error line (with the warnings that came before it) and exits."""
+    seen = list(dict.fromkeys(_warning_text(w) for w in caught))
+    caught.clear()
+    after = f" (after the warning: {'; '.join(seen)})" if seen else ""
+    click.echo(f"bnkit: error: {_one_line(message)}{after}", err=True)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Entry point: runs the CLI and turns bnkit errors into one line and exit status 2."""
+    """Entry point: runs the CLI and turns bnkit errors into one line and exit status 2.
+
+    Warnings are collected and printed after the command, one line each, or folded into
+    the error line; Ctrl-C exits 130 and SIGTERM 143, in both cases after every
+    temporary output is removed."""
     from bnkit.files import terminate_cleanly
 
     terminate_cleanly()
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        _err.print("bnkit: aborted")
-        sys.exit(EXIT_USAGE)
-    except click.ClickException as err:
-        click.echo(f"bnkit: error: {err.format_message()} (see bnkit --help)", err=True)
-        sys.exit(EXIT_USAGE)
-    except BnkitError as err:
-        click.echo(f"bnkit: error: {err}", err=True)
-        sys.exit(EXIT_USAGE)
-    except OSError as err:  # a file system refusal not foreseen by the checks: one line
-        where = f"{err.filename}: " if err.filename else ""
-        click.echo(f"bnkit: error: {where}{err.strerror or err}", err=True)
-        sys.exit(EXIT_USAGE)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            cli.main(standalone_mode=False)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("bnkit: interrupted; no partial output was left", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as err:
+            _fail(f"{err.format_message()} (see bnkit --help)", caught)
+        except BnkitError as err:
+            _fail(str(err), caught)
+        except OSError as err:  # a file system refusal not foreseen by the checks: one line
+            where = f"{err.filename}: " if err.filename else ""
+            _fail(f"{where}{err.strerror or err}", caught)
+        except click.exceptions.Exit as err:
+            sys.exit(err.exit_code)
+        finally:  # also on exit 1 (findings) and SIGTERM
+            for text in dict.fromkeys(_warning_text(w) for w in caught):
+                click.echo(f"bnkit: warning: {text}", err=True)
 
 
 if __name__ == "__main__":

@@ -273,9 +273,13 @@ def compare(
     backend = get_backend(model)
     trainer = backend.trainer()
     first = backend.layout == CHANNELS_FIRST
-    x, y = _labelled(train, "training data", first)
-    xv, yv = _labelled(val, "validation data", first)
-    classes = num_classes or int(max(y.max(), yv.max())) + 1
+    train_data = load(train, channels_first=first)
+    val_data = load(val, channels_first=first)
+    if train_data.class_names and val_data.class_names:  # folders: classes match by name
+        val_data = val_data.with_classes(train_data.class_names)
+    x, y = _labelled(train_data, "training data")
+    xv, yv = _labelled(val_data, "validation data")
+    classes = num_classes or _class_count(y, yv)
     for labels, what in ((y, "training"), (yv, "validation")):
         if labels.min() < 0 or labels.max() >= classes:
             raise DataError(f"{what} labels lie outside 0..{classes - 1}: check num_classes")
@@ -291,6 +295,11 @@ def compare(
         raise BnkitError("compare needs at least one seed and one epoch")
     start_model = trainer.with_head(model, classes, head, x[:2])
     head_replaced = start_model is not model
+    notes: list[str] = []
+    if head_replaced and train_from is not None:
+        train_from, moved = _train_from_in(backend, model, start_model, train_from)
+        notes += moved
+    _refuse_identical_sweep(backend, start_model, train_from, plans)
     label_free = [p.name for p in plans if p.test_time is not None]
     if label_free and head_replaced:
         raise BnkitError(
@@ -299,7 +308,6 @@ def compare(
         )
     logits = trainer.from_logits(start_model)
     runs: list[Run] = []
-    notes: list[str] = []
     features: dict[str, Any] = {}
     # one working copy, independent of the caller's model (a new head shares its layers);
     # each run restores its weights from the one copy of the start state
@@ -347,14 +355,82 @@ def compare(
     if head_replaced:
         notes.append(f"the model's top was replaced by a new head with {classes} outputs")
     summaries = tuple(_summarise(p.name, [r for r in runs if r.strategy == p.name]) for p in plans)
-    best, decisive, verdict = _verdict(summaries, len(seed_list))
+    best, decisive, verdict = _verdict(summaries, len(seed_list), len(yv))
     return CompareResult(
         tuple(runs), summaries, best, decisive, verdict, head_replaced, train_from, tuple(notes)
     )
 
 
-def _labelled(data: Any, what: str, channels_first: bool) -> tuple[np.ndarray, np.ndarray]:
-    x, y = load(data, channels_first=channels_first).arrays()
+MAX_CLASSES = 100_000
+"""The largest head compare builds from the labels alone (give num_classes for more)."""
+SPARE_CLASSES = 100
+"""Labels may reach this many times the classes seen (a subset of a larger label set)."""
+
+
+def _class_count(y: np.ndarray, yv: np.ndarray) -> int:
+    """The number of classes the labels imply (their maximum + 1), refused when far above
+    the classes they hold: a stray label of 10**9 would build a head of 10**9 outputs."""
+    classes = int(max(y.max(), yv.max())) + 1
+    seen = len(np.unique(np.concatenate([y, yv])))
+    if classes > MAX_CLASSES or classes > SPARE_CLASSES * seen:
+        top = int(max(y.max(), yv.max()))
+        raise DataError(
+            f"the labels reach {top} but hold only {seen} classes: a head of {classes} "
+            "outputs would be mostly unused (a stray or mis-encoded label?); give class "
+            "indices 0..N-1, or num_classes for a larger label set"
+        )
+    return classes
+
+
+def _train_from_in(
+    backend: Any, model: Any, start_model: Any, train_from: str
+) -> tuple[str, list[str]]:
+    """`train_from` in the model with its new head: a layer of the replaced top (the old
+    `head`, named nowhere now) means the first layer of the new top."""
+    from bnkit.policy import FromLayer
+    from bnkit.records import leaf_records
+
+    _, new = leaf_records(backend.records(start_model))
+    try:
+        FromLayer(train_from).match(new)
+        return train_from, []
+    except SelectorError:
+        pass
+    _, old = leaf_records(backend.records(model))
+    FromLayer(train_from).match(old)  # raises, naming the closest layers, when it is nowhere
+    old_paths = {i.path for i in old}
+    added = [i for i in new if i.path not in old_paths]
+    if not added:
+        raise SelectorError(f"no layer named {train_from!r} in the model with its new head")
+    return added[0].name, [
+        f"train_from {train_from!r} was in the replaced top: training from the new head's "
+        f"first layer, {added[0].name!r}"
+    ]
+
+
+def _refuse_identical_sweep(
+    backend: Any, model: Any, train_from: str | None, plans: Sequence[Strategy]
+) -> None:
+    """With no BN layer at or after `train_from`, the modes frozen, affine and train give
+    the same run: say so instead of sweeping them."""
+    from bnkit.policy import FromLayer
+    from bnkit.records import leaf_records
+
+    same = [p.name for p in plans if p.mode in (Mode.FROZEN, Mode.AFFINE, Mode.TRAIN)]
+    if train_from is None or len(same) < 2:
+        return
+    _, infos = leaf_records(backend.records(model))
+    if any(infos[i].is_bn for i in FromLayer(train_from).match(infos)):
+        return
+    raise BnkitError(
+        f"no BN layer is at or after {train_from!r}: every BN layer is frozen whatever the "
+        f"strategy, so {', '.join(same)} are the same run by construction; compare frozen "
+        "with adapt (which re-estimates the frozen statistics), or train from an earlier layer"
+    )
+
+
+def _labelled(data: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = load(data).arrays()
     if y is None:
         raise DataError(f"{what} has no labels: compare needs (x, y), an .npz with y, or a folder")
     if y.ndim == 2 and y.shape[1] > 1:
@@ -540,7 +616,22 @@ def _summarise(name: str, every: list[Run]) -> Summary:
     )
 
 
-def _verdict(summaries: Sequence[Summary], n_seeds: int) -> tuple[str, bool, str]:
+def sampling_error(p1: float, p2: float, n: int) -> float:
+    """Standard error of the difference of two accuracies measured on the same `n`
+    validation samples, as independent binomials (an upper bound for paired runs), with
+    the Laplace correction so that 0% and 100% keep their uncertainty.
+
+    Example:
+        >>> round(sampling_error(0.6, 0.5, 10), 2)
+        0.2
+    """
+    a, b = (p1 * n + 1) / (n + 2), (p2 * n + 1) / (n + 2)
+    return float(np.sqrt((a * (1 - a) + b * (1 - b)) / max(n, 1)))
+
+
+def _verdict(
+    summaries: Sequence[Summary], n_seeds: int, n_val: int
+) -> tuple[str, bool, str]:
     ranked = sorted(
         (s for s in summaries if s.diverged == 0 and np.isfinite(s.val_accuracy_mean)),
         key=lambda s: -s.val_accuracy_mean,
@@ -557,12 +648,13 @@ def _verdict(summaries: Sequence[Summary], n_seeds: int) -> tuple[str, bool, str
     if dropped:
         why = {s.strategy: "failed" if s.runs == 0 else "diverged" for s in summaries}
         note = "".join(f" ({d} left out: runs {why[d]})" for d in dropped)
-        best_s, decisive, verdict = _verdict(ranked, n_seeds)
+        best_s, decisive, verdict = _verdict(ranked, n_seeds, n_val)
         return best_s, decisive, verdict + note
     if len(ranked) == 1:
         return best.strategy, True, f"only one strategy: {best.strategy}"
     second = ranked[1]
     lead = best.val_accuracy_mean - second.val_accuracy_mean
+    sampling = 2 * sampling_error(best.val_accuracy_mean, second.val_accuracy_mean, n_val)
     if n_seeds < 2:
         return (
             best.strategy,
@@ -571,6 +663,14 @@ def _verdict(summaries: Sequence[Summary], n_seeds: int) -> tuple[str, bool, str
             "no measure of noise: run with more seeds before deciding",
         )
     spread = max(best.val_accuracy_std, second.val_accuracy_std)
+    if lead <= sampling:
+        return (
+            best.strategy,
+            False,
+            f"{best.strategy} leads {second.strategy} by {lead:.1%}, within the sampling "
+            f"error of {n_val} validation samples (± {sampling:.1%}, two standard errors): "
+            "no reliable difference; validate on more data",
+        )
     if lead <= spread:
         return (
             best.strategy,
@@ -583,5 +683,6 @@ def _verdict(summaries: Sequence[Summary], n_seeds: int) -> tuple[str, bool, str
         best.strategy,
         True,
         f"best: {best.strategy}, ahead of {second.strategy} by {lead:.1%}, more than the "
-        f"spread over {n_seeds} seeds (± {spread:.1%})",
+        f"spread over {n_seeds} seeds (± {spread:.1%}) and the sampling error of {n_val} "
+        f"validation samples (± {sampling:.1%})",
     )

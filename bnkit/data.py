@@ -3,6 +3,8 @@ batches, checked and scaled before any model sees them; and the embedded demo da
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -149,6 +151,22 @@ class Data:
         return replace(self, shard=(rank, world))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """The batches; a last batch of one sample joins the one before it (BN cannot take
+        a variance from one value per channel)."""
+        before: tuple[np.ndarray, np.ndarray | None] | None = None
+        last: tuple[np.ndarray, np.ndarray | None] | None = None
+        for batch in self._checked():
+            if before is not None:
+                yield before
+            before, last = last, batch
+        if before is not None and last is not None and len(last[0]) == 1:
+            yield _joined(before, last)
+            return
+        for rest in (before, last):
+            if rest is not None:
+                yield rest
+
+    def _checked(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         seen = 0
         for k, (x, y) in enumerate(_pairs(self.source, self.batch_size)):
             seen += 1
@@ -171,14 +189,40 @@ class Data:
                 check_labels_array(y, f"the labels of batch {k}")
                 y = np.asarray(y)
                 _check_labels(y, len(x), self.num_classes, k)
-            if str(self.scaling) != "none":  # a factor can overflow float32
-                x = self.scaling(x)
+            if str(self.scaling) != "none":  # a factor can overflow or underflow float32
+                _check_preprocess_channels(x, self.scaling, k)
+                raw, x = x, self.scaling(x)
                 _check_finite(x, k, scaled=True)
+                if _constant(x) and not _constant(raw):
+                    raise DataError(
+                        f"batch {k}: every value is {float(x.flat[0]):g} after scaling "
+                        f"({self.scaling}): the factor is too small for float32 and the data "
+                        "underflows; check --scale"
+                    )
             if swap:
                 x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
             yield x, y
         if seen == 0:
             raise DataError(f"{self.description} is empty: give at least one sample")
+
+    def with_classes(self, names: Sequence[str]) -> Data:
+        """This image folder with its labels given by class name in `names` (another
+        folder's classes: training's, for validation data), not by folder position.
+        DataError names a class folder that `names` lacks."""
+        names = tuple(names)
+        if not isinstance(self.source, _FolderSource) or self.class_names == names:
+            return self
+        have = {c for _, c in self.source.files}
+        unknown = [n for i, n in enumerate(self.class_names) if i in have and n not in names]
+        if unknown:
+            raise DataError(
+                f"{self.description}: class folders {', '.join(map(repr, unknown))} are not "
+                f"among the training classes ({', '.join(names)}); remove them or add them "
+                "to the training data"
+            )
+        index = {i: names.index(n) for i, n in enumerate(self.class_names) if n in names}
+        files = tuple((path, index[c]) for path, c in self.source.files)
+        return replace(self, source=replace(self.source, files=files), class_names=names)
 
     def inputs(self, max_batches: int | None = None) -> Iterator[np.ndarray]:
         """The input batches alone, at most `max_batches` of them."""
@@ -196,6 +240,33 @@ class Data:
                 ys.append(y)
         y_all = np.concatenate(ys) if len(ys) == len(xs) else None
         return np.concatenate(xs), y_all
+
+
+def _joined(
+    a: tuple[np.ndarray, np.ndarray | None], b: tuple[np.ndarray, np.ndarray | None]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    y = None if a[1] is None or b[1] is None else np.concatenate([a[1], b[1]])
+    return np.concatenate([a[0], b[0]]), y
+
+
+class _Replay:
+    """A one-shot iterator (a generator of batches) made re-iterable: the first pass keeps
+    the batches it reads, later passes replay them (bnkit's `tta` and `compare` read the
+    data more than once; the batches are held in memory)."""
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self._source = source
+        self._seen: list[Any] = []
+        self._done = False
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from list(self._seen)
+        if self._done:
+            return
+        for batch in self._source:
+            self._seen.append(batch)
+            yield batch
+        self._done = True
 
 
 def load(
@@ -233,12 +304,17 @@ def load(
         DataError: naming the file or batch and what is wrong.
 
     Example:
-        >>> d = load(np.zeros((5, 8, 8, 1)), batch_size=2, scale="1/255")
-        >>> [x.shape[0] for x, _ in d]
-        [2, 2, 1]
+        >>> d = load(np.zeros((7, 8, 8, 1)), batch_size=3, scale="1/255")
+        >>> [x.shape[0] for x, _ in d]  # a last batch of one sample joins the one before
+        [3, 4]
     """
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if image_size is not None:
+        h, w = image_size
+        check_fits_memory(
+            (batch_size, h, w, 4), f"a batch of {batch_size} images of {h}x{w} (image_size)"
+        )
     common: dict[str, Any] = {
         "batch_size": batch_size,
         "scaling": parse_scaling(scale, preprocess),
@@ -271,12 +347,44 @@ def load(
     if _is_sample_dataset(source):
         return Data(_Samples(source), description=type(source).__name__, size=len(source), **common)
     if _is_pydataset(source) or isinstance(source, Iterable):
-        return Data(source, description=type(source).__name__, **common)
+        description = type(source).__name__
+        if isinstance(source, Iterator):
+            source = _Replay(source)
+        return Data(source, description=description, **common)
     raise DataError(
         f"cannot read data of type {type(source).__name__}: give a folder, an .npz file, "
         "an array, a tf.data.Dataset, a PyDataset, a torch Dataset or DataLoader, or an "
         "iterable of batches"
     )
+
+
+MEMORY_SHARE = 0.5
+"""The largest share of this machine's memory one batch of float32 inputs may take."""
+
+
+def check_fits_memory(shape: Sequence[int], what: str) -> None:
+    """Raises DataError when a float32 array of `shape` (one batch) would take more than
+    MEMORY_SHARE of this machine's memory, before anything is allocated."""
+    import os
+
+    need = 4 * float(np.prod([float(d) for d in shape]))
+    try:
+        have = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > MEMORY_SHARE * have:
+        raise DataError(
+            f"{what} takes {_bytes(need)} as float32, more than half of this machine's "
+            f"memory ({_bytes(have)}); give a smaller size"
+        )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
 
 
 def _is_tensor(obj: Any) -> bool:
@@ -316,8 +424,8 @@ def batches(
     """Yields float32 input batches from any source `load` reads, checked for NaN and inf.
 
     Example:
-        >>> [b.shape for b in batches(np.zeros((5, 2)), batch_size=2)]
-        [(2, 2), (2, 2), (1, 2)]
+        >>> [b.shape for b in batches(np.zeros((6, 2)), batch_size=4)]
+        [(4, 2), (2, 2)]
     """
     return load(data, batch_size=batch_size).inputs(max_batches)
 
@@ -430,6 +538,23 @@ def _num_batches(source: Any) -> int:
     return int(n)
 
 
+def _constant(x: np.ndarray) -> bool:
+    return x.size > 1 and bool(np.all(x == x.flat[0]))
+
+
+def _check_preprocess_channels(x: np.ndarray, scaling: Scaling, k: int) -> None:
+    """`torch` and `caffe` preprocessing work on RGB channels: refuse other counts."""
+    if scaling.mode not in ("torch", "caffe"):
+        return
+    channels = x.shape[-1] if x.ndim == 4 else None
+    if channels != 3:
+        got = f"{channels} channels" if channels is not None else f"shape {tuple(x.shape)}"
+        raise DataError(
+            f"batch {k}: preprocess {scaling.mode!r} normalises 3-channel RGB images, these "
+            f"have {got}; convert them with --channels 3 (channels=3)"
+        )
+
+
 def _check_finite(x: np.ndarray, k: int, scaled: bool = False) -> None:
     finite = np.isfinite(x)
     if finite.all():
@@ -509,15 +634,40 @@ class _FolderSource:
         from PIL import Image
 
         try:
-            with Image.open(path) as opened:
+            with _bounded_images(), Image.open(path) as opened:
                 img = opened.convert("L" if self.channels == 1 else "RGB")
             if self.image_size is not None:
                 h, w = self.image_size
                 img = img.resize((w, h), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32)
-        except (OSError, ValueError) as err:
+        except (
+            OSError,
+            ValueError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as err:
             raise DataError(f"{path}: cannot read this image ({err}); remove it") from None
         return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _is_regular(path: Path) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _bounded_images() -> Iterator[None]:
+    """Pillow's decompression-bomb warning (an image claiming more than 89 million pixels)
+    as an error: such a file is refused, not decoded."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 def _image_folder(root: Path, common: dict[str, Any]) -> Data:
@@ -574,10 +724,21 @@ def _scan(classes: list[Path]) -> tuple[list[tuple[Path, int]], list[Path], dict
         for path in sorted(folder.rglob("*")):
             if path.is_dir() or path.name.startswith("."):
                 continue
+            if not _is_regular(path):  # a pipe or device would block the read for ever
+                raise DataError(
+                    f"{path}: is not a regular file (a named pipe, socket or device); "
+                    "move it out of the image folder"
+                )
             try:
-                with Image.open(path) as img:
+                with _bounded_images(), Image.open(path) as img:
                     mode = img.mode
-            except (OSError, UnidentifiedImageError, ValueError):
+            except (
+                OSError,
+                UnidentifiedImageError,
+                ValueError,
+                Image.DecompressionBombError,
+                Image.DecompressionBombWarning,
+            ):
                 bad.append(path)
                 continue
             c = bands.get(mode, 3)
@@ -589,16 +750,37 @@ def _scan(classes: list[Path]) -> tuple[list[tuple[Path, int]], list[Path], dict
 # ---------------------------------------------------------------------- .npz
 
 
-def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """Reads `x` (and `y` if present) from an `.npz` file, checking it is usable.
+def check_source(path: Any) -> Path:
+    """What can be checked of a data path before a framework starts (the command line runs
+    it first): an existing regular file or folder; a folder with class sub-folders; an
+    `.npz` that is a zip holding `x`. Raises DataError."""
+    from bnkit.files import check_input
 
-    Raises DataError naming the file and what is wrong.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file; check the path")
+    path = check_input(Path(path), "data file or folder", DataError)
     if path.is_dir():
-        raise DataError(f"{path}: is a directory without class folders; give an .npz file")
+        entries = list(path.iterdir())
+        if not entries:
+            raise DataError(
+                f"{path}: the directory is empty; put images in one sub-folder per class"
+            )
+        if not any(p.is_dir() and not p.name.startswith(".") for p in entries):
+            raise DataError(
+                f"{path}: no class folders; put images in one sub-folder per class "
+                f"({path}/cat/1.jpg, {path}/dog/2.jpg), or give an .npz file"
+            )
+        return path
+    _check_npz_file(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n.removesuffix(".npy") for n in z.namelist()]
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    if "x" not in names:
+        raise DataError(f"{path}: no array named 'x' (found: {', '.join(names) or 'none'})")
+    return path
+
+
+def _check_npz_file(path: Path) -> None:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty (0 bytes); give an .npz file with x")
     if not zipfile.is_zipfile(path):
@@ -606,6 +788,20 @@ def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
             f"{path}: not a readable .npz file (not a zip archive; truncated or another "
             "format): write it with numpy.savez(path, x=..., y=...)"
         )
+
+
+def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads `x` (and `y` if present) from an `.npz` file, checking it is usable.
+
+    Raises DataError naming the file and what is wrong.
+    """
+    from bnkit.files import check_input
+
+    path = Path(path)
+    check_input(path, "data file", DataError)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory without class folders; give an .npz file")
+    _check_npz_file(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -629,6 +825,11 @@ def check_array(x: Any, what: str) -> None:
         raise DataError(f"{what} is a single value, not an array of samples")
     if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
         raise DataError(f"{what} holds {x.dtype} values, not numbers: give numeric arrays")
+    if np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(
+            f"{what} holds complex numbers ({x.dtype}): give real values (x.real or abs(x), "
+            "as your model expects)"
+        )
     if len(x) == 0:
         raise DataError(f"{what} is empty: give at least one sample")
 
@@ -638,7 +839,9 @@ def check_labels_array(y: Any, what: str) -> None:
     y = np.asarray(y)
     if y.ndim == 0:
         raise DataError(f"{what} is a single value, not one label per sample")
-    if not (np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.bool_)):
+    if not (np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.bool_)) or (
+        np.issubdtype(y.dtype, np.complexfloating)
+    ):
         raise DataError(
             f"{what} holds {y.dtype} labels: give class indices 0..N-1 (map names to numbers)"
         )

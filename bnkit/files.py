@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -66,9 +67,40 @@ def _resolve(path: Path) -> Path:
         raise BnkitError(f"{path}: cannot resolve this path ({err}); give another") from None
 
 
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IMMUTABLE_FL = 0x10
+_FS_APPEND_FL = 0x20
+
+
+def _fs_flags(path: Path) -> int:
+    """The file system's inode flags of `path` (`chattr`'s immutable and append-only), or 0
+    where the file system cannot tell."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return 0
+    try:
+        buf = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 8)
+        return int.from_bytes(buf[:4], "little")
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
 def check_writable(folder: Path) -> None:
-    """Raises BnkitError unless a file can be created in `folder` (tried for real: an
-    immutable folder or a read-only file system refuses even root)."""
+    """Raises BnkitError unless bnkit can create, rename and remove a file in `folder`
+    (an immutable or append-only folder or a read-only file system refuses even root).
+    Leaves nothing behind."""
+    flags = _fs_flags(folder)
+    if flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+        kind = "immutable" if flags & _FS_IMMUTABLE_FL else "append-only"
+        raise BnkitError(
+            f"{folder}: the folder is {kind} (chattr), so bnkit cannot put an output there; "
+            "choose another output folder"
+        )
     try:
         fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
     except OSError as err:
@@ -76,7 +108,13 @@ def check_writable(folder: Path) -> None:
             f"{folder}: cannot write here ({err.strerror or err}); choose another output folder"
         ) from None
     os.close(fd)
-    os.unlink(tmp)
+    try:
+        os.unlink(tmp)
+    except OSError as err:
+        raise BnkitError(
+            f"{folder}: can create files but not remove them ({err.strerror or err}; "
+            f"bnkit left {Path(tmp).name} there); choose another output folder"
+        ) from None
 
 
 def _check_name(out: Path) -> None:
@@ -91,28 +129,101 @@ def _check_name(out: Path) -> None:
         )
 
 
-def same_kind(path: Path, suffix: str) -> bool:
+JSON_KINDS = {
+    "plan": ("policy", "layers", "bn_modes"),
+    "tta": ("method", "settings", "batches"),
+}
+"""The keys of each JSON document bnkit writes: a `.json` file is bnkit's only if it holds
+them all."""
+_TORCH_PICKLE = "/data.pkl"
+"""The member every `torch.save` zip archive holds."""
+
+
+def same_kind(path: Path, suffix: str, json_kind: str | None = None) -> bool:
     """True when the existing file at `path` is what bnkit writes with `suffix` (so that
-    replacing it cannot destroy anything else)."""
-    if path.suffix != suffix or not path.is_file():
+    replacing it cannot destroy anything else): a `.keras`, `.npz` or `.pt2` zip, a PNG, a
+    `torch.save` archive for `.pt`, an ONNX model, or for `.json` a document of
+    `json_kind` (see JSON_KINDS)."""
+    if not path.name.endswith(suffix) or not _is_regular(path):
         return False
     try:
-        head = path.read_bytes()[:8]
+        with path.open("rb") as f:
+            head = f.read(8)
     except OSError:
         return False
     if suffix in (".keras", ".npz", ".pt2"):
         return zipfile.is_zipfile(path)
+    if suffix == ".pt":
+        return _is_torch_archive(path)
     if suffix == ".png":
         return head == _PNG_MAGIC
-    return True
+    if suffix.endswith(".json"):
+        return _is_json_kind(path, json_kind)
+    if suffix == ".onnx":
+        return head[:1] == b"\x08"  # a ModelProto starts with its ir_version field
+    return False
+
+
+def _is_torch_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith(_TORCH_PICKLE) for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _is_json_kind(path: Path, kind: str | None) -> bool:
+    if kind is None or path.stat().st_size > 256 * 2**20:
+        return False
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and all(k in doc for k in JSON_KINDS[kind])
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def check_input(path: Path, what: str = "file", error: type[BnkitError] = BnkitError) -> Path:
+    """Raises `error` unless `path` is an existing regular file or folder: a named pipe,
+    socket or device would block bnkit or never end."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such file or folder ({what}); check the path") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read this {what} ({err.strerror or err})") from None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return path
+    kind = (
+        "a named pipe"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    raise error(f"{path}: is {kind}, not a {what} bnkit can read; give a regular file")
 
 
 def check_output(
-    out: Path, *inputs: Path, suffix: str | None = None, overwrite: bool = False
+    out: Path,
+    *inputs: Path,
+    suffix: str | None = None,
+    overwrite: bool = False,
+    json_kind: str | None = None,
 ) -> Path:
     """Refuses an output path that is an input, a directory, in a missing or unwritable
     directory, too long, or an existing file (unless `overwrite`, and then only a file of
-    the same kind)."""
+    the kind bnkit writes there: see `same_kind`)."""
     target = _resolve(out)
     for inp in inputs:
         if _exists(inp) and target == _resolve(inp):
@@ -120,24 +231,39 @@ def check_output(
                 f"{out}: output is the input file; bnkit never overwrites its input, "
                 "choose another -o path"
             )
-    if suffix is not None and out.suffix != suffix:
+    if suffix is not None and not out.name.endswith(suffix):
         raise BnkitError(f"{out}: output must end in '{suffix}'")
     _check_name(out)
     if _is_dir(out):
         raise BnkitError(f"{out}: is a directory; give a file name for -o")
-    if not _is_dir(out.parent):
-        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
-    check_writable(out.parent)
+    _check_parent(out)
     if _exists(out):
         kind = suffix or out.suffix
         if not overwrite:
             raise BnkitError(f"{out}: exists; pass --overwrite to replace it, or choose another")
-        if not same_kind(out, kind):
+        if not same_kind(out, kind, json_kind):
             raise BnkitError(
                 f"{out}: exists and is not a '{kind}' file bnkit writes; bnkit will not replace "
                 "it, choose another name"
             )
+        if _fs_flags(out) & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+            raise BnkitError(f"{out}: exists and is immutable (chattr); bnkit cannot replace it")
     return out
+
+
+def _check_parent(out: Path) -> None:
+    """The folder an output goes into exists, is a folder, and takes new files."""
+    parent = out.parent
+    if not _is_dir(parent):
+        above = next((p for p in parent.parents if _exists(p)), None)
+        if _exists(parent) or (above is not None and not _is_dir(above)):
+            blocker = parent if _exists(parent) else above
+            raise BnkitError(
+                f"{blocker}: is a file, not a folder, so {out} cannot be written; "
+                "choose another output path"
+            )
+        raise BnkitError(f"{parent}: output directory does not exist; create it first")
+    check_writable(parent)
 
 
 def check_out_dir(out_dir: Path, names: Sequence[str], *inputs: Path) -> Path:
@@ -189,23 +315,39 @@ def _publish_mode(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(out: Path) -> Iterator[Path]:
-    """Yields a temporary path beside `out`; moves it onto `out` only if the block succeeds."""
+    """Yields a temporary path beside `out`; moves it onto `out` only if the block succeeds.
+    A file system refusal while writing (a full disk) is reported naming `out`."""
     tmp_path = _fresh(out.parent, out.suffix)
     try:
-        yield tmp_path
-        _publish_mode(tmp_path)
-        os.replace(tmp_path, out)
+        with _naming(out):
+            yield tmp_path
+            _publish_mode(tmp_path)
+            os.replace(tmp_path, out)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _naming(out: Path) -> Iterator[None]:
+    """OSError without a file name (ENOSPC, EDQUOT, EIO from a write) as BnkitError naming
+    the output being written."""
+    try:
+        yield
+    except OSError as err:
+        name = Path(str(err.filename)).name if err.filename else None
+        if name is not None and not name.startswith(_TEMP_PREFIX) and name != out.name:
+            raise
+        raise BnkitError(
+            f"{out}: could not be written ({err.strerror or err}); nothing was written there, "
+            "free some space or choose another folder"
+        ) from None
 
 
 def check_dir_output(out: Path, *, kind: str, overwrite: bool = False) -> Path:
     """Refuses a folder output (a SavedModel, say) in a missing or unwritable parent, or
     that exists, unless `overwrite` and bnkit's marker says it is an output of `kind`."""
     _check_name(out)
-    if not _is_dir(out.parent):
-        raise BnkitError(f"{out.parent}: output directory does not exist; create it first")
-    check_writable(out.parent)
+    _check_parent(out)
     if not _exists(out):
         return out
     if not _is_dir(out):
@@ -281,15 +423,21 @@ def atomic_files(out_dir: Path, names: Sequence[str]) -> Iterator[dict[str, Path
     shutil.rmtree(staged, ignore_errors=True)
 
 
-def save_model(model: Any, out: Path) -> None:
+def save_model(model: Any, out: Path, sidecars: dict[Path, str] | None = None) -> None:
     """Saves `model` to `out` atomically with its backend, after checking that every
-    weight and statistic is finite (bnkit never writes a model holding NaN or inf)."""
+    weight and statistic is finite (bnkit never writes a model holding NaN or inf).
+    `sidecars` (path: text, such as a plan beside a state_dict) are written with it: all
+    of them are in place, or none."""
     from bnkit.backends import get_backend
 
     backend = get_backend(model)
     check_finite_model(backend, model)
-    with atomic_path(out) as tmp:
-        backend.save(model, tmp)
+    with contextlib.ExitStack() as stack:
+        staged = {path: stack.enter_context(atomic_path(path)) for path in sidecars or {}}
+        for path, text in (sidecars or {}).items():
+            staged[path].write_text(text)
+        with atomic_path(out) as tmp:
+            backend.save(model, tmp)
 
 
 def check_finite_model(backend: Any, model: Any) -> None:

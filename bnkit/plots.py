@@ -35,7 +35,7 @@ def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
     Example:
         >>> import keras, numpy as np, bnkit, tempfile, pathlib
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
-        >>> r = bnkit.shift(m, np.ones((8, 4), "float32"))
+        >>> r = bnkit.shift(m, np.random.default_rng(0).normal(size=(8, 4)).astype("float32"))
         >>> shift_plot(r, pathlib.Path(tempfile.mkdtemp()) / "s.png").stat().st_size > 0
         True
     """

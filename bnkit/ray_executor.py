@@ -31,6 +31,32 @@ def ray_module() -> Any:
     return ray
 
 
+CONNECT_SECONDS = 10.0
+"""How long to try reaching a Ray cluster's address before saying it is unreachable (Ray
+itself retries for ever)."""
+
+
+def check_address(address: str | None) -> None:
+    """Raises BnkitError, in one line, unless a Ray cluster's `address` (HOST:PORT or
+    ray://HOST:PORT; None and `auto` are not checked) accepts a connection."""
+    import socket
+
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BnkitError(
+            f"--address {address!r}: give the cluster's HOST:PORT, ray://HOST:10001, or auto"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        raise BnkitError(
+            f"cannot reach Ray at {address} ({err.strerror or err or 'timed out'}); start the "
+            "cluster (ray start --head) or check the address"
+        ) from None
+
+
 def ray_runs(
     trainer: Any,
     model: Any,
@@ -46,10 +72,14 @@ def ray_runs(
     ray = ray_module()
     started = not ray.is_initialized()
     if started:
+        check_address(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR",
                      runtime_env=_runtime_env(trainer) if address is None else None)  # fmt: skip
+        except KeyboardInterrupt:  # Ctrl-C while Ray starts: stop what it started
+            ray.shutdown()
+            raise
         except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError
             where = f"at {address}" if address else "locally"
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

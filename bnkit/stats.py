@@ -45,6 +45,18 @@ class Moments:
         return {"mean": self.mean, "var": self.m2 / self.n}
 
 
+def _on_path(moments: dict[str, Moments]) -> tuple[list[str], tuple[str, ...]]:
+    """The BN layers that saw data, and those that did not: not on the inference path
+    (the auxiliary classifiers of GoogLeNet and Inception v3 run in training only)."""
+    seen = [p for p, m in moments.items() if m.n > 0]
+    if not seen:
+        raise BnkitError(
+            "no selected BN layer saw data in an inference pass: they are not on the "
+            "model's inference path"
+        )
+    return seen, tuple(p for p, m in moments.items() if m.n == 0)
+
+
 @dataclass(frozen=True)
 class LayerAdapt:
     """One BN layer before and after re-estimation."""
@@ -64,6 +76,9 @@ class AdaptReport:
     layers: tuple[LayerAdapt, ...]
     batches: int
     samples: int
+    off_path: tuple[str, ...] = ()
+    """BN layers that no inference pass reaches (kept unchanged): auxiliary classifiers
+    that run in training only."""
 
     def to_json(self) -> str:
         """The report as a JSON document."""
@@ -72,6 +87,7 @@ class AdaptReport:
                 "batches": self.batches,
                 "samples": self.samples,
                 "layers": [asdict(x) for x in self.layers],
+                "off_path": list(self.off_path),
             },
             indent=2,
         )
@@ -81,7 +97,19 @@ class AdaptReport:
         return (
             f"re-estimated {len(self.layers)} BN layers on {self.samples} samples "
             f"({self.batches} batches); largest mean change {worst.mean_change:.3g} in {worst.path}"
+            + off_path_note(self.off_path)
         )
+
+
+def off_path_note(paths: tuple[str, ...]) -> str:
+    """A sentence naming the BN layers no inference pass reached, or ''."""
+    if not paths:
+        return ""
+    names = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return (
+        f"; {len(paths)} BN layers are not on the inference path and were left as they "
+        f"are ({names})"
+    )
 
 
 def adapt(
@@ -128,10 +156,12 @@ def adapt(
         backend, model, paths, data, "batch", batch_size, max_batches, on_batch
     )
     before = backend.snapshot(model).stats
-    new = {p: moments[p].result() for p in paths}
+    seen, off_path = _on_path(moments)
+    new = {p: moments[p].result() for p in seen}
     _check_finite_stats(new)
     backend.set_bn_stats(model, new)
-    return AdaptReport(tuple(_summary(p, before[p], new[p]) for p in paths), n_batches, n_samples)
+    layers = tuple(_summary(p, before[p], new[p]) for p in seen)
+    return AdaptReport(layers, n_batches, n_samples, off_path)
 
 
 class OnlineAdapt:
@@ -148,7 +178,8 @@ class OnlineAdapt:
         with self._backend.moments_pass(self._model, self._paths, normalize="batch") as run:
             for path, (mean, var, n) in run(x).items():
                 self._moments[path].add(mean, var, n)
-        new = {p: self._moments[p].result() for p in self._paths}
+        seen, _ = _on_path(self._moments)
+        new = {p: self._moments[p].result() for p in seen}
         _check_finite_stats(new)
         self._backend.set_bn_stats(self._model, new)
 
@@ -196,16 +227,26 @@ def _collect(
     expected = backend.input_shape(model)
     moments = {p: Moments() for p in paths}
     n_batches = n_samples = 0
+    first: float | None = None
+    varied = False
     with backend.moments_pass(model, paths, normalize=normalize) as run:
         for x in source.inputs(max_batches):
             if expected is not None and n_batches == 0:
                 check_input_shape(x, expected, source.description, backend.layout == CHANNELS_FIRST)
+            first = float(x.flat[0]) if first is None else first
+            varied = varied or bool(np.any(x != first))
             for path, (mean, var, n) in run(x).items():
                 moments[path].add(mean, var, n)
             n_batches += 1
             n_samples += len(x)
             if on_batch is not None:
                 on_batch(n_batches)
+    if not varied and n_samples > 1:
+        raise DataError(
+            f"every input value in {source.description} is {first:g}: such data has no "
+            "statistics to estimate or compare (blank images, or a scale that underflows); "
+            "check the data and --scale"
+        )
     collective = backend.collective()
     if collective is not None:
         return _combine(collective, backend, model, paths, moments, n_batches, n_samples)
@@ -304,6 +345,8 @@ class ShiftReport:
     recommendation: str
     """`frozen` (keep BN frozen), `adapt` (re-estimate statistics, no labels needed) or
     `labels` (re-estimate now; collect labels and run `compare` to pick the BN mode)."""
+    off_path: tuple[str, ...] = ()
+    """BN layers that no inference pass reaches (not measured)."""
 
     @property
     def advice(self) -> str:
@@ -333,6 +376,7 @@ class ShiftReport:
                     "labels": LABELS_THRESHOLD,
                 },
                 "layers": [asdict(x) for x in self.layers],
+                "off_path": list(self.off_path),
             },
             indent=2,
         )
@@ -364,6 +408,7 @@ class ShiftReport:
         return (
             f"model shift {self.score:.3f} nats over {len(self.layers)} BN layers "
             f"(worst {w.path}: {w.kl_mean:.3f}); {self.advice}"
+            + off_path_note(self.off_path).replace("were left as they are", "were not measured")
         )
 
 
@@ -421,11 +466,12 @@ def shift(
         backend, model, paths, data, "running", batch_size, max_batches, on_batch
     )
     stored = backend.snapshot(model).stats
-    measured = {p: moments[p].result() for p in paths}
+    seen, off_path = _on_path(moments)
+    measured = {p: moments[p].result() for p in seen}
     _check_finite_stats(measured)
-    layers = tuple(_layer_shift(p, k, measured[p], stored[p]) for k, p in enumerate(paths))
+    layers = tuple(_layer_shift(p, k, measured[p], stored[p]) for k, p in enumerate(seen))
     score = float(np.mean([x.kl_mean for x in layers]))
-    return ShiftReport(layers, n_samples, n_batches, score, recommend(score))
+    return ShiftReport(layers, n_samples, n_batches, score, recommend(score), off_path)
 
 
 def recommend(score: float) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -24,8 +25,8 @@ import numpy as np
 from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DataError, load
-from bnkit.errors import BnkitError
-from bnkit.stats import Moments, OnlineAdapt
+from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.stats import Moments, OnlineAdapt, adapt, off_path_note
 
 METHODS = ("none", "adapt", "tent")
 OPTIMIZERS = ("adam", "sgd")
@@ -81,6 +82,14 @@ class TTAReport:
     """over every prediction, where labels were given."""
     seconds: float
     settings: dict[str, Any]
+    off_path: tuple[str, ...] = ()
+    """BN layers that no inference pass reaches (their statistics kept as they were)."""
+
+    @property
+    def too_small(self) -> list[int]:
+        """Indices of the batches TENT could not adapt on: fewer samples than
+        `min_batch_size` (predicted as the model stood)."""
+        return [b.index for b in self.batches if not b.adapted and b.held is None]
 
     @property
     def resets(self) -> list[tuple[int, str]]:
@@ -103,6 +112,8 @@ class TTAReport:
                 "settings": self.settings,
                 "resets": [{"batch": i, "reason": r} for i, r in self.resets],
                 "held": self.held,
+                "too_small": self.too_small if self.method == "tent" else [],
+                "off_path": list(self.off_path),
                 "batches": [asdict(b) for b in self.batches],
             },
             indent=2,
@@ -117,7 +128,13 @@ class TTAReport:
         held = self.held
         if held:
             text += f"; {len(held)} label-shifted batch(es) held out of TENT, first {held[0]}"
-        return text
+        small = self.too_small if self.method == "tent" else []
+        if small:
+            text += (
+                f"; {len(small)} batch(es) smaller than {self.settings['min_batch_size']} "
+                "predicted without adapting"
+            )
+        return text + off_path_note(self.off_path)
 
 
 def tta(
@@ -209,20 +226,45 @@ def tta(
     }  # fmt: skip
     t0 = time.perf_counter()
     adapter = backend.test_time()
+    off_path: tuple[str, ...] = ()
     if method == "adapt":
-        from bnkit.stats import adapt
-
-        adapt(model, stream)
+        off_path = adapt(model, stream).off_path
     if method == "tent":
         backend.unfreeze(model)  # pinned BN would ignore batch statistics
         adapter.prepare(model, lr, optimizer)
         start = adapter.save_state(model)
         records = _tent(adapter, model, start, stream, steps, episodic, guard,
                         min_batch_size, window, on_batch)  # fmt: skip
-        _settle(adapter, model, start, stream, records, guard)
+        _refuse_unadapted(adapter, model, start, records, min_batch_size)
+        off_path = _settle(adapter, model, start, stream, records, guard)
     else:
         records = _predict_only(adapter, model, stream, on_batch)
-    return _report(method, records, time.perf_counter() - t0, settings)
+    report = _report(method, records, time.perf_counter() - t0, settings)
+    return replace(report, off_path=off_path)
+
+
+def _refuse_unadapted(
+    adapter: Any, model: Any, start: Any, records: list[_Scored], min_batch: int
+) -> None:
+    """TENT that could adapt on no batch (all smaller than the minimum) is an error, the
+    model put back as it was; on some of them, a warning with their count."""
+    small = [s.record for s in records if not s.record.adapted and s.record.held is None]
+    if not small:
+        return
+    if len(small) == len(records):
+        adapter.restore_state(model, start)
+        raise BnkitError(
+            f"TENT adapted on no batch: all {len(records)} batches of the stream hold fewer "
+            f"than {min_batch} samples (the largest {max(r.size for r in small)}), too few "
+            "for BN statistics; give larger batches (--batch-size), or use method 'adapt'; "
+            "the model was not changed"
+        )
+    warnings.warn(
+        f"{len(small)} of {len(records)} batches hold fewer than {min_batch} samples and were "
+        "predicted without adapting",
+        BnkitWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass(frozen=True)
@@ -257,21 +299,21 @@ def _predict_only(
 
 def _settle(
     adapter: Any, model: Any, start: Any, stream: Any, records: list[_Scored], guard: bool
-) -> None:
+) -> tuple[str, ...]:
     """Re-estimates the statistics on the stream for inference; with `guard`, weights whose
-    statistics overflow go back to the start first (the last batch records it)."""
-    from bnkit.stats import adapt
-
+    statistics overflow go back to the start first (the last batch records it). Returns
+    the BN layers off the inference path."""
     try:
-        adapt(model, stream)
+        return adapt(model, stream).off_path
     except DataError:
         if not guard:
             raise
         adapter.restore_state(model, start)
-        adapt(model, stream)
+        off_path = adapt(model, stream).off_path
         last = records[-1]
         reason = "non-finite statistics: the adapted weights overflow float32"
         last.record = replace(last.record, reset=last.record.reset or reason)
+        return off_path
 
 
 def _tent(

@@ -111,23 +111,39 @@ def test_compare_a_spec_writes_results_and_the_model_is_untouched(capsys, spec, 
     assert code == 2 and "lbfgs" in err
 
 
-def test_tta_writes_the_adapted_model_a_report_and_a_plot(capsys, spec, images, tmp_path):
+def test_tta_writes_the_adapted_model_a_report_and_a_plot(capsys, spec, tmp_path):
+    stream = tmp_path / "stream.npz"
+    rng = np.random.default_rng(0)
+    np.savez(stream, x=rng.normal(2.0, 3.0, size=(40, 3, 6, 6)).astype("float32"),
+             y=rng.integers(0, 3, size=40))  # fmt: skip
     out, report, plot = tmp_path / "tent.pt", tmp_path / "tta.json", tmp_path / "tta.png"
-    before = digest(images)
-    code, text, err = run(capsys, "tta", spec, str(images), "--method", "tent", "-o", str(out),
+    before = digest(stream)
+    code, text, err = run(capsys, "tta", spec, str(stream), "--method", "tent", "-o", str(out),
                           "--report", str(report), "--plot", str(plot), "--batch-size", "16",
                           "--lr", "0.01")  # fmt: skip
     assert code == 0, err
-    assert "tent: 12 samples in 1 batches, accuracy" in text
+    assert "tent: 40 samples in 3 batches, accuracy" in text
+    assert "1 batch(es) smaller than 16 predicted without adapting" in text
     doc = json.loads(report.read_text())
-    assert doc["method"] == "tent" and doc["batches"][0]["size"] == 12
-    assert not doc["batches"][0]["adapted"]  # 12 < 16: predicted, not adapted on
-    assert plot.read_bytes()[:4] == b"\x89PNG" and digest(images) == before
+    assert doc["method"] == "tent" and [b["size"] for b in doc["batches"]] == [16, 16, 8]
+    assert [b["adapted"] for b in doc["batches"]] == [True, True, False]
+    assert doc["too_small"] == [2] and "bnkit: warning: 1 of 3 batches" in err
+    assert plot.read_bytes()[:4] == b"\x89PNG" and digest(stream) == before
     model = net()
     model.load_state_dict(torch.load(out, weights_only=True))
-    code, _, err = run(capsys, "tta", spec, str(images), "--batch-size", "4")
+    code, _, err = run(capsys, "tta", spec, str(stream), "--batch-size", "4")
     assert code == 2 and "at least 16 (got 4)" in err and "--method adapt" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_tent_on_a_stream_of_batches_too_small_is_an_error_and_writes_nothing(
+    capsys, spec, images, tmp_path
+):
+    out = tmp_path / "tent.pt"
+    code, _, err = run(capsys, "tta", spec, str(images), "--method", "tent", "-o", str(out),
+                       "--batch-size", "16")  # fmt: skip
+    assert code == 2 and "TENT adapted on no batch" in err and "12" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
@@ -157,7 +173,7 @@ def test_export_without_an_input_shape_says_what_to_give(capsys, spec, tmp_path)
         ("{py}:build", ["--args", '{{"classes": 5}}', "--weights", "{weights}"], "do not fit"),
         ("{py}:build", ["--weights", "{pickled}"], "never unpickles"),
         ("{py}:build", ["--weights", "{corrupt}"], "cannot read this weights file"),
-        ("{py}:build", ["--weights", "{dir}/nothing.pt"], "no such weights file"),
+        ("{py}:build", ["--weights", "{dir}/nothing.pt"], "no such file"),
         ("{keras}", ["--weights", "{weights}"], "for PyTorch model specs"),
     ],
     ids=[

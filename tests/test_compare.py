@@ -12,7 +12,7 @@ from conftest import CLASSES, INPUT, build_transfer
 
 import bnkit
 from bnkit.backends.keras import train as keras_train
-from bnkit.compare import Summary, _verdict
+from bnkit.compare import Summary, _verdict, sampling_error
 from bnkit.data import DataError
 
 
@@ -160,21 +160,39 @@ def test_verdict_is_honest_about_the_spread():
     def s(name, mean, std):
         return Summary(name, mean, std, 1.0, 0.1, 3, 0)
 
-    best, decisive, text = _verdict([s("a", 0.80, 0.03), s("b", 0.78, 0.02)], 3)
+    best, decisive, text = _verdict([s("a", 0.80, 0.03), s("b", 0.78, 0.02)], 3, 100_000)
     assert best == "a" and not decisive and "within the spread" in text
-    best, decisive, text = _verdict([s("a", 0.70, 0.01), s("b", 0.80, 0.02)], 3)
+    best, decisive, text = _verdict([s("a", 0.70, 0.01), s("b", 0.80, 0.02)], 3, 1000)
     assert best == "b" and decisive and "ahead of a by 10.0%" in text
-    _, decisive, text = _verdict([s("a", 0.9, 0.0), s("b", 0.5, 0.0)], 1)
+    assert "sampling error of 1000 validation samples (± 4.2%)" in text
+    _, decisive, text = _verdict([s("a", 0.9, 0.0), s("b", 0.5, 0.0)], 1, 1000)
     assert not decisive and "one seed" in text
+
+
+def test_verdict_accounts_for_the_validation_set_size():
+    def s(name, mean):
+        return Summary(name, mean, 0.0, 1.0, 0.1, 3, 0)
+
+    # ten images: a 10-point lead is one image, whatever the (zero) spread over seeds says
+    best, decisive, text = _verdict([s("a", 0.6), s("b", 0.5)], 3, 10)
+    assert best == "a" and not decisive
+    assert "within the sampling error of 10 validation samples" in text
+    # the same lead on 2,000 images is beyond the sampling error
+    _, decisive, _ = _verdict([s("a", 0.6), s("b", 0.5)], 3, 2000)
+    assert decisive
+    # the sampling error is the binomial one: simulated pairs of accuracies on n images
+    rng = np.random.default_rng(0)
+    diffs = rng.binomial(400, 0.7, 20_000) / 400 - rng.binomial(400, 0.6, 20_000) / 400
+    assert sampling_error(0.7, 0.6, 400) == pytest.approx(diffs.std(), rel=0.05)
 
 
 def test_a_strategy_with_diverged_runs_is_never_best():
     def s(name, mean, diverged):
         return Summary(name, mean, 0.01, 1.0, 0.1, 3, diverged)
 
-    best, _, text = _verdict([s("a", 0.95, 1), s("b", 0.60, 0)], 3)
+    best, _, text = _verdict([s("a", 0.95, 1), s("b", 0.60, 0)], 3, 100)
     assert best == "b" and "a left out: runs diverged" in text
-    best, decisive, text = _verdict([s("a", float("nan"), 3), s("b", 0.5, 3)], 3)
+    best, decisive, text = _verdict([s("a", float("nan"), 3), s("b", 0.5, 3)], 3, 100)
     assert best == "" and not decisive and "lower the learning rate" in text
     table = bnkit.CompareResult((), (s("a", 0.9, 3),), best, decisive, text, False, None).table()
     assert "*" not in str(table.columns[0]._cells)

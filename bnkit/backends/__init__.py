@@ -65,6 +65,64 @@ def framework_of(path: Path) -> str:
     return _files(path).__name__.rsplit(".", 2)[-2]
 
 
+KERAS_BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy"}
+"""Keras backends bnkit can run on, and the package each needs."""
+_PIP = {"tensorflow": "tensorflow", "jax": "'jax[cpu]'", "torch": "torch", "keras": "keras"}
+
+
+def keras_backend_choice() -> tuple[str, str]:
+    """The Keras backend a new process will pick, and where the choice comes from
+    (KERAS_BACKEND, keras.json, or Keras' default), known without importing Keras."""
+    import json
+    import os
+
+    name = os.environ.get("KERAS_BACKEND")
+    if name:
+        return name, "KERAS_BACKEND"
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    try:
+        chosen = json.loads((home / "keras.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        chosen = None
+    if isinstance(chosen, str) and chosen:
+        return chosen, str(home / "keras.json")
+    return "tensorflow", "Keras' default with KERAS_BACKEND unset"
+
+
+def check_framework(framework: str) -> None:
+    """Raises BackendError, in one line naming the package or variable to set, when the
+    framework that reads a model (`keras` with its backend, or `torch`) cannot start here."""
+    import importlib.util
+
+    def missing(package: str) -> bool:
+        return package not in sys.modules and importlib.util.find_spec(package) is None
+
+    if framework == "torch" and missing("torch"):
+        raise BackendError(
+            "PyTorch model specs need torch, which is not installed: pip install torch"
+        )
+    if framework != "keras":
+        return
+    if missing("keras"):
+        raise BackendError(
+            "'.keras' models need Keras 3, which is not installed: pip install keras"
+        )
+    name, source = keras_backend_choice()
+    if "keras" in sys.modules:
+        return
+    installed = [b for b, pkg in KERAS_BACKENDS.items() if b != "numpy" and not missing(pkg)]
+    choose = f"set KERAS_BACKEND to an installed one ({', '.join(installed) or 'none'})"
+    if name not in KERAS_BACKENDS:
+        raise BackendError(
+            f"Keras backend {name!r} (from {source}) is not one bnkit runs on: {choose}"
+        )
+    if missing(KERAS_BACKENDS[name]):
+        raise BackendError(
+            f"Keras' backend is {name} ({source}), which is not installed: pip install "
+            f"{_PIP.get(name, name)}, or {choose}"
+        )
+
+
 def check_model_file(path: Path) -> Path:
     """Checks a model file without importing any framework; raises ModelFileError."""
     return _files(path).check(path)  # type: ignore[no-any-return]
@@ -88,9 +146,12 @@ def backend_for_file(path: Path) -> Backend:
     return core.backend()  # type: ignore[no-any-return]
 
 
-def load_model(path: Path, args: str | None = None, weights: Path | None = None) -> Any:
-    """Checks, then loads or builds, the model `path` names: a model file, or a PyTorch
-    model spec with its factory's arguments (JSON) and a state_dict file."""
+def check_model(
+    path: Path, args: str | None = None, weights: Path | None = None
+) -> dict[str, Any] | None:
+    """Checks the model `path` names, its factory's arguments (JSON) and its weights file
+    as far as can be done without importing a framework; returns the parsed arguments
+    (None for a model file)."""
     files = _files(path)
     if (args is not None or weights is not None) and not hasattr(files, "parse_args"):
         raise BackendError(
@@ -99,8 +160,16 @@ def load_model(path: Path, args: str | None = None, weights: Path | None = None)
         )
     files.check(path)
     if args is None and weights is None:
-        return backend_for_file(path).load(path)
+        return None
     if weights is not None:
         files.check_weights(weights)
-    kwargs = files.parse_args(args)
+    return files.parse_args(args)  # type: ignore[no-any-return]
+
+
+def load_model(path: Path, args: str | None = None, weights: Path | None = None) -> Any:
+    """Checks, then loads or builds, the model `path` names: a model file, or a PyTorch
+    model spec with its factory's arguments (JSON) and a state_dict file."""
+    kwargs = check_model(path, args, weights)
+    if kwargs is None:
+        return backend_for_file(path).load(path)
     return backend_for_file(path).load(path, kwargs, weights)  # type: ignore[call-arg]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bnkit.errors import ModelFileError
+from bnkit.files import check_input
 
 SUFFIXES = (".keras",)
 CONFIG_LIMIT = 256 * 2**20
@@ -18,8 +19,7 @@ models are a few MB; a larger one is damaged or hostile (a zip that inflates wit
 
 def check(path: Path) -> Path:
     """Returns `path` if it looks like a Keras model; raises ModelFileError saying why not."""
-    if not path.exists():
-        raise ModelFileError(f"{path}: no such file; check the path")
+    check_input(path, "model file", ModelFileError)
     if path.is_dir():
         raise ModelFileError(f"{path}: is a directory; give a '.keras' model file")
     if path.suffix not in SUFFIXES:

@@ -315,7 +315,7 @@ class TorchBackend:
 
         started = not dist.is_initialized()
         if started:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            _join_group(dist, world)
         try:
             yield dist.get_rank(), dist.get_world_size()
         finally:
@@ -502,13 +502,54 @@ class TorchBackend:
         torch.save(model.state_dict(), str(path))
 
 
+RENDEZVOUS_SECONDS = 300
+"""How long a rank waits for the others to join (BNKIT_RENDEZVOUS_TIMEOUT overrides it);
+torch's own default is 30 minutes."""
+
+
+def _join_group(dist: Any, world: int) -> None:
+    """`init_process_group` from torchrun's environment, with a timeout, and SIGTERM left
+    to kill the process while it waits (the wait is in C++, where Python's handler never
+    runs); one line when the other ranks do not come."""
+    import datetime
+    import os
+    import signal
+
+    from bnkit.errors import BackendError
+
+    try:
+        seconds = float(os.environ.get("BNKIT_RENDEZVOUS_TIMEOUT", RENDEZVOUS_SECONDS))
+    except ValueError:
+        seconds = RENDEZVOUS_SECONDS
+    try:
+        previous: Any = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: signals are the main thread's business
+        previous = None
+    try:
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            timeout=datetime.timedelta(seconds=seconds),
+        )
+    except Exception as err:  # torch raises DistStoreError, RuntimeError, ValueError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise BackendError(
+            f"the {world} processes of this job did not all join at {address} within "
+            f"{seconds:g} s ({first}); start every rank (torchrun does), or set "
+            "BNKIT_RENDEZVOUS_TIMEOUT"
+        ) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _build(spec: Any, args: dict[str, Any]) -> Any:
     from bnkit.errors import ModelFileError
 
     factory = _factory(spec)
     try:
         model = factory(**args)
-    except Exception as err:  # the user's factory may raise anything
+    except (Exception, SystemExit) as err:  # the user's factory may raise anything
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ModelFileError(
             f"{spec}: the factory raised {type(err).__name__} ({first}); check --args"
@@ -526,6 +567,11 @@ def _factory(spec: Any) -> Any:
 
     from bnkit.errors import ModelFileError, closest
 
+    if spec.source in ("torchvision", "timm") and importlib.util.find_spec(spec.source) is None:
+        raise ModelFileError(
+            f"{spec}: {spec.source} is not installed: pip install {spec.source} (with the "
+            "torch it was built for, e.g. torch==2.14.1 torchvision==0.29.1 timm==1.0.31)"
+        )
     if spec.source == "torchvision":
         import torchvision
 
@@ -555,9 +601,11 @@ def _factory(spec: Any) -> Any:
             loader.loader.exec_module(module)
         else:
             module = importlib.import_module(spec.source)
-    except Exception as err:  # importing user code may raise anything
+    except (Exception, SystemExit) as err:  # importing user code may raise anything
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ModelFileError(f"{spec}: cannot import {spec.source!r} ({first})") from None
+        raise ModelFileError(
+            f"{spec}: cannot import {spec.source!r} ({type(err).__name__}: {first})"
+        ) from None
     factory = getattr(module, spec.factory, None)
     if not callable(factory):
         names = [n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n])]
@@ -566,7 +614,31 @@ def _factory(spec: Any) -> Any:
             f"{spec}: {spec.source} has no factory {spec.factory!r}"
             + (f" ({hint})" if hint else "")
         )
+    _check_factory(spec, factory)
     return factory
+
+
+def _check_factory(spec: Any, factory: Any) -> None:
+    """A factory is a class or a function defined outside the standard library: a name
+    that reaches `os.remove` or `shutil.rmtree` through a module is refused, not called
+    with the user's --args."""
+    import inspect
+    import sys
+
+    from bnkit.errors import ModelFileError
+
+    if not (inspect.isclass(factory) or inspect.isfunction(factory)):
+        raise ModelFileError(
+            f"{spec}: {spec.factory!r} is a {type(factory).__name__}, not a class or function "
+            "that builds a model"
+        )
+    home = str(getattr(factory, "__module__", "") or "").split(".")[0]
+    if home in sys.stdlib_module_names or home == "builtins":
+        raise ModelFileError(
+            f"{spec}: {spec.factory!r} is {home}.{factory.__qualname__} from Python's standard "
+            "library, not a model factory; name a class or function that builds a "
+            "torch.nn.Module"
+        )
 
 
 STATE_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -594,6 +666,7 @@ def load_weights(model: Any, path: Path, what: str) -> None:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise ModelFileError(f"{path}: cannot read this weights file ({first})") from None
     state = _state_dict(loaded, path)
+    _check_tensors(state, path)
     want = model.state_dict()
     state = _strip_prefix(state, set(want))
     missing = [k for k in want if k not in state]
@@ -612,7 +685,30 @@ def load_weights(model: Any, path: Path, what: str) -> None:
             f"{path}: these weights do not fit {what} ({'; '.join(parts)}): another "
             "architecture, or other --args?"
         )
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ModelFileError(f"{path}: these weights do not load into {what} ({first})") from None
+
+
+def _check_tensors(state: dict[Any, Any], path: Path) -> None:
+    """Keys are names; values are dense tensors holding data (not sparse, not on the meta
+    device, where a state_dict loads nothing)."""
+    from bnkit.errors import ModelFileError
+
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ModelFileError(
+                f"{path}: has a key {key!r} of type {type(key).__name__}; a state_dict maps "
+                "parameter names to tensors (save with torch.save(model.state_dict(), path))"
+            )
+        if value.layout != torch.strided or value.is_meta:
+            kind = "on the meta device (no data)" if value.is_meta else f"{value.layout}"
+            raise ModelFileError(
+                f"{path}: {key!r} is a tensor {kind}; give dense tensors with their values "
+                "(torch.save(model.state_dict(), path))"
+            )
 
 
 def _state_dict(loaded: Any, path: Path) -> dict[str, Any]:

@@ -10,11 +10,13 @@ never unpickles a file.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bnkit.errors import ModelFileError
+from bnkit.files import check_input
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,28 @@ def parse(text: str) -> Spec:
     return Spec(source, factory)
 
 
+RUNS_CODE = (
+    "A model spec runs Python code, as `python -c` does: the factory is called with --args "
+    "and a .py file or module is imported; give only specs you trust."
+)
+
+
 def check(path: Path) -> Path:
-    """Checks what can be checked before torch starts: the spec's form and its file."""
+    """Checks what can be checked before torch starts: the spec's form and its file, and
+    that it does not name the standard library (a factory is a model class or a function
+    that builds one; `shutil:rmtree` would run with the user's --args)."""
     spec = parse(str(path))
-    if spec.is_file and not Path(spec.source).is_file():
-        raise ModelFileError(f"{spec.source}: no such file; check the model spec {spec}")
+    top = spec.source.split(".")[0]
+    if not spec.is_file and (top in sys.stdlib_module_names or top == "builtins"):
+        raise ModelFileError(
+            f"{spec}: {spec.source!r} is Python's standard library, not a model factory; a "
+            "spec names a class or function that builds a torch.nn.Module "
+            "(torchvision:resnet18, mypackage.models:build)"
+        )
+    if spec.is_file:
+        check_input(Path(spec.source), f"file (model spec {spec})", ModelFileError)
+        if not Path(spec.source).is_file():
+            raise ModelFileError(f"{spec.source}: is a folder; the model spec {spec} names a .py")
     return path
 
 
@@ -65,8 +84,7 @@ def layer_names(path: Path) -> set[str] | None:
 
 def check_weights(weights: Path) -> None:
     """Checks a weights file before torch starts."""
-    if not weights.exists():
-        raise ModelFileError(f"{weights}: no such weights file; check the path")
+    check_input(weights, "weights file", ModelFileError)
     if weights.is_dir():
         raise ModelFileError(f"{weights}: is a directory; give a state_dict file (.pt)")
     if weights.stat().st_size == 0:
