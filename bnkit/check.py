@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from bnkit.backends import get_backend
-from bnkit.data import load
-from bnkit.errors import BnkitError, SelectorError
+from bnkit.data import EXAMPLE_BATCH, load
+from bnkit.errors import SelectorError, check_int
 from bnkit.policy import STATS_ONLY, Selector, no_match_message, parse_selector
 from bnkit.records import (
     BATCH_STATS_AT_TRAINING_ONLY,
@@ -32,7 +32,6 @@ STALE_SHARE = 0.5
 TINY_VARIANCE = 1e-5
 """moving variance + epsilon below this scales a channel by more than 1/sqrt of it."""
 SEVERITIES = ("error", "warning", "info")
-EXAMPLE_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,28 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class FindingGroup:
+    """Findings with one cause: the same code, problem and fix (the 52 BN layers of a
+    nested model called with training=False are one cause)."""
+
+    code: str
+    severity: str
+    where: str
+    """the innermost container holding every one of the layers ('' for the model)."""
+    paths: tuple[str, ...]
+    problem: str
+    fix: str
+
+    @property
+    def layers(self) -> str:
+        """The layers, named: one, or how many with the first and the last."""
+        if len(self.paths) == 1:
+            return self.paths[0]
+        where = f" in '{self.where}'" if self.where else ""
+        return f"{len(self.paths)} layers{where}: {self.paths[0]} ... {self.paths[-1]}"
+
+
+@dataclass(frozen=True)
 class CheckReport:
     """Every finding, errors first."""
 
@@ -60,28 +81,51 @@ class CheckReport:
         """The error-level findings (the CLI exits 1 when there is one)."""
         return tuple(f for f in self.findings if f.severity == "error")
 
-    def to_json(self) -> str:
-        """The report as a JSON document."""
-        return json.dumps(
-            {"model": self.model, "findings": [asdict(f) for f in self.findings]}, indent=2
+    def groups(self) -> tuple[FindingGroup, ...]:
+        """The findings grouped by cause, in the report's order: one group per code,
+        severity, problem and fix."""
+        grouped: dict[tuple[str, str, str, str], list[str]] = {}
+        for f in self.findings:
+            grouped.setdefault((f.code, f.severity, f.problem, f.fix), []).append(f.path)
+        return tuple(
+            FindingGroup(code, severity, _container(paths), tuple(paths), problem, fix)
+            for (code, severity, problem, fix), paths in grouped.items()
         )
 
-    def table(self) -> Any:
-        """A rich table of the findings."""
+    def to_json(self) -> str:
+        """The report as a JSON document: every finding, and the groups by cause."""
+        return json.dumps(
+            {
+                "model": self.model,
+                "findings": [asdict(f) for f in self.findings],
+                "groups": [asdict(g) for g in self.groups()],
+            },
+            indent=2,
+        )
+
+    def table(self, verbose: bool = False) -> Any:
+        """A rich table of the findings: one row per cause, or per layer with `verbose`."""
         from rich.table import Table
 
         t = Table(title=f"bnkit check: {self.model}", show_lines=True)
         for col in ("code", "severity", "layer", "problem", "fix"):
             t.add_column(col, overflow="fold")
-        for f in self.findings:
-            t.add_row(f.code, f.severity, f.path, f.problem, f.fix)
+        if verbose:
+            for f in self.findings:
+                t.add_row(f.code, f.severity, f.path, f.problem, f.fix)
+            return t
+        for g in self.groups():
+            t.add_row(g.code, g.severity, g.layers, g.problem, g.fix)
         return t
 
     def __str__(self) -> str:
         counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
+        groups = self.groups()
+        causes = f" ({len(groups)} causes)" if len(groups) < len(self.findings) else ""
         return (
             f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} notes"
-            + "".join(f"\n{f.code} {f.severity} {f.path}: {f.problem}" for f in self.findings)
+            + causes
+            + "".join(f"\n{g.code} {g.severity} {g.layers}: {g.problem}" for g in self.groups())
         )
 
 
@@ -136,8 +180,8 @@ def check(
         ['BN004']
     """
     for value, name in ((batch_size, "batch_size"), (steps, "steps")):
-        if value is not None and value < 1:
-            raise BnkitError(f"{name} must be at least 1, got {value}")
+        if value is not None:
+            check_int(value, name)
     backend = get_backend(model)
     deploy = backend.deployer()
     records = backend.records(model)
@@ -377,6 +421,16 @@ def _partial(
                 "select BN layers by type, not by name: bnkit.freeze(model, bn=...) or "
                 "--rule 'bn=frozen'; check with bnkit inspect --bn-only",
             )
+
+
+def _container(paths: list[str]) -> str:
+    """The innermost container path holding every path ('' when only the model does)."""
+    parents = [_parent(p) for p in paths]
+    common = parents[0]
+    for p in parents[1:]:
+        while common and not (p == common or p.startswith((common + "/", common + "."))):
+            common = _parent(common)
+    return common
 
 
 def _parent(path: str) -> str:

@@ -222,6 +222,9 @@ def _input_shape() -> tuple[int, ...] | None:
         shape = ()
     if not shape or min(shape) < 1:
         raise BnkitError(f"--input-shape {text!r}: give positive sizes such as 3,224,224")
+    from bnkit.data import EXAMPLE_BATCH, check_fits_memory
+
+    check_fits_memory((EXAMPLE_BATCH, *shape), f"--input-shape {text}: a batch of {EXAMPLE_BATCH}")
     return shape
 
 
@@ -813,6 +816,9 @@ class _CompareProgress:
     help="One sample's shape, for random example inputs (PyTorch modules have none).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option(
+    "--verbose", is_flag=True, help="One row per layer, not one per cause (JSON has both)."
+)
 def check_cmd(
     model: Path,
     batch_size: int | None,
@@ -820,6 +826,7 @@ def check_cmd(
     select: str | None,
     example: Path | None,
     as_json: bool,
+    verbose: bool,
 ) -> None:
     """Find BN pitfalls in MODEL; exit 1 when an error-level finding is present."""
     from bnkit.check import check
@@ -838,7 +845,7 @@ def check_cmd(
         click.echo(report.to_json())
     else:
         if report.findings:
-            _out.print(report.table())
+            _out.print(report.table(verbose=verbose))
         _out.print(str(report).splitlines()[0], highlight=False)
     if report.errors:
         sys.exit(EXIT_FINDINGS)

@@ -14,7 +14,7 @@ import numpy as np
 from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST, batch_slices
 from bnkit.data import DEFAULT_BATCH_SIZE, DataError, load
-from bnkit.errors import BnkitError, BnkitWarning, SelectorError
+from bnkit.errors import BnkitError, BnkitWarning, SelectorError, check_int, check_rate, check_str
 from bnkit.policy import Mode, Rule, parse_mode, parse_rule
 
 DEFAULT_STRATEGIES = ("frozen", "affine", "train", "adapt")
@@ -258,10 +258,15 @@ def compare(
         >>> sorted(s.strategy for s in r.summaries)
         ['frozen', 'train']
     """
-    if not np.isfinite(lr) or lr <= 0:
-        raise BnkitError(f"the learning rate must be a positive number, got {lr}")
-    if batch_size < 1:
-        raise BnkitError(f"batch_size must be at least 1, got {batch_size}")
+    lr = check_rate(lr)
+    batch_size = check_int(batch_size, "batch_size")
+    epochs = check_int(epochs, "epochs")
+    if not isinstance(seeds, int):
+        seeds = [check_int(s, "a seed", 0) for s in seeds]
+    else:
+        seeds = check_int(seeds, "seeds")
+    if train_from is not None:
+        check_str(train_from, "train_from", "layer4")
     if optimizer not in OPTIMIZERS:
         raise BnkitError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     if executor not in EXECUTORS:
@@ -629,9 +634,7 @@ def sampling_error(p1: float, p2: float, n: int) -> float:
     return float(np.sqrt((a * (1 - a) + b * (1 - b)) / max(n, 1)))
 
 
-def _verdict(
-    summaries: Sequence[Summary], n_seeds: int, n_val: int
-) -> tuple[str, bool, str]:
+def _verdict(summaries: Sequence[Summary], n_seeds: int, n_val: int) -> tuple[str, bool, str]:
     ranked = sorted(
         (s for s in summaries if s.diverged == 0 and np.isfinite(s.val_accuracy_mean)),
         key=lambda s: -s.val_accuracy_mean,

@@ -308,8 +308,8 @@ def load(
         >>> [x.shape[0] for x, _ in d]  # a last batch of one sample joins the one before
         [3, 4]
     """
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
     if image_size is not None:
         h, w = image_size
         check_fits_memory(
@@ -358,6 +358,8 @@ def load(
     )
 
 
+EXAMPLE_BATCH = 8
+"""Samples of random inputs that check and export run when given only an input shape."""
 MEMORY_SHARE = 0.5
 """The largest share of this machine's memory one batch of float32 inputs may take."""
 

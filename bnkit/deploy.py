@@ -197,6 +197,10 @@ def export(
     """
     backend = get_backend(model)
     deploy = backend.deployer()
+    if not isinstance(path, str | os.PathLike):
+        raise BnkitError(
+            f"path must be a file name, got {path!r} ({type(path).__name__}); e.g. 'model.onnx'"
+        )
     out = Path(path)
     if format is None:
         by_suffix = out.suffix[1:]

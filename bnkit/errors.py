@@ -32,3 +32,37 @@ def closest(word: str, choices: Iterable[str], n: int = 3) -> str:
     if not matches:
         return ""
     return "closest: " + ", ".join(matches)
+
+
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    """`value` as an int of at least `minimum`; BnkitError naming `name` otherwise (a
+    string such as '32' is refused, not compared with numbers deep inside)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise BnkitError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+    if int(value) < minimum:
+        raise BnkitError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_str(value: object, name: str, example: str) -> str:
+    """`value` as a str; BnkitError naming `name` otherwise."""
+    if not isinstance(value, str):
+        raise BnkitError(
+            f"{name} must be a string, got {value!r} ({type(value).__name__}); e.g. "
+            f"{name}={example!r}"
+        )
+    return value
+
+
+def check_rate(value: object, name: str = "the learning rate") -> float:
+    """`value` as a positive, finite float; BnkitError otherwise."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BnkitError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(float(value)) or float(value) <= 0:
+        raise BnkitError(f"{name} must be a positive number, got {value}")
+    return float(value)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bnkit.backends import get_backend
-from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.errors import BnkitError, BnkitWarning, check_str
 from bnkit.policy import LayerDecision, Mode, Plan, Policy, Rule, parse_rule, resolve
 from bnkit.records import LayerRecord, leaf_records
 
@@ -142,7 +142,9 @@ def _as_policy(
     bn: str | Mode | None,
     rules: Sequence[Rule | str],
 ) -> Policy:
-    parsed = tuple(parse_rule(r) if isinstance(r, str) else r for r in rules)
+    if train_from is not None:
+        check_str(train_from, "train_from", "layer4")
+    parsed = _rules(rules)
     if policy is None:
         if train_from is None and bn is None and not parsed:
             raise BnkitError("freeze needs a policy, or train_from=, bn= or rules=")
@@ -151,4 +153,25 @@ def _as_policy(
         raise BnkitError("give either a policy or train_from/bn/rules, not both")
     if isinstance(policy, Policy):
         return policy
-    return Policy(tuple(parse_rule(r) if isinstance(r, str) else r for r in policy))
+    if isinstance(policy, str) or not isinstance(policy, Sequence):
+        raise BnkitError(
+            f"policy must be a Policy, a Plan or a list of rules, got {type(policy).__name__}"
+            ' (for one rule: ["bn=frozen"])'
+        )
+    return Policy(_rules(policy))
+
+
+def _rules(rules: Any) -> tuple[Rule, ...]:
+    """Rule objects and 'SELECTOR=MODE' strings as rules; anything else refused."""
+    out = []
+    for r in rules:
+        if isinstance(r, str):
+            out.append(parse_rule(r))
+        elif isinstance(r, Rule):
+            out.append(r)
+        else:
+            raise BnkitError(
+                f"a rule is a bnkit.Rule or a 'SELECTOR=MODE' string such as 'bn=frozen', got "
+                f"{r!r} ({type(r).__name__})"
+            )
+    return tuple(out)

@@ -12,10 +12,23 @@ import lightning.pytorch as pl
 
 from bnkit.errors import BnkitError
 from bnkit.freeze import freeze
-from bnkit.policy import Plan, Rule
+from bnkit.policy import AllLayers, Mode, Plan, Rule
 from bnkit.watch import ACTIONS, BNWatchError, Watch, WatchReport, act_on_problems, epoch_counts
 
 __all__ = ["BNFinetuning", "BNWatchError"]
+
+def _inside(target: Any, module: str | None, train_from: str | None) -> str | None:
+    """`train_from` as a path inside `target` (a path from the LightningModule that
+    starts with `module.` counts too), or None when it is not one."""
+    if train_from is None:
+        return None
+    names = {name for name, _ in target.named_modules() if name}
+    if train_from in names:
+        return train_from
+    if module and train_from.startswith(module + ".") and train_from[len(module) + 1 :] in names:
+        return train_from[len(module) + 1 :]
+    return None
+
 
 UNFREEZE_LR_FACTOR = 0.1
 """Lightning's BackboneFinetuning starts the unfrozen part at the current rate / 10."""
@@ -133,8 +146,21 @@ class BNFinetuning(pl.Callback):
         if self.plan is not None:
             self.applied = freeze(target, self.plan)
         else:
-            self.applied = freeze(target, train_from=self.train_from, bn=self.bn, rules=self.rules)
+            self.applied = self._freeze(pl_module, target, self.train_from, self.bn)
         self.reports = []
+
+    def _freeze(self, pl_module: Any, target: Any, train_from: str | None, bn: str | None) -> Plan:
+        """`freeze(target, train_from=..., bn=...)`, where `train_from` may also name a
+        module of the LightningModule outside `module` (the usual `self.backbone` and
+        `self.head`, `module="backbone"`, `train_from="head"`): then all of `module`
+        comes before it (frozen, BN `frozen`) or after it (trained, BN `bn`)."""
+        inside = _inside(target, self.module, train_from)
+        order = [name for name, _ in pl_module.named_modules()]
+        if self.module is None or inside is not None or train_from not in order:
+            return freeze(target, train_from=inside or train_from, bn=bn, rules=self.rules)
+        before = order.index(train_from) > order.index(self.module or "")
+        rule = Rule(AllLayers(), trainable=not before, bn=Mode.FROZEN if before else bn)
+        return freeze(target, rules=(rule, *self.rules))
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         target = self._target(pl_module)
@@ -148,7 +174,8 @@ class BNFinetuning(pl.Callback):
             raise BnkitError("unfreeze_at_epoch needs an optimizer: configure_optimizers gave none")
         optimizer = trainer.optimizers[0]
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self.applied = freeze(target, train_from=self.unfreeze_from, bn=self.unfreeze_bn)
+        self.applied = self._freeze(trainer.lightning_module, target, self.unfreeze_from,
+                                    self.unfreeze_bn)  # fmt: skip
         new = [p for p in target.parameters() if p.requires_grad and id(p) not in known]
         if not new:
             return

@@ -164,11 +164,17 @@ class Regex(Selector):
 
     pattern: str
 
-    def match(self, layers: Sequence[LayerInfo]) -> list[int]:
+    def __post_init__(self) -> None:
+        self._compiled()  # refused when made, before any framework starts
+
+    def _compiled(self) -> re.Pattern[str]:
         try:
-            rx = re.compile(self.pattern)
-        except re.error as err:
+            return re.compile(self.pattern)
+        except (re.error, TypeError) as err:
             raise SelectorError(f"invalid regular expression {self.pattern!r}: {err}") from None
+
+    def match(self, layers: Sequence[LayerInfo]) -> list[int]:
+        rx = self._compiled()
         return [i for i, layer in enumerate(layers) if rx.search(layer.path)]
 
     def __str__(self) -> str:
@@ -296,6 +302,23 @@ def parse_selector(text: str) -> Selector:
         return _parse_with_arg(kind, arg)
     except ValueError:
         raise SelectorError(f"cannot read selector {text!r}: expected {_SELECTOR_HELP}") from None
+
+
+def as_selector(value: Selector | str) -> Selector:
+    """A Selector, or the one its command-line form names (`bn`, `re:...`, `glob:...`).
+
+    Example:
+        >>> str(as_selector("re:_bn$"))
+        're:_bn$'
+    """
+    if isinstance(value, Selector):
+        return value
+    if isinstance(value, str):
+        return parse_selector(value)
+    raise SelectorError(
+        f"a selector is a bnkit Selector or its text form ({_SELECTOR_HELP}), got "
+        f"{value!r} ({type(value).__name__})"
+    )
 
 
 def _parse_with_arg(kind: str, arg: str) -> Selector:

@@ -12,8 +12,8 @@ import numpy as np
 from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DEFAULT_BATCH_SIZE, Data, DataError, check_input_shape, load
-from bnkit.errors import BnkitError
-from bnkit.policy import AllBN, Selector
+from bnkit.errors import BnkitError, SelectorError, check_int
+from bnkit.policy import AllBN, Selector, as_selector, no_match_message
 from bnkit.records import leaf_records
 
 
@@ -116,7 +116,7 @@ def adapt(
     model: Any,
     data: Any,
     *,
-    select: Selector | None = None,
+    select: Selector | str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_batches: int | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -138,7 +138,8 @@ def adapt(
         model: a Keras model or a PyTorch module (DDP-wrapped or not).
         data: anything `bnkit.data.load` reads (array, `(x, y)`, folder, `.npz`,
             `tf.data.Dataset`, `PyDataset`, iterable of batches); labels are unused.
-        select: which BN layers to re-estimate (every BN layer by default).
+        select: which BN layers to re-estimate (every BN layer by default): a
+            Selector or its command-line form (`re:^layer4`).
         batch_size: batch size when `data` is an array or folder.
         max_batches: stop after this many batches.
         on_batch: called with the number of batches done, for progress display.
@@ -198,10 +199,14 @@ def _check_finite_stats(stats: dict[str, dict[str, np.ndarray]]) -> None:
                 )
 
 
-def _bn_paths(model: Any, select: Selector | None) -> tuple[Any, list[str]]:
+def _bn_paths(model: Any, select: Selector | str | None) -> tuple[Any, list[str]]:
     backend = get_backend(model)
     _, infos = leaf_records(backend.records(model))
-    picked = [infos[i] for i in (select or AllBN()).match(infos) if infos[i].is_bn]
+    selector = as_selector(select) if select is not None else AllBN()
+    hits = selector.match(infos)
+    if select is not None and not hits:
+        raise SelectorError(no_match_message(selector, infos))
+    picked = [infos[i] for i in hits if infos[i].is_bn]
     if not picked:
         raise BnkitError(
             "no BatchNormalization layer selected: this model has nothing to re-estimate "
@@ -221,8 +226,11 @@ def _collect(
     on_batch: Callable[[int], None] | None,
 ) -> tuple[dict[str, Moments], int, int]:
     """One pass over the data; each layer's input moments combined over all batches."""
-    if max_batches is not None and max_batches < 1:
-        raise DataError(f"max_batches (--max-batches) must be at least 1, got {max_batches}")
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise DataError(f"max_batches (--max-batches) must be at least 1, got {max_batches!r}")
+    batch_size = check_int(batch_size, "batch_size")
     source = data if isinstance(data, Data) else load(data, batch_size=batch_size)
     expected = backend.input_shape(model)
     moments = {p: Moments() for p in paths}
@@ -430,7 +438,7 @@ def shift(
     model: Any,
     data: Any,
     *,
-    select: Selector | None = None,
+    select: Selector | str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_batches: int | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -449,7 +457,8 @@ def shift(
     Args:
         model: a Keras model or a PyTorch module (DDP-wrapped or not).
         data: anything `bnkit.data.load` reads; labels are unused.
-        select: which BN layers to measure (all by default).
+        select: which BN layers to measure (all by default): a Selector or its
+            command-line form.
         batch_size: batch size when `data` is an array or folder.
         max_batches: stop after this many batches.
         on_batch: called with the number of batches done.

@@ -25,7 +25,7 @@ import numpy as np
 from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DataError, load
-from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.errors import BnkitError, BnkitWarning, check_int, check_rate
 from bnkit.stats import Moments, OnlineAdapt, adapt, off_path_note
 
 METHODS = ("none", "adapt", "tent")
@@ -204,12 +204,14 @@ def tta(
     """
     if method not in METHODS:
         raise BnkitError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if not np.isfinite(lr) or lr <= 0:
-        raise BnkitError(f"the learning rate must be a positive number, got {lr}")
+    lr = check_rate(lr)
     if optimizer not in OPTIMIZERS:
         raise BnkitError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-    if steps < 1 or window < 1:
-        raise BnkitError(f"steps and window must be at least 1, got {steps} and {window}")
+    batch_size = check_int(batch_size, "batch_size")
+    steps, window = check_int(steps, "steps"), check_int(window, "window")
+    min_batch_size = check_int(min_batch_size, "min_batch_size")
+    if max_batches is not None:
+        max_batches = check_int(max_batches, "max_batches")
     if method == "tent" and batch_size < min_batch_size:
         raise BnkitError(
             f"TENT needs batches of at least {min_batch_size} (got {batch_size}): smaller "

@@ -164,7 +164,7 @@ def test_verdict_is_honest_about_the_spread():
     assert best == "a" and not decisive and "within the spread" in text
     best, decisive, text = _verdict([s("a", 0.70, 0.01), s("b", 0.80, 0.02)], 3, 1000)
     assert best == "b" and decisive and "ahead of a by 10.0%" in text
-    assert "sampling error of 1000 validation samples (± 4.2%)" in text
+    assert "sampling error of 1000 validation samples (± 3.8%)" in text
     _, decisive, text = _verdict([s("a", 0.9, 0.0), s("b", 0.5, 0.0)], 1, 1000)
     assert not decisive and "one seed" in text
 
@@ -196,3 +196,58 @@ def test_a_strategy_with_diverged_runs_is_never_best():
     assert best == "" and not decisive and "lower the learning rate" in text
     table = bnkit.CompareResult((), (s("a", 0.9, 3),), best, decisive, text, False, None).table()
     assert "*" not in str(table.columns[0]._cells)
+
+
+def test_train_from_a_layer_of_the_replaced_top_trains_the_new_head(splits):
+    model, _ = build_transfer()  # 3 outputs: pool, then the Dense 'head'
+    (x, y), (xv, yv) = splits
+    y5, yv5 = (y + 2) % 5, (yv + 2) % 5
+    result = bnkit.compare(model, (x, y5), (xv, yv5), ["frozen", "adapt"], epochs=1, seeds=1,
+                           train_from="head")  # fmt: skip
+    assert result.head_replaced
+    assert any("was in the replaced top: training from the new head's first layer" in n
+               for n in result.notes)  # fmt: skip
+    assert all(r.status == "ok" for r in result.runs)
+
+
+def test_modes_that_are_the_same_run_by_construction_are_refused(splits):
+    model, _ = build_transfer()
+    train, val = splits
+    with pytest.raises(bnkit.BnkitError, match="same run by construction"):
+        bnkit.compare(model, train, val, ["frozen", "affine", "train"], train_from="head")
+    # frozen against adapt differ (adapt re-estimates the frozen statistics): allowed
+    result = bnkit.compare(model, train, val, ["frozen", "adapt"], train_from="head",
+                           epochs=1, seeds=1)  # fmt: skip
+    assert {r.strategy for r in result.runs} == {"frozen", "adapt"}
+
+
+def test_a_stray_huge_label_is_refused_before_a_huge_head_is_built(splits):
+    model, _ = build_transfer()
+    (x, y), val = splits
+    y = y.copy()
+    y[0] = 10**9
+    with pytest.raises(DataError, match=r"labels reach 1000000000 but hold only 4 classes"):
+        bnkit.compare(model, (x, y), val, ["frozen"], epochs=1, seeds=1)
+
+
+def test_validation_folders_match_training_classes_by_name(tmp_path):
+    from PIL import Image
+
+    def folder(root, classes):
+        for cls in classes:
+            (root / cls).mkdir(parents=True)
+            for i in range(4):
+                shade = {"a": 30, "b": 220, "c": 120}[cls] + i
+                Image.new("RGB", (8, 8), color=(shade,) * 3).save(root / cls / f"{i}.png")
+        return root
+
+    train = bnkit.data.load(folder(tmp_path / "train", ["a", "b"]))
+    only_b = bnkit.data.load(folder(tmp_path / "val_b", ["b"])).with_classes(train.class_names)
+    assert only_b.class_names == ("a", "b")
+    assert np.array_equal(only_b.arrays()[1], [1, 1, 1, 1])  # b is class 1, not folder 0
+    with pytest.raises(DataError, match="class folders 'c' are not among the training classes"):
+        bnkit.data.load(folder(tmp_path / "val_bc", ["b", "c"])).with_classes(train.class_names)
+    model, _ = build_transfer()
+    result = bnkit.compare(model, train, tmp_path / "val_b", ["frozen", "adapt"], epochs=1,
+                           seeds=1, num_classes=3)  # fmt: skip
+    assert all(r.status == "ok" for r in result.runs)

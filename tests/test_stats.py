@@ -11,6 +11,7 @@ from conftest import bn_layers, randomise_bn, weights_of
 
 import bnkit
 from bnkit.data import DataError
+from bnkit.errors import BnkitError, SelectorError
 from bnkit.policy import Glob
 from bnkit.stats import (
     ADAPT_THRESHOLD,
@@ -198,3 +199,72 @@ def test_adapt_matches_numpy_and_shift_measures_it(fw):
     far = bnkit.shift(model, x * 3 - 5)
     assert same.score < 0.01 < far.score
     assert fw.bn_values(model)[fw.first_bn]["mean"].tolist() == after[fw.first_bn]["mean"].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "size", "aux"), [("googlenet", 64, ["aux1.conv.bn", "aux2.conv.bn"]),
+    ("inception_v3", 75, ["AuxLogits.conv0.bn", "AuxLogits.conv1.bn"])])  # fmt: skip
+def test_bn_layers_off_the_inference_path_are_kept_and_named(name, size, aux):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, init_weights=True)
+    x = np.random.default_rng(0).normal(size=(8, 3, size, size)).astype("float32")
+    before = {p: model.get_submodule(p).running_mean.clone() for p in aux}
+    report = bnkit.adapt(model, x)
+    assert list(report.off_path) == aux and "not on the inference path" in str(report)
+    assert all(torch.equal(before[p], model.get_submodule(p).running_mean) for p in aux)
+    assert not any(layer.path in aux for layer in report.layers)
+    shifted = bnkit.shift(model, x)
+    assert list(shifted.off_path) == aux and "were not measured" in str(shifted)
+    assert json.loads(shifted.to_json())["off_path"] == aux
+    tta = bnkit.tta(model, x, "adapt", batch_size=8)
+    assert list(tta.off_path) == aux
+
+
+def test_a_last_batch_of_one_sample_joins_the_one_before(fw):
+    """BatchNorm1d after a Linear cannot take a variance from one sample: adapt, shift and
+    tta read 33 samples in batches of 32 as one batch of 33."""
+    torch = pytest.importorskip("torch")
+    if fw.name == "keras":
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                                  keras.layers.BatchNormalization(), keras.layers.Dense(3)])  # fmt: skip
+    else:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                    torch.nn.Linear(8, 3))  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(33, 4)).astype("float32")
+    report = bnkit.adapt(model, x, batch_size=32)
+    assert (report.batches, report.samples) == (1, 33)
+    assert bnkit.shift(model, x, batch_size=32).batches == 1
+    assert [b.size for b in bnkit.tta(model, x, "adapt", batch_size=32).batches] == [33]
+    # the statistics are those of all 33 samples, as NumPy computes them
+    snap = bnkit.backends.get_backend(model).snapshot(model).stats
+    (stats,) = snap.values()
+    dense = model.layers[0] if fw.name == "keras" else None
+    h = (
+        np.asarray(keras.ops.convert_to_numpy(dense(x)))
+        if dense is not None
+        else model[0](torch.as_tensor(x)).detach().numpy()
+    )
+    np.testing.assert_allclose(stats["mean"], h.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_library_arguments_of_the_wrong_kind_get_bnkit_errors(conv_model):
+    x = np.random.default_rng(0).normal(size=(8, *conv_model.input_shape[1:])).astype("float32")
+    with pytest.raises(SelectorError, match="matches no layer"):
+        bnkit.adapt(conv_model, x, select="nomatch")
+    with pytest.raises(SelectorError, match="invalid regular expression"):
+        bnkit.shift(conv_model, x, select="re:[")
+    with pytest.raises(BnkitError, match="batch_size must be a whole number, got '32'"):
+        bnkit.adapt(conv_model, x, batch_size="32")
+    with pytest.raises(SelectorError, match="a selector is a bnkit Selector"):
+        bnkit.adapt(conv_model, x, select=3)
+    report = bnkit.adapt(conv_model, x, select="bn")  # the text form of a selector works
+    assert report.samples == 8
+
+
+def test_all_constant_data_has_no_statistics(conv_model):
+    x = np.zeros((8, *conv_model.input_shape[1:]), "float32")
+    with pytest.raises(DataError, match="every input value in .* is 0"):
+        bnkit.adapt(conv_model, x)

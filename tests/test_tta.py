@@ -5,6 +5,7 @@ PyTorch path equals a straight implementation of the published algorithm."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import deque
 
@@ -230,3 +231,41 @@ def test_tent_on_tensorflow_runs_a_model_xla_cannot_compile():
     report = bnkit.tta(model, x, "tent", batch_size=32, guard=False, lr=0.1)
     assert len(report.batches) == 2 and all(b.adapted for b in report.batches)
     assert not np.allclose(model.layers[2].gamma.numpy(), gamma)  # it did train
+
+
+def test_tent_on_batches_all_too_small_is_an_error_and_changes_nothing(fw):
+    model = fw.build()
+    x = fw.inputs(24)
+    pairs = [(x[i : i + 4], np.zeros(4, int)) for i in range(0, 24, 4)]
+    before = bnkit.backends.get_backend(model).snapshot(model)
+    with pytest.raises(BnkitError, match=r"TENT adapted on no batch: all 6 batches.*fewer than 16"):
+        bnkit.tta(model, pairs, "tent")
+    after = bnkit.backends.get_backend(model).snapshot(model)
+    for group in ("weights", "stats"):  # weights and the moving statistics alike
+        old, new = getattr(before, group), getattr(after, group)
+        assert all(np.array_equal(old[p][k], new[p][k]) for p in old for k in old[p]), group
+
+
+def test_tent_warns_with_the_count_of_batches_it_could_not_adapt_on(fw):
+    x = fw.inputs(40)
+    pairs = [(x[:20], None), (x[20:24], None), (x[24:], None)]
+    with pytest.warns(bnkit.BnkitWarning, match="1 of 3 batches hold fewer than 16 samples"):
+        report = bnkit.tta(fw.build(), pairs, "tent")
+    assert report.too_small == [1] and "1 batch(es) smaller than 16" in str(report)
+    assert json.loads(report.to_json())["too_small"] == [1]
+
+
+def test_a_generator_stream_is_read_once_and_replayed(fw):
+    x = fw.inputs(64)
+    consumed = []
+
+    def stream():
+        for i in range(0, 64, 32):
+            consumed.append(i)
+            yield x[i : i + 32]
+
+    report = bnkit.tta(fw.build(), stream(), "tent")
+    assert [b.size for b in report.batches] == [32, 32] and consumed == [0, 32]
+    # the same numbers as a list of the same batches
+    again = bnkit.tta(fw.build(), [x[:32], x[32:]], "tent")
+    assert [b.entropy for b in report.batches] == pytest.approx([b.entropy for b in again.batches])

@@ -51,9 +51,14 @@ def _files(path: Path) -> ModuleType:
                 f"{path}: no such file; give a '.keras' file or a PyTorch model spec "
                 "(torchvision:resnet18, timm:NAME, package.module:factory, file.py:factory)"
             )
+        legacy = (
+            " (a legacy HDF5 Keras model: load it with Keras and re-save it as '.keras')"
+            if path.suffix == ".h5"
+            else ""
+        )
         raise BackendError(
-            f"{path}: unsupported model file type {path.suffix or '(none)'!r}; bnkit reads "
-            "Keras 3 '.keras' archives and PyTorch model specs (torchvision:resnet18 "
+            f"{path}: unsupported model file type {path.suffix or '(none)'!r}{legacy}; bnkit "
+            "reads Keras 3 '.keras' archives and PyTorch model specs (torchvision:resnet18 "
             "--weights ckpt.pt)"
         )
     return importlib.import_module(f"bnkit.backends.{package}.files")

@@ -175,6 +175,16 @@ def _own(module: Any) -> list[tuple[str, Any]]:
     return list(module.named_parameters(recurse=False))
 
 
+def _initialised(t: Any) -> bool:
+    """False for a lazy module's parameter or buffer before its first forward."""
+    return not isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
+def _numel(t: Any) -> int:
+    """The size of a parameter or buffer; 0 for a lazy module's, not yet initialised."""
+    return int(t.numel()) if _initialised(t) else 0
+
+
 def _bn_state(bn: Any) -> BNState:
     affine = any(p.requires_grad for _, p in _own(bn))
     if is_pinned(bn):
@@ -330,9 +340,9 @@ class TorchBackend:
     def _record(self, node: _Node) -> LayerRecord:
         module = node.module
         own = _own(module)
-        n_train = sum(p.numel() for _, p in own if p.requires_grad)
-        n_fixed = sum(p.numel() for _, p in own if not p.requires_grad)
-        n_fixed += sum(b.numel() for b in module.buffers(recurse=False) if b.is_floating_point())
+        n_train = sum(_numel(p) for _, p in own if p.requires_grad)
+        n_fixed = sum(_numel(p) for _, p in own if not p.requires_grad)
+        n_fixed += sum(_numel(b) for b in module.buffers(recurse=False) if b.is_floating_point())
         sub = [p for p in module.parameters()]
         trainable = any(p.requires_grad for p in sub) if sub else _FLAGS.get(module, True)
         bn_fields: dict[str, Any] = {}
@@ -432,18 +442,19 @@ class TorchBackend:
     # ------------------------------------------------------------------ weights
 
     def snapshot(self, model: Any) -> Snapshot:
+        materialized(model)
         weights: dict[str, dict[str, np.ndarray]] = {}
         stats: dict[str, dict[str, np.ndarray]] = {}
         for node in walk(model):
             module = node.module
-            own = {n: p.detach().cpu().numpy().copy() for n, p in _own(module)}
+            own = {n: to_numpy(p) for n, p in _own(module) if _initialised(p)}
             if own:
                 weights[node.path] = own
             if is_bn(module) and module.running_mean is not None:
                 bn: Any = module
                 stats[node.path] = {
-                    "mean": bn.running_mean.detach().cpu().numpy().copy(),
-                    "var": bn.running_var.detach().cpu().numpy().copy(),
+                    "mean": to_numpy(bn.running_mean),
+                    "var": to_numpy(bn.running_var),
                 }
         return Snapshot(weights, stats)
 
@@ -459,6 +470,7 @@ class TorchBackend:
     def moments_pass(
         self, model: Any, paths: Sequence[str], *, normalize: str
     ) -> Iterator[MomentPass]:
+        materialized(model)
         modules = {n.path: n.module for n in walk(model)}
         layers = [modules[p] for p in paths]
         for path, layer in zip(paths, layers, strict=True):
@@ -541,6 +553,29 @@ def _join_group(dist: Any, world: int) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A copy of a tensor's values in NumPy (bfloat16, which NumPy lacks, as float32)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy().copy()
+
+
+def materialized(model: Any) -> None:
+    """Raises BackendError when the module's weights are on the meta device: it has a
+    structure but no values to measure, adapt or export."""
+    from bnkit.errors import BackendError
+
+    meta = next(
+        (n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None
+    )
+    if meta is not None:
+        raise BackendError(
+            f"the module's weights are on the meta device ({meta!r} has no values): load "
+            "them first (model.to_empty(device='cpu'), then load_state_dict)"
+        )
 
 
 def _build(spec: Any, args: dict[str, Any]) -> Any:
@@ -656,8 +691,15 @@ def load_weights(model: Any, path: Path, what: str) -> None:
     from bnkit.errors import ModelFileError
 
     try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol it met
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
+        if not _saved_by_torch_or_pickle(path):
+            raise ModelFileError(
+                f"{path}: not a weights file (neither a torch.save archive nor a pickle: "
+                "text, or another format?); save with torch.save(model.state_dict(), path)"
+            ) from None
         raise ModelFileError(
             f"{path}: holds pickled Python objects (a whole module?), which bnkit never "
             "unpickles; save the weights with torch.save(model.state_dict(), path)"
@@ -711,6 +753,15 @@ def _check_tensors(state: dict[Any, Any], path: Path) -> None:
             )
 
 
+def _saved_by_torch_or_pickle(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle stream (protocol 2 and up)."""
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and head[1] >= 2)
+
+
 def _state_dict(loaded: Any, path: Path) -> dict[str, Any]:
     from bnkit.errors import ModelFileError
 
@@ -753,6 +804,7 @@ def as_input(model: Any, x: np.ndarray) -> torch.Tensor:
 def call(model: Any, x: np.ndarray) -> Any:
     """Runs `model` on a NumPy batch; a model that rejects the batch raises DataError
     naming the shape and, for channels-last images, the transpose that fixes them."""
+    materialized(model)
     try:
         return model(as_input(model, x))
     except (RuntimeError, ValueError, TypeError, IndexError) as err:

@@ -25,7 +25,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import fusion
 
-from bnkit.backends.torch.core import as_input, call, is_bn, is_pinned, unpin_class, walk
+from bnkit.backends.torch.core import (
+    as_input,
+    call,
+    is_bn,
+    is_pinned,
+    materialized,
+    unpin_class,
+    walk,
+)
 from bnkit.errors import BnkitError
 from bnkit.records import BNFacts, Folded
 
@@ -254,12 +262,26 @@ def _why_kept(path: str, bn: Any, graph: _Graph | None, why_not_traced: str, fol
     return f"it follows {src}, which is not a Conv1d/2d/3d or Linear of its channel count"
 
 
+def _float32_only(model: Any) -> None:
+    """Folding and its checks run in float32: a half-precision module is refused in one
+    line (folding in float16 loses what the checks measure)."""
+    materialized(model)
+    other = {str(p.dtype) for p in model.parameters() if p.is_floating_point()} - {"torch.float32"}
+    if other:
+        raise BnkitError(
+            f"the module's weights are {', '.join(sorted(other))}: bnkit folds and verifies in "
+            "float32; export model.float() (and convert the exported model to half precision "
+            "after, if you deploy in it)"
+        )
+
+
 def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = None) -> Folded:
     """A deep copy of `model` for deployment: each BN fed directly by a Conv1d/2d/3d or
     Linear whose output feeds nothing else is folded into it (with
     `torch.nn.utils.fusion`) and replaced by `nn.Identity`; every other BN becomes a
     `torch.fx` GraphModule calling batch norm with `training=False`; dropout becomes
     `nn.Identity`. The copy is in eval() and computes the same in train()."""
+    _float32_only(model)
     graph, why = _trace(model)
     dup = copy.deepcopy(model)
     for node in walk(dup):
