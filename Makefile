@@ -19,7 +19,7 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bnkit demo
+	$(VENV)/bin/bnkit demo --overwrite
 
 lint: $(STAMP)
 	$(PY) -m ruff check bnkit tests benchmarks

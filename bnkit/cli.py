@@ -660,6 +660,9 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     help="Write compare.json and compare.png into this folder.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace compare.json and compare.png from an earlier run."
+)
 def compare_cmd(
     model: Path,
     train_data: Path,
@@ -677,6 +680,7 @@ def compare_cmd(
     address: str | None,
     out_dir: Path | None,
     as_json: bool,
+    overwrite: bool,
 ) -> None:
     """Fine-tune MODEL on TRAIN_DATA once per BN strategy and seed; compare on --val."""
     from bnkit.compare import Strategy, compare
@@ -695,7 +699,7 @@ def compare_cmd(
     parse_scaling(scale, preprocess)
     _check_inputs(model, train_data, val_data)
     if out_dir is not None:  # checked before the sweep, not after it
-        check_out_dir(out_dir, COMPARE_FILES, model, train_data, val_data)
+        check_out_dir(out_dir, COMPARE_FILES, model, train_data, val_data, overwrite=overwrite)
     m = _load(model)
     train = _open_data(m, train_data, batch_size, scale, preprocess, None)
     val = _open_data(m, val_data, batch_size, scale, preprocess, None)
@@ -937,14 +941,17 @@ def export_cmd(
 @click.option(
     "--size", default=32, show_default=True, type=click.IntRange(min=8), help="Image side."
 )
-def digits_cmd(folder: Path, seed: int, size: int) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the files an earlier bnkit digits wrote there."
+)
+def digits_cmd(folder: Path, seed: int, size: int, overwrite: bool) -> None:
     """Write the embedded digits (source and MNIST-M-style target, train/val/test .npz) and
     the model pretrained on the source into FOLDER; print the shift and AdaBN evidence."""
     from bnkit.files import atomic_files, check_out_dir, save_model
     from bnkit.pretrain import DIGITS_FILES, adabn_evidence, pretrained_digits, write_digits
 
     model_name = "digits-resnet.keras"
-    check_out_dir(folder, (model_name, *DIGITS_FILES))
+    check_out_dir(folder, (model_name, *DIGITS_FILES), overwrite=overwrite)
     with _err.status("pretraining on the source digits (cached after the first run)..."):
         net = pretrained_digits(size=size, seed=seed)
     with atomic_files(folder, (model_name, *DIGITS_FILES)) as paths:
@@ -980,6 +987,9 @@ def digits_cmd(folder: Path, seed: int, size: int) -> None:
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--skip-traps", is_flag=True, help="Leave out the traps tables.")
 @click.option(
+    "--overwrite", is_flag=True, help="Replace the figures and JSON an earlier demo wrote there."
+)
+@click.option(
     "--framework",
     type=FRAMEWORK_CHOICE,
     default="both",
@@ -992,6 +1002,7 @@ def demo_cmd(
     epochs: int,
     seeds: int,
     skip_traps: bool,
+    overwrite: bool,
     framework: str,
 ) -> None:
     """The whole story on the embedded data, in Keras and in PyTorch: the traps, a model
@@ -1001,17 +1012,24 @@ def demo_cmd(
     from bnkit.files import check_out_dir
 
     frameworks = ["keras", "torch"] if framework == "both" else [framework]
-    check_out_dir(out_dir, tuple(n for f in frameworks for n in story_files(f)))
+    names = tuple(n for f in frameworks for n in story_files(f))
+    check_out_dir(out_dir, names, overwrite=overwrite)
     if "torch" in frameworks:
         # torch 2.14's first import of torch._dynamo (torch.optim makes it) crashes once
         # TensorFlow is loaded (its bundled triton): import it before Keras loads TF
         import torch._dynamo  # noqa: F401
     for f in frameworks:
-        _story(f, out_dir, labels_per_class, epochs, seeds, skip_traps)
+        _story(f, out_dir, labels_per_class, epochs, seeds, skip_traps, overwrite)
 
 
 def _story(
-    framework: str, out_dir: Path, labels_per_class: int, epochs: int, seeds: int, skip: bool
+    framework: str,
+    out_dir: Path,
+    labels_per_class: int,
+    epochs: int,
+    seeds: int,
+    skip: bool,
+    overwrite: bool,
 ) -> None:
     from bnkit.demo import digits_story, kit
 
@@ -1026,6 +1044,7 @@ def _story(
         story = digits_story(
             out_dir, labels_per_class=labels_per_class, epochs=epochs, seeds=seeds,
             progress=bars, on_status=lambda msg: _err.print(msg), framework=framework,
+            overwrite=overwrite,
         )  # fmt: skip
     cached = "loaded from the cache" if story.pretrained_cached else "trained now, then cached"
     _out.print(

@@ -269,13 +269,15 @@ def digits_story(
     progress: Any = None,
     on_status: Callable[[str], None] | None = None,
     framework: str = "keras",
+    overwrite: bool = False,
 ) -> Story:
     """Pretrains (or loads from the cache) the residual CNN on the source digits, inspects
     it, measures its shift on the target, and compares the four BN strategies fine-tuning
     the whole network on `labels_per_class` labelled target images per class, validated
     on the target validation split. Writes shift.png, compare.png, compare.json and
     demo.json into `out_dir` (`-torch` names with `framework="torch"`, where the CNN is a
-    PyTorch module, pretrained with a plain loop).
+    PyTorch module, pretrained with a plain loop). Files of an earlier story there are
+    replaced only with `overwrite`.
     """
     from pathlib import Path
 
@@ -289,7 +291,7 @@ def digits_story(
 
     k = kit(framework)
     names = story_files(framework)
-    out = check_out_dir(Path(out_dir), names)
+    out = check_out_dir(Path(out_dir), names, overwrite=overwrite)
     source, target = digits("source"), digits("target")
     tx, ty = few_labels(*target.train, labels_per_class)
     train = (k.images(tx), ty)

@@ -266,9 +266,12 @@ def _check_parent(out: Path) -> None:
     check_writable(parent)
 
 
-def check_out_dir(out_dir: Path, names: Sequence[str], *inputs: Path) -> Path:
+def check_out_dir(
+    out_dir: Path, names: Sequence[str], *inputs: Path, overwrite: bool = False
+) -> Path:
     """Refuses an output folder that is a file, inside a missing or unwritable parent, an
-    input, or one holding any of `names` that bnkit did not write there."""
+    input, or one already holding any of `names`: unless `overwrite`, and then only when
+    bnkit wrote them (its marker file is there)."""
     target = _resolve(out_dir)
     for inp in inputs:
         if _exists(inp) and target == _resolve(inp):
@@ -280,13 +283,19 @@ def check_out_dir(out_dir: Path, names: Sequence[str], *inputs: Path) -> Path:
     if not _is_dir(parent):
         raise BnkitError(f"{parent}: does not exist; create it first")
     check_writable(parent)
-    if _is_dir(out_dir) and not (out_dir / MARKER).is_file():
-        clash = [n for n in names if _exists(out_dir / n)]
-        if clash:
-            raise BnkitError(
-                f"{out_dir}: already holds {', '.join(clash)}, which bnkit did not write; "
-                "choose another folder"
-            )
+    clash = [n for n in names if _exists(out_dir / n)] if _is_dir(out_dir) else []
+    if not clash:
+        return out_dir
+    if not (out_dir / MARKER).is_file():
+        raise BnkitError(
+            f"{out_dir}: already holds {', '.join(clash)}, which bnkit did not write; "
+            "choose another folder"
+        )
+    if not overwrite:
+        raise BnkitError(
+            f"{out_dir}: already holds {', '.join(clash)} from an earlier run; pass "
+            "--overwrite to replace them, or choose another folder"
+        )
     return out_dir
 
 

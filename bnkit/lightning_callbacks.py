@@ -12,10 +12,11 @@ import lightning.pytorch as pl
 
 from bnkit.errors import BnkitError
 from bnkit.freeze import freeze
-from bnkit.policy import AllLayers, Mode, Plan, Rule
+from bnkit.policy import AllLayers, Mode, Plan, Rule, parse_mode
 from bnkit.watch import ACTIONS, BNWatchError, Watch, WatchReport, act_on_problems, epoch_counts
 
 __all__ = ["BNFinetuning", "BNWatchError"]
+
 
 def _inside(target: Any, module: str | None, train_from: str | None) -> str | None:
     """`train_from` as a path inside `target` (a path from the LightningModule that
@@ -159,7 +160,8 @@ class BNFinetuning(pl.Callback):
         if self.module is None or inside is not None or train_from not in order:
             return freeze(target, train_from=inside or train_from, bn=bn, rules=self.rules)
         before = order.index(train_from) > order.index(self.module or "")
-        rule = Rule(AllLayers(), trainable=not before, bn=Mode.FROZEN if before else bn)
+        mode = Mode.FROZEN if before else (None if bn is None else parse_mode(bn))
+        rule = Rule(AllLayers(), trainable=not before, bn=mode)
         return freeze(target, rules=(rule, *self.rules))
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:

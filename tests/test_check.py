@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -168,3 +170,29 @@ def test_no_bn_and_non_finite_variance_on_both_frameworks(fw):
     fw.set_weights_nonfinite(model)
     errors = {f.code for f in bnkit.check(model).errors}
     assert "BN005" in errors
+
+
+def test_findings_of_one_cause_are_one_group(fw):
+    model = fw.build()
+    if fw.name == "torch":  # requires_grad=False on every BN: BN011 on each
+        for m in model.modules():
+            if isinstance(m, __import__("torch").nn.BatchNorm2d):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+    report = bnkit.check(model)
+    code = "BN001" if fw.name == "keras" else "BN011"
+    per_layer = [f for f in report.findings if f.code == code]
+    groups = [g for g in report.groups() if g.code == code]
+    assert len(per_layer) == (4 if fw.name == "keras" else 2) and len(groups) == 1
+    (group,) = groups
+    assert list(group.paths) == [f.path for f in per_layer]
+    assert group.where == ("base" if fw.name == "keras" else "")
+    assert (
+        group.layers.startswith(f"{len(per_layer)} layers") and per_layer[-1].path in group.layers
+    )
+    doc = json.loads(report.to_json())
+    assert len(doc["findings"]) == len(report.findings) and len(doc["groups"]) == len(
+        report.groups()
+    )
+    assert str(report.table(verbose=True).row_count) == str(len(report.findings))
+    assert report.table().row_count == len(report.groups())

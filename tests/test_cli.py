@@ -354,6 +354,50 @@ def test_compare_command_prints_table_and_writes_json_and_plot(capsys, model_fil
         "mine",
     }
     assert (out_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run refuses the existing results unless told, then replaces only them
+    (out_dir / "notes.txt").write_text("the user's")
+    again = ["compare", str(model_file), str(train), "--val", str(val), "--strategies",
+             "frozen", "--epochs", "1", "--seeds", "1", "--out", str(out_dir)]  # fmt: skip
+    before = digest(out_dir / "compare.json")
+    code, _, err = run(capsys, *again)
+    assert code == 2 and "from an earlier run; pass --overwrite" in _one_line(err)
+    assert digest(out_dir / "compare.json") == before
+    code, _, err = run(capsys, *again, "--overwrite")
+    assert code == 0, err
+    assert len(json.loads((out_dir / "compare.json").read_text())["runs"]) == 1
+    assert (out_dir / "notes.txt").read_text() == "the user's"
+
+
+def test_interrupted_by_ctrl_c_exits_130_and_leaves_nothing(model_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "frozen.keras"
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnkit.cli", "freeze", str(model_file), "-o", str(out), "--bn",
+         "frozen"], env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.0)  # inside the framework's start-up or the work
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the command finished before the signal")
+    assert proc.returncode == 130 and "interrupted" in _one_line(err)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+def test_warnings_print_after_the_command_one_line_each(capsys, model_file, tmp_path):
+    compiled = tmp_path / "compiled.keras"
+    model = keras.models.load_model(model_file)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.save(compiled)
+    code, _, err = run(capsys, "freeze", str(compiled), "-o", str(tmp_path / "f.keras"),
+                       "--bn", "frozen")  # fmt: skip
+    assert code == 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(line.startswith("bnkit: warning: ") for line in lines), err
+    assert any("was compiled before freeze" in line for line in lines)
 
 
 @pytest.mark.parametrize(

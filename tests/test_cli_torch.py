@@ -5,6 +5,9 @@ file.py:factory) with --args and --weights; outputs as state_dict, plan JSON, .p
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +209,37 @@ def test_bad_model_specs_get_one_line(capsys, tmp_path, spec, model, extra, mess
     code, _, err = run(capsys, "inspect", *args)
     assert code == 2 and message in _one_line(err), err
     assert {p: digest(p) for p in before} == before
+
+
+@pytest.mark.parametrize(
+    ("blocked", "args", "message"),
+    [
+        (
+            "torchvision",
+            ["inspect", "torchvision:resnet18"],
+            "torchvision is not installed: pip install torchvision",
+        ),
+        (
+            "tensorflow",
+            ["inspect", "{keras}"],
+            "Keras' backend is tensorflow (Keras' default with KERAS_BACKEND unset), which is "
+            "not installed: pip install tensorflow, or set KERAS_BACKEND",
+        ),
+    ],
+    ids=["torchvision", "tensorflow"],
+)
+def test_a_missing_optional_package_is_named_in_one_line(tmp_path, blocked, args, message):
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+    model.save(tmp_path / "m.keras")
+    args = [a.format(keras=tmp_path / "m.keras") for a in args]
+    code = (
+        f"import sys\nsys.modules[{blocked!r}] = None  # as if it were not installed\n"
+        f"sys.argv = ['bnkit', *{args!r}]\nfrom bnkit.cli import main\nmain()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert message in lines[0]

@@ -174,11 +174,12 @@ def ws(tmp_path_factory) -> Path:
     with zipfile.ZipFile(root / "badconfig.keras", "w") as z:
         z.writestr("config.json", "{not json")
         z.writestr("metadata.json", "{}")
-    with zipfile.ZipFile(root / "bomb.keras", "w", zipfile.ZIP_DEFLATED) as z:
-        with z.open("config.json", "w", force_zip64=True) as f:
-            chunk = b" " * 2**20
-            for _ in range(300):
-                f.write(chunk)
+    with (
+        zipfile.ZipFile(root / "bomb.keras", "w", zipfile.ZIP_DEFLATED) as z,
+        z.open("config.json", "w", force_zip64=True) as f,
+    ):
+        for _ in range(300):
+            f.write(b" " * 2**20)
     (root / "afile").write_text("a file, not a folder")
     (root / "victim").mkdir()
     (root / "victim" / "keep.txt").write_text("the user's")

@@ -156,3 +156,44 @@ def test_bad_arguments_get_one_clear_error():
     callback = BNFinetuning(module="trunk")
     with pytest.raises(bnkit.BnkitError, match="no submodule 'trunk': give one of backbone"):
         callback.setup(None, Classifier(), "fit")
+
+
+class BackboneAndHead(pl.LightningModule):
+    """The usual layout: `self.backbone` (a network without its classifier) and
+    `self.head`, a sibling of the backbone."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_the_documented_recipe_works_on_the_backbone_and_head_layout(tmp_path):
+    model = BackboneAndHead()
+    before, head = state(model.backbone), model.head.weight.detach().clone()
+    callback = BNFinetuning(module="backbone", train_from="head", bn="frozen", on_problem="raise")
+    fit(model, callback, tmp_path, epochs=2)
+    after = state(model.backbone)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # weights and statistics
+    assert not torch.equal(head, model.head.weight)
+    assert callback.applied is not None and callback.applied.bn_counts() == {"frozen": 2}
+    # a path from the LightningModule into the module counts as a path inside it
+    model = BackboneAndHead()
+    callback = BNFinetuning(module="backbone", train_from="backbone.3", bn="affine")
+    fit(model, callback, tmp_path, epochs=1)
+    assert callback.applied.bn_counts() == {"frozen": 1, "affine": 1}

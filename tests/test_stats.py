@@ -202,8 +202,13 @@ def test_adapt_matches_numpy_and_shift_measures_it(fw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "size", "aux"), [("googlenet", 64, ["aux1.conv.bn", "aux2.conv.bn"]),
-    ("inception_v3", 75, ["AuxLogits.conv0.bn", "AuxLogits.conv1.bn"])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "size", "aux"),
+    [
+        ("googlenet", 64, ["aux1.conv.bn", "aux2.conv.bn"]),
+        ("inception_v3", 75, ["AuxLogits.conv0.bn", "AuxLogits.conv1.bn"]),
+    ],
+)
 def test_bn_layers_off_the_inference_path_are_kept_and_named(name, size, aux):
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
@@ -227,8 +232,8 @@ def test_a_last_batch_of_one_sample_joins_the_one_before(fw):
     tta read 33 samples in batches of 32 as one batch of 33."""
     torch = pytest.importorskip("torch")
     if fw.name == "keras":
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
-                                  keras.layers.BatchNormalization(), keras.layers.Dense(3)])  # fmt: skip
+        layers = [keras.layers.Dense(8), keras.layers.BatchNormalization(), keras.layers.Dense(3)]
+        model = keras.Sequential([keras.Input((4,)), *layers])
     else:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
@@ -266,5 +271,5 @@ def test_library_arguments_of_the_wrong_kind_get_bnkit_errors(conv_model):
 
 def test_all_constant_data_has_no_statistics(conv_model):
     x = np.zeros((8, *conv_model.input_shape[1:]), "float32")
-    with pytest.raises(DataError, match="every input value in .* is 0"):
+    with pytest.raises(DataError, match=r"every input value in .* is 0"):
         bnkit.adapt(conv_model, x)

@@ -195,3 +195,35 @@ def train_steps_on(model: nn.Module, x: torch.Tensor) -> None:
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
+
+
+def test_library_misuse_gets_bnkit_errors_not_internal_ones(tmp_path):
+    with pytest.raises(bnkit.BnkitError, match=r"a rule is a bnkit\.Rule or a .SELECTOR=MODE."):
+        bnkit.freeze(net(), policy=[1, 2, 3])
+    with pytest.raises(bnkit.BnkitError, match="train_from must be a string, got 123"):
+        bnkit.freeze(net(), train_from=123)
+    with pytest.raises(bnkit.BnkitError, match="path must be a file name, got 123"):
+        bnkit.export(net(), 123, input_shape=(3, 6, 6))
+    with pytest.raises(
+        bnkit.BnkitError, match=r"torch\.float16: bnkit folds and verifies in float32"
+    ):
+        bnkit.export(net().half(), tmp_path / "m.pt2", input_shape=(3, 6, 6))
+    assert not (tmp_path / "m.pt2").exists()
+    meta = net().to("meta")
+    x = np.random.default_rng(0).normal(size=(8, 3, 6, 6)).astype("float32")
+    for call in (lambda: bnkit.adapt(meta, x), lambda: bnkit.check(meta, input_shape=(3, 6, 6))):
+        with pytest.raises(bnkit.BackendError, match="on the meta device"):
+            call()
+    assert len(bnkit.inspect(meta).bn_layers) == 2  # the structure is there to inspect
+
+
+def test_a_bfloat16_module_is_re_estimated_in_float32_and_kept_in_bfloat16():
+    model = net().to(torch.bfloat16)
+    x = np.random.default_rng(0).normal(1.0, 2.0, size=(16, 3, 6, 6)).astype("float32")
+    bnkit.adapt(model, x)
+    bn = model.stem[1]
+    assert bn.running_mean.dtype == torch.bfloat16
+    with torch.no_grad():
+        h = model.stem[0](torch.as_tensor(x).to(torch.bfloat16)).float()
+    want = h.mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean.float(), want, rtol=2e-2, atol=2e-2)

@@ -75,6 +75,19 @@ KERAS_BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "n
 _PIP = {"tensorflow": "tensorflow", "jax": "'jax[cpu]'", "torch": "torch", "keras": "keras"}
 
 
+def installed(package: str) -> bool:
+    """Whether `package` can be imported, known without importing it (a package blocked
+    with `sys.modules[name] = None` counts as missing)."""
+    import importlib.util
+
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def keras_backend_choice() -> tuple[str, str]:
     """The Keras backend a new process will pick, and where the choice comes from
     (KERAS_BACKEND, keras.json, or Keras' default), known without importing Keras."""
@@ -97,10 +110,9 @@ def keras_backend_choice() -> tuple[str, str]:
 def check_framework(framework: str) -> None:
     """Raises BackendError, in one line naming the package or variable to set, when the
     framework that reads a model (`keras` with its backend, or `torch`) cannot start here."""
-    import importlib.util
 
     def missing(package: str) -> bool:
-        return package not in sys.modules and importlib.util.find_spec(package) is None
+        return not installed(package)
 
     if framework == "torch" and missing("torch"):
         raise BackendError(
@@ -115,8 +127,8 @@ def check_framework(framework: str) -> None:
     name, source = keras_backend_choice()
     if "keras" in sys.modules:
         return
-    installed = [b for b, pkg in KERAS_BACKENDS.items() if b != "numpy" and not missing(pkg)]
-    choose = f"set KERAS_BACKEND to an installed one ({', '.join(installed) or 'none'})"
+    available = [b for b, pkg in KERAS_BACKENDS.items() if b != "numpy" and not missing(pkg)]
+    choose = f"set KERAS_BACKEND to an installed one ({', '.join(available) or 'none'})"
     if name not in KERAS_BACKENDS:
         raise BackendError(
             f"Keras backend {name!r} (from {source}) is not one bnkit runs on: {choose}"

@@ -177,7 +177,7 @@ def _own(module: Any) -> list[tuple[str, Any]]:
 
 def _initialised(t: Any) -> bool:
     """False for a lazy module's parameter or buffer before its first forward."""
-    return not isinstance(t, nn.parameter.UninitializedTensorMixin)
+    return not isinstance(t, nn.parameter.UninitializedTensorMixin)  # type: ignore[attr-defined]
 
 
 def _numel(t: Any) -> int:
@@ -602,7 +602,9 @@ def _factory(spec: Any) -> Any:
 
     from bnkit.errors import ModelFileError, closest
 
-    if spec.source in ("torchvision", "timm") and importlib.util.find_spec(spec.source) is None:
+    from bnkit.backends import installed
+
+    if spec.source in ("torchvision", "timm") and not installed(spec.source):
         raise ModelFileError(
             f"{spec}: {spec.source} is not installed: pip install {spec.source} (with the "
             "torch it was built for, e.g. torch==2.14.1 torchvision==0.29.1 timm==1.0.31)"
