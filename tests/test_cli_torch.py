@@ -239,6 +239,7 @@ def test_a_missing_optional_package_is_named_in_one_line(tmp_path, blocked, args
         f"sys.argv = ['bnkit', *{args!r}]\nfrom bnkit.cli import main\nmain()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["KERAS_HOME"] = str(tmp_path / "keras-home")  # no keras.json: Keras' own default
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
