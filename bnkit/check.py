@@ -121,7 +121,7 @@ class CheckReport:
     def __str__(self) -> str:
         counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
         groups = self.groups()
-        causes = f" ({len(groups)} causes)" if len(groups) < len(self.findings) else ""
+        causes = f" ({len(groups)} {'cause' if len(groups) == 1 else 'causes'})" if len(groups) < len(self.findings) else ""
         return (
             f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} notes"
             + causes
@@ -157,7 +157,9 @@ def check(
     with running statistics kept (Lightning's `BaseFinetuning.freeze`): batch
     statistics in training, stored ones in inference; BN014 warning, `momentum=None`
     (a cumulative average); BN015 warning, a `SyncBatchNorm` that cannot synchronise
-    (no process group: a plain BN; a group on CPU: its training forward raises).
+    (no process group: a plain BN; a group on CPU: its training forward raises);
+    BN016 info, a BN layer that no inference pass calls (GoogLeNet's and Inception v3's
+    auxiliary classifiers).
 
     Keras models are read from their graph. A PyTorch module has none: the module
     feeding each BN comes from a `torch.fx` trace where the model traces, and call
@@ -199,6 +201,7 @@ def check(
     found += _batch(bn, facts, batch_size)
     found += _variance(facts.values())
     found += _shared(facts.values())
+    found += _off_path(facts.values())
     found += _partial(bn, facts, records, select)
     found += _stale(backend.compile_status(model), name)
     order = {s: i for i, s in enumerate(SEVERITIES)}
@@ -393,6 +396,20 @@ def _shared(facts: Any) -> Iterator[Finding]:
                 "inputs from every call site, so in inference no call site is normalised "
                 "with its own statistics",
                 "give each call site its own BatchNormalization layer",
+            )
+
+
+def _off_path(facts: Any) -> Iterator[Finding]:
+    for f in facts:
+        if f.calls == 0:
+            yield Finding(
+                "BN016",
+                "info",
+                f.path,
+                "not on the inference path: an inference pass never calls it (an auxiliary "
+                "classifier that runs in training only)",
+                "nothing to do: adapt, shift and tta leave its statistics as they are and say "
+                "so; it trains with the model's training loss only",
             )
 
 

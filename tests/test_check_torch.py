@@ -185,3 +185,22 @@ def test_bn009_convnext_has_no_bn():
     report = bnkit.check(model)
     assert [f.code for f in report.findings] == ["BN009"]
     assert "LayerNorm" in report.findings[0].problem
+
+
+def test_bn016_a_bn_no_inference_pass_calls_is_named_and_left_alone():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, init_weights=True)
+    report = bnkit.check(model, input_shape=(3, 64, 64))
+    found = [f.path for f in report.findings if f.code == "BN016"]
+    assert found == ["aux1.conv.bn", "aux2.conv.bn"]
+    # it is really off the path: inference leaves its statistics; training moves them
+    aux = model.aux1.conv.bn
+    before = aux.running_mean.clone()
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert torch.equal(before, aux.running_mean)
+    model.train()
+    model(torch.randn(2, 3, 224, 224))
+    assert not torch.equal(before, aux.running_mean)

@@ -600,9 +600,8 @@ def _factory(spec: Any) -> Any:
     import importlib
     import importlib.util
 
-    from bnkit.errors import ModelFileError, closest
-
     from bnkit.backends import installed
+    from bnkit.errors import ModelFileError, closest
 
     if spec.source in ("torchvision", "timm") and not installed(spec.source):
         raise ModelFileError(

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +153,10 @@ def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
         src = graph.producer.get(path) if graph is not None else None
         src_module = modules.get(src) if src is not None else None
         own = list(src_module.parameters(recurse=False)) if src_module is not None else []
-        n_calls = calls.get(path) or (graph.calls.get(path, 1) if graph is not None else 1)
+        if example is not None:  # the pass says: 0 for a BN off the inference path
+            n_calls = calls.get(path, 0)
+        else:
+            n_calls = graph.calls.get(path, 1) if graph is not None else 1
         facts.append(
             BNFacts(
                 path=path,
@@ -388,15 +393,60 @@ def write(model: Any, path: Path, format: str, example: np.ndarray) -> None:
         torch.export.save(_program(model, example), str(path))
         return
     x = as_input(model, example)
-    torch.onnx.export(
-        model,
-        (x,),
-        str(path),
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        dynamo=False,
-    )
+    try:  # TorchScript's exporter first: fast, and what most deployments were built on
+        with _stdout_dropped():  # it prints the graph it failed on, from C++
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                dynamo=False,
+            )
+        return
+    except Exception as err:  # an operator it cannot express (alexnet's adaptive pooling)
+        first = _first_line(err)
+    try:  # then torch.export's exporter, which handles more operators
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+            report=False,
+        )
+    except Exception as err:
+        raise BnkitError(
+            f"neither of torch's ONNX exporters can write this module: TorchScript's says "
+            f"{first!r}, torch.export's {_first_line(err)!r}; export to .pt2 instead"
+        ) from None
+
+
+@contextlib.contextmanager
+def _stdout_dropped() -> Iterator[None]:
+    """The process's standard output (file descriptor 1, which C++ writes to) sent to
+    /dev/null for the block: `--json` output stays JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
 def run_written(path: Path, format: str, x: np.ndarray) -> np.ndarray:

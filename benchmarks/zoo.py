@@ -1,0 +1,355 @@
+"""The model zoo sweep: every torchvision classification model, timm models across
+families, and every `keras.applications` model, built with random weights, each put
+through what bnkit promises:
+
+- `inspect` finds as many BN layers as a count made here (isinstance of the framework's
+  BatchNorm classes, FrozenBatchNorm included, nested models recursed);
+- `frozen` keeps every BN statistic and gamma/beta bit-identical through 2 real training
+  steps (SGD, `model.train()` / `fit`), `affine` keeps the statistics and moves gamma/beta;
+- `adapt` gives finite statistics;
+- `check` runs;
+- `export` folds, verifies (export vs original, one sample vs a batch, training vs
+  inference) and reloads the written file (`.pt2` for PyTorch, `.keras` for Keras).
+
+A model that fails any of these is a row with what failed; bnkit refusing in one line
+(a BnkitError) is a row with the reason. Usage:
+
+    .venv/bin/python benchmarks/zoo.py torchvision            # every torchvision model
+    .venv/bin/python benchmarks/zoo.py timm
+    KERAS_BACKEND=torch .venv/bin/python benchmarks/zoo.py keras
+    .venv/bin/python benchmarks/zoo.py torchvision --models resnet18,googlenet --json out.json
+
+It prints a Markdown table (the one in benchmarks/README.md) and exits 1 when a row failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TIMM_MODELS = (
+    "resnet18", "resnet50d", "efficientnet_b0", "tf_efficientnet_b0", "efficientnetv2_rw_t",
+    "mobilenetv3_small_100", "mobilenetv3_large_100", "mobilenetv4_conv_small", "regnetx_002",
+    "regnety_002", "densenet121", "dla34", "dpn68", "cspresnet50", "cspdarknet53",
+    "res2net50_26w_4s", "resnest14d", "selecsls42b", "hrnet_w18_small", "vovnet39a",
+    "ese_vovnet19b_dw", "mixnet_s", "repvgg_a0", "mobileone_s0", "fastvit_t8", "levit_128s",
+    "inception_v3", "xception41", "ghostnet_100", "rexnet_100", "convnext_atto", "seresnet18",
+    "ecaresnet26t", "tinynet_a", "lcnet_050", "hardcorenas_a",
+)  # fmt: skip
+"""At least one of each family the field reaches for (levit uses BatchNorm1d, convnext has
+no BN)."""
+SIZE = 64
+"""Input side for the sweep; models with a fixed input size get theirs."""
+BATCH = 4
+FIXED_SIZE = {"inception_v3": 299, "vit": 224, "swin": 224, "maxvit": 224, "levit": 224,
+              "fastvit": 64}  # fmt: skip
+
+
+def _size(name: str, default: int = SIZE) -> int:
+    for key, size in FIXED_SIZE.items():
+        if name.startswith(key):
+            return size
+    return default
+
+
+def _row(name: str, build: Any, checks: Any) -> dict[str, Any]:
+    import bnkit
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"model": name}
+    try:
+        row.update(checks(build()))
+        row["status"] = "ok" if not row.get("failed") else "FAILED: " + "; ".join(row["failed"])
+    except bnkit.BnkitError as err:
+        row["status"] = f"refused: {str(err).splitlines()[0][:160]}"
+    except Exception as err:  # a failure the sweep is here to find
+        row["status"] = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        row["traceback"] = traceback.format_exc(limit=6)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+# ---------------------------------------------------------------------- PyTorch
+
+
+def _torch_bn_count(model: Any) -> int:
+    from torch import nn
+
+    frozen = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
+    return sum(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ in frozen
+        for m in model.modules()
+    )
+
+
+def _torch_bn_values(model: Any) -> dict[str, dict[str, np.ndarray]]:
+    from torch import nn
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            values = {"mean": m.running_mean, "var": m.running_var}
+            if m.weight is not None:
+                values.update(gamma=m.weight, beta=m.bias)
+            out[name] = {k: v.detach().float().numpy().copy() for k, v in values.items()}
+    return out
+
+
+def _logits(out: Any) -> Any:
+    if isinstance(out, tuple):  # googlenet/inception in training: (logits, aux...)
+        return out[0]
+    return getattr(out, "logits", out)
+
+
+def _torch_steps(model: Any, x: Any, steps: int = 2) -> None:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05) if params else None
+    model.train()
+    for _ in range(steps):
+        out = _logits(model(x))
+        loss = out.float().pow(2).mean()
+        if opt is not None:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def _torch_checks(model: Any, size: int) -> dict[str, Any]:
+    import torch
+
+    import bnkit
+
+    torch.manual_seed(0)
+    row: dict[str, Any] = {"failed": []}
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+    own = _torch_bn_count(model)
+    found = len(bnkit.inspect(model).bn_layers)
+    row["bn"] = own
+    if found != own:
+        row["failed"].append(f"inspect found {found} BN, counted {own}")
+    x = torch.randn(BATCH, 3, size, size)
+    if own:
+        row["hold"] = _torch_hold(model, x, row["failed"])
+        adapted = copy.deepcopy(model)
+        bnkit.adapt(adapted, x.numpy())
+        bad = [
+            p
+            for p, v in _torch_bn_values(adapted).items()
+            if not all(np.isfinite(a).all() for a in v.values())
+        ]
+        if bad:
+            row["failed"].append(f"adapt left non-finite statistics in {bad[0]}")
+    report = bnkit.check(model, batch_size=32, input_shape=(3, size, size))
+    row["check"] = f"{len(report.errors)} errors, {len(report.findings)} findings"
+    with tempfile.TemporaryDirectory() as tmp:
+        ex = bnkit.export(model, Path(tmp) / "m.pt2", input_shape=(3, size, size))
+    row["fold"] = f"{ex.folded}/{ex.folded + ex.kept}"
+    row["export"] = f"{ex.max_diff_original:.1e}"
+    return row
+
+
+def _torch_hold(model: Any, x: Any, failed: list[str]) -> str:
+    import bnkit
+
+    results = []
+    for mode in ("frozen", "affine"):
+        m = copy.deepcopy(model)
+        bnkit.freeze(m, bn=mode)
+        before = _torch_bn_values(m)
+        _torch_steps(m, x)
+        after = _torch_bn_values(m)
+        stats_moved = [p for p in before if not _same(before[p], after[p], ("mean", "var"))]
+        affine_moved = [p for p in before if not _same(before[p], after[p], ("gamma", "beta"))]
+        if stats_moved:
+            failed.append(f"{mode}: statistics of {stats_moved[0]} moved")
+        if mode == "frozen" and affine_moved:
+            failed.append(f"frozen: gamma/beta of {affine_moved[0]} moved")
+        if mode == "affine" and not affine_moved and any("gamma" in v for v in before.values()):
+            failed.append("affine: no gamma/beta moved")
+        results.append(f"{mode} ok" if not stats_moved else f"{mode} MOVED")
+    return ", ".join(results)
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: tuple[str, ...]) -> bool:
+    return all(np.array_equal(a[k], b[k]) for k in keys if k in a)
+
+
+def sweep_torch(source: str, names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        if source == "torchvision":
+            import torchvision
+
+            def build(name: str = name) -> Any:
+                return torchvision.models.get_model(name, weights=None)
+        else:
+            import timm
+
+            def build(name: str = name) -> Any:
+                return timm.create_model(name, pretrained=False)
+
+        size = _size(name)
+        rows.append(_row(name, build, lambda m, size=size: _torch_checks(m, size)))
+        print(_line(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------- Keras
+
+
+def keras_models() -> list[str]:
+    import keras
+
+    return sorted(
+        n
+        for n in dir(keras.applications)
+        if n[0].isupper() and callable(getattr(keras.applications, n))
+    )
+
+
+KERAS_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71, "NASNetMobile": 224,
+              "NASNetLarge": 331}  # fmt: skip
+
+
+def _keras_bn_values(model: Any) -> dict[str, dict[str, np.ndarray]]:
+    import keras
+
+    out = {}
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            out[layer.path] = {
+                v.name: np.array(keras.ops.convert_to_numpy(v), copy=True) for v in layer.weights
+            }
+    return out
+
+
+def _keras_checks(name: str) -> Any:
+    import keras
+
+    import bnkit
+
+    size = KERAS_SIZE.get(name, 32)
+
+    def build() -> Any:
+        keras.utils.set_random_seed(0)
+        base = getattr(keras.applications, name)(
+            weights=None, include_top=False, input_shape=(size, size, 3)
+        )
+        x = keras.layers.GlobalAveragePooling2D()(base.output)
+        return keras.Model(base.input, keras.layers.Dense(3)(x), name=f"{name}_head")
+
+    def checks(model: Any) -> dict[str, Any]:
+        row: dict[str, Any] = {"failed": []}
+        row["params_m"] = round(model.count_params() / 1e6, 1)
+        own = sum(
+            isinstance(lyr, keras.layers.BatchNormalization) for lyr in model._flatten_layers()
+        )
+        found = len(bnkit.inspect(model).bn_layers)
+        row["bn"] = own
+        if found != own:
+            row["failed"].append(f"inspect found {found} BN, counted {own}")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(BATCH * 2, size, size, 3)).astype("float32")
+        y = rng.integers(0, 3, BATCH * 2)
+        if own:
+            holds = []
+            for mode in ("frozen", "affine"):
+                m = build()
+                bnkit.freeze(m, bn=mode)
+                m.compile(keras.optimizers.SGD(0.05), "mse")
+                before = _keras_bn_values(m)
+                m.fit(x, keras.utils.to_categorical(y, 3), batch_size=BATCH, epochs=1, verbose=0)
+                after = _keras_bn_values(m)
+                stats = [
+                    p
+                    for p in before
+                    if not _same(before[p], after[p], ("moving_mean", "moving_variance"))
+                ]
+                affine = [p for p in before if not _same(before[p], after[p], ("gamma", "beta"))]
+                if stats:
+                    row["failed"].append(f"{mode}: statistics of {stats[0]} moved")
+                if mode == "frozen" and affine:
+                    row["failed"].append(f"frozen: gamma/beta of {affine[0]} moved")
+                if mode == "affine" and not affine:
+                    row["failed"].append("affine: no gamma/beta moved")
+                holds.append(f"{mode} ok" if not stats else f"{mode} MOVED")
+            row["hold"] = ", ".join(holds)
+            adapted = build()
+            bnkit.adapt(adapted, x)
+            if not all(
+                np.isfinite(a).all() for v in _keras_bn_values(adapted).values() for a in v.values()
+            ):
+                row["failed"].append("adapt left non-finite statistics")
+        report = bnkit.check(model, batch_size=32)
+        row["check"] = f"{len(report.errors)} errors, {len(report.findings)} findings"
+        with tempfile.TemporaryDirectory() as tmp:
+            ex = bnkit.export(model, Path(tmp) / "m.keras", check_data=x)
+        row["fold"] = f"{ex.folded}/{ex.folded + ex.kept}"
+        row["export"] = f"{ex.max_diff_original:.1e}"
+        return row
+
+    return build, checks
+
+
+def sweep_keras(names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        build, checks = _keras_checks(name)
+        rows.append(_row(name, build, checks))
+        print(_line(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------- output
+
+COLUMNS = ("model", "params_m", "bn", "hold", "check", "fold", "export", "seconds", "status")
+
+
+def _line(row: dict[str, Any]) -> str:
+    return "| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| model | params (M) | BN | frozen/affine through 2 steps | check | folded | export error | s | status |"
+    return "\n".join([head, "|" + "---|" * len(COLUMNS), *(_line(r) for r in rows)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", choices=["torchvision", "timm", "keras"])
+    parser.add_argument("--models", help="comma-separated names (default: the whole zoo)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    names = args.models.split(",") if args.models else None
+    if args.source == "keras":
+        rows = sweep_keras(names or keras_models())
+    else:
+        if names is None and args.source == "torchvision":
+            import torchvision
+
+            names = torchvision.models.list_models(module=torchvision.models)
+        rows = sweep_torch(args.source, names or list(TIMM_MODELS))
+    print(markdown(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+    failed = [r for r in rows if r["status"].startswith("FAILED")]
+    print(f"\n{len(rows)} models: {len(rows) - len(failed)} passed or refused in one line, "
+          f"{len(failed)} failed", file=sys.stderr)  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
