@@ -322,7 +322,10 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| model | params (M) | BN | frozen/affine through 2 steps | check | folded | export error | s | status |"
+    head = (
+        "| model | params (M) | BN | frozen/affine through 2 steps | check | folded "
+        "| export error | s | status |"
+    )
     return "\n".join([head, "|" + "---|" * len(COLUMNS), *(_line(r) for r in rows)])
 
 
