@@ -121,7 +121,11 @@ class CheckReport:
     def __str__(self) -> str:
         counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
         groups = self.groups()
-        causes = f" ({len(groups)} {'cause' if len(groups) == 1 else 'causes'})" if len(groups) < len(self.findings) else ""
+        causes = (
+            f" ({len(groups)} {'cause' if len(groups) == 1 else 'causes'})"
+            if len(groups) < len(self.findings)
+            else ""
+        )
         return (
             f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} notes"
             + causes

@@ -756,7 +756,7 @@ def check_source(path: Any) -> Path:
     """What can be checked of a data path before a framework starts (the command line runs
     it first): an existing regular file or folder; a folder with class sub-folders; an
     `.npz` that is a zip holding `x`. Raises DataError."""
-    from bnkit.files import check_input
+    from bnkit.files import check_input, check_zip_members
 
     path = check_input(Path(path), "data file or folder", DataError)
     if path.is_dir():
@@ -774,6 +774,7 @@ def check_source(path: Any) -> Path:
     _check_npz_file(path)
     try:
         with zipfile.ZipFile(path) as z:
+            check_zip_members(path, z, DataError)
             names = [n.removesuffix(".npy") for n in z.namelist()]
     except (zipfile.BadZipFile, OSError) as err:
         raise DataError(f"{path}: not a readable .npz file ({err})") from None
@@ -797,7 +798,7 @@ def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
 
     Raises DataError naming the file and what is wrong.
     """
-    from bnkit.files import check_input
+    from bnkit.files import check_input, check_zip_members
 
     path = Path(path)
     check_input(path, "data file", DataError)
@@ -805,6 +806,8 @@ def load_npz(path: Any) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(f"{path}: is a directory without class folders; give an .npz file")
     _check_npz_file(path)
     try:
+        with zipfile.ZipFile(path) as archive:
+            check_zip_members(path, archive, DataError)
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:

@@ -191,6 +191,37 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
+BOMB_RATIO = 100
+"""A zip member declaring more than this many times its stored size (DEFLATE cannot pass
+~1032:1, and model and array archives are stored uncompressed or nearly) is refused when
+it is large: a decompression bomb."""
+BOMB_FLOOR = 256 * 2**20
+"""Members smaller than this (inflated) are never refused as bombs."""
+
+
+def check_zip_members(path: Path, z: zipfile.ZipFile, error: type[BnkitError] = BnkitError) -> None:
+    """Raises `error` for a member that would inflate far beyond its stored size (a zip
+    bomb), or for members that together would not fit in memory, before reading any."""
+    total = 0
+    for info in z.infolist():
+        total += info.file_size
+        if info.file_size > BOMB_FLOOR and info.file_size > BOMB_RATIO * max(info.compress_size, 1):
+            raise error(
+                f"{path}: member {info.filename!r} inflates {info.file_size / 2**20:.0f} MiB "
+                f"from {info.compress_size / 2**20:.1f} MiB stored (a decompression bomb, not "
+                "data bnkit can use)"
+            )
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if total > memory:
+        raise error(
+            f"{path}: its members inflate to {total / 2**30:.1f} GiB, more than this machine's "
+            f"memory ({memory / 2**30:.1f} GiB); give a smaller file"
+        )
+
+
 def check_input(path: Path, what: str = "file", error: type[BnkitError] = BnkitError) -> Path:
     """Raises `error` unless `path` is an existing regular file or folder: a named pipe,
     socket or device would block bnkit or never end."""

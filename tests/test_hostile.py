@@ -180,6 +180,13 @@ def ws(tmp_path_factory) -> Path:
     ):
         for _ in range(300):
             f.write(b" " * 2**20)
+    for name, member in (("bomb.npz", "x.npy"), ("bomb.pt", "archive/data/0")):
+        with (
+            zipfile.ZipFile(root / name, "w", zipfile.ZIP_DEFLATED) as z,
+            z.open(member, "w", force_zip64=True) as f,
+        ):
+            for _ in range(300):
+                f.write(b"\0" * 2**20)
     (root / "afile").write_text("a file, not a folder")
     (root / "victim").mkdir()
     (root / "victim" / "keep.txt").write_text("the user's")
@@ -277,6 +284,8 @@ CASES = [
     case("val-classes-not-in-training", "compare", K, "folder_ab", "--val", "folder_bc",
          message="class folders 'c' are not among the training classes"),
     case("config-json-inflates", "inspect", "bomb.keras", message="config.json inflates to"),
+    case("npz-bomb", "shift", K, "bomb.npz", message="a decompression bomb"),
+    case("weights-bomb", "inspect", S, "--weights", "bomb.pt", message="a decompression bomb"),
     case("world-size-not-a-number", "adapt", S, "nchw.npz", "-o", "o.pt",
          message="is not a number of processes", WORLD_SIZE="abc"),
     case("world-size-without-rank", "adapt", S, "nchw.npz", "-o", "o.pt",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bnkit.errors import ModelFileError
-from bnkit.files import check_input
+from bnkit.files import check_input, check_zip_members
 
 SUFFIXES = (".keras",)
 CONFIG_LIMIT = 256 * 2**20
@@ -44,26 +44,15 @@ def check(path: Path) -> Path:
     return path
 
 
-BOMB_RATIO = 100
-"""Keras stores archive members uncompressed and DEFLATE cannot pass ~1032:1: a large
-member declaring more than this many times its stored size is a decompression bomb."""
-
-
 def _refuse_bombs(path: Path, z: zipfile.ZipFile) -> None:
-    for info in z.infolist():
-        inflated = info.file_size
-        if info.filename == "config.json" and inflated > CONFIG_LIMIT:
-            raise ModelFileError(
-                f"{path}: config.json inflates to {inflated / 2**20:.0f} MiB, more than a "
-                f"Keras model's configuration ({CONFIG_LIMIT // 2**20} MiB at most); the file "
-                "is damaged or not a model"
-            )
-        if inflated > CONFIG_LIMIT and inflated > BOMB_RATIO * max(info.compress_size, 1):
-            raise ModelFileError(
-                f"{path}: member {info.filename!r} inflates {inflated / 2**20:.0f} MiB from "
-                f"{info.compress_size / 2**20:.1f} MiB (a decompression bomb, not a Keras "
-                "model: Keras stores its members uncompressed)"
-            )
+    config = z.getinfo("config.json") if "config.json" in z.namelist() else None
+    if config is not None and config.file_size > CONFIG_LIMIT:
+        raise ModelFileError(
+            f"{path}: config.json inflates to {config.file_size / 2**20:.0f} MiB, more than a "
+            f"Keras model's configuration ({CONFIG_LIMIT // 2**20} MiB at most); the file is "
+            "damaged or not a model"
+        )
+    check_zip_members(path, z, ModelFileError)
 
 
 def read_config(path: Path) -> Any:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bnkit.errors import ModelFileError
-from bnkit.files import check_input
+from bnkit.files import check_input, check_zip_members
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ def check_weights(weights: Path) -> None:
         raise ModelFileError(f"{weights}: is a directory; give a state_dict file (.pt)")
     if weights.stat().st_size == 0:
         raise ModelFileError(f"{weights}: the file is empty; save with torch.save(state_dict)")
+    if zipfile.is_zipfile(weights):
+        with zipfile.ZipFile(weights) as z:
+            check_zip_members(weights, z, ModelFileError)
 
 
 def parse_args(text: str | None) -> dict[str, Any]:
