@@ -199,7 +199,7 @@ def _world() -> int:
 
 
 def _on_ranks(
-    measure: Any, model: Any, source: Any, max_batches: int | None, label: str
+    measure: Any, model: Any, source: Any, max_batches: int | None, label: str, select: Any
 ) -> tuple[int, Any]:
     """`measure` (adapt or shift) over the data with a progress bar, and this process's
     rank; under torchrun each process reads its share of the batches."""
@@ -208,7 +208,8 @@ def _on_ranks(
             source = source.sharded(rank, world)
         total = None if world > 1 else _progress_total(source, max_batches)
         with _progress(label, total) as tick:
-            return rank, measure(model, source, max_batches=max_batches, on_batch=tick)
+            report = measure(model, source, select=select, max_batches=max_batches, on_batch=tick)
+            return rank, report
 
 
 def _input_shape() -> tuple[int, ...] | None:
@@ -234,6 +235,13 @@ def _inputs(model: Path) -> list[Path]:
     return [model] + ([weights] if weights is not None else [])
 
 
+def _epilog(*examples: str, model: bool = True) -> str:
+    """A command's --help epilog: its examples (kept as written), then what MODEL is."""
+    lines = "\n".join(f"  {e}" for e in examples)
+    text = f"\b\nExamples:\n{lines}"
+    return f"{text}\n\n{MODEL_HELP}" if model else text
+
+
 MODEL_HELP = (
     "MODEL is a '.keras' file or a PyTorch model spec: torchvision:NAME, timm:NAME, "
     "package.module:factory or path/to/file.py:factory. A spec runs Python code, as "
@@ -249,7 +257,12 @@ def cli() -> None:
     """BatchNorm made correct, visible and decidable in transfer learning."""
 
 
-@cli.command("inspect", epilog=MODEL_HELP)
+@cli.command(
+    "inspect",
+    epilog=_epilog(
+        "bnkit inspect model.keras --bn-only", "bnkit inspect torchvision:resnet18 --json"
+    ),
+)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -266,7 +279,13 @@ def inspect_cmd(model: Path, as_json: bool, bn_only: bool) -> None:
     _out.print(report.summary(), highlight=False)
 
 
-@cli.command("freeze", epilog=MODEL_HELP)
+@cli.command(
+    "freeze",
+    epilog=_epilog(
+        "bnkit freeze model.keras -o frozen.keras --train-from conv5_block1_1_conv --bn affine",
+        "bnkit freeze torchvision:resnet18 --weights ckpt.pt -o frozen.pt --bn frozen",
+    ),
+)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -335,15 +354,15 @@ def freeze_cmd(
     _save_and_render(m, output, plan, as_json, sidecars)
 
 
-def _data_options(fn: Any) -> Any:
+def _data_options(fn: Any, batch_size: int = 32) -> Any:
     """The options every command that reads data shares."""
     options = [
         click.option(
             "--batch-size",
-            default=32,
+            default=batch_size,
             show_default=True,
             type=click.IntRange(min=1),
-            help="Batch size.",
+            help="Images per batch.",
         ),
         click.option(
             "--max-batches", type=click.IntRange(min=1), help="Stop after this many batches."
@@ -371,6 +390,18 @@ def _data_options(fn: Any) -> Any:
         ),
     ]
     return _with_options(fn, options)
+
+
+def _tta_data_options(fn: Any) -> Any:
+    """The data options with the TENT paper's batch of 64, as `bnkit.tta` has."""
+    return _data_options(fn, batch_size=64)
+
+
+SELECT_OPTION = click.option(
+    "--select",
+    metavar="SELECTOR",
+    help="Only the BN layers this selector picks (bn, re:REGEX, glob:PATTERN, block:NAME, ...).",
+)
 
 
 def _open_data(
@@ -415,7 +446,13 @@ def _progress_total(data: Any, max_batches: int | None) -> int | None:
     return total
 
 
-@cli.command("adapt", epilog=MODEL_HELP)
+@cli.command(
+    "adapt",
+    epilog=_epilog(
+        "bnkit adapt model.keras target.npz -o adapted.keras",
+        "bnkit adapt torchvision:resnet18 --weights ckpt.pt photos/ -o adapted.pt --scale 1/255",
+    ),
+)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
@@ -427,6 +464,7 @@ def _progress_total(data: Any, max_batches: int | None) -> int | None:
     help="Where to write the adapted model (.keras, or a PyTorch state_dict .pt); never the input.",
 )
 @_data_options
+@SELECT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer summary as JSON.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing output that bnkit wrote before."
@@ -440,6 +478,7 @@ def adapt_cmd(
     scale: str | None,
     preprocess: str | None,
     channels: str | None,
+    select: str | None,
     as_json: bool,
     overwrite: bool,
 ) -> None:
@@ -448,20 +487,29 @@ def adapt_cmd(
     from bnkit.backends import model_suffix
     from bnkit.data import parse_scaling
     from bnkit.files import check_output
+    from bnkit.policy import parse_selector
     from bnkit.stats import adapt
 
     parse_scaling(scale, preprocess)
+    selector = parse_selector(select) if select is not None else None
     _world()
     _check_inputs(model, data)
     check_output(output, *_inputs(model), data, suffix=model_suffix(model), overwrite=overwrite)
     m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
-    rank, report = _on_ranks(adapt, m, source, max_batches, "re-estimating BN statistics")
+    rank, report = _on_ranks(adapt, m, source, max_batches, "re-estimating BN statistics",
+                             selector)  # fmt: skip
     if rank == 0:  # every rank holds the combined statistics; one writes them
         _save_and_render(m, output, report, as_json)
 
 
-@cli.command("tta", epilog=MODEL_HELP)
+@cli.command(
+    "tta",
+    epilog=_epilog(
+        "bnkit tta model.keras stream.npz --method tent -o adapted.keras --report tta.json",
+        "bnkit tta torchvision:resnet18 --weights ckpt.pt photos/ --method adapt",
+    ),
+)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
@@ -480,11 +528,17 @@ def adapt_cmd(
 )
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of the stream.")
-@click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--tent-steps",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="TENT's optimizer steps on each batch.",
+)
 @click.option("--lr", default=1e-3, show_default=True, help="TENT's learning rate.")
 @click.option("--episodic", is_flag=True, help="Reset to the start before every batch.")
 @click.option("--no-guard", is_flag=True, help="No reset on collapse or non-finite values.")
-@_data_options
+@_tta_data_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs that bnkit wrote before.")
 def tta_cmd(
@@ -494,7 +548,7 @@ def tta_cmd(
     output: Path | None,
     report: Path | None,
     plot: Path | None,
-    steps: int,
+    tent_steps: int,
     lr: float,
     episodic: bool,
     no_guard: bool,
@@ -527,7 +581,7 @@ def tta_cmd(
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
     with _progress(f"{method} on the stream", _progress_total(source, max_batches)) as tick:
         result = tta(
-            m, source, method, batch_size=batch_size, steps=steps, lr=lr, episodic=episodic,
+            m, source, method, batch_size=batch_size, steps=tent_steps, lr=lr, episodic=episodic,
             guard=not no_guard, max_batches=max_batches, on_batch=lambda b: tick(b.index + 1),
         )  # fmt: skip
     if output is not None:
@@ -545,12 +599,19 @@ def tta_cmd(
         _out.print(f"reset after batch {k}: {why}", highlight=False)
 
 
-@cli.command("shift", epilog=MODEL_HELP)
+@cli.command(
+    "shift",
+    epilog=_epilog(
+        "bnkit shift model.keras target.npz --plot shift.png",
+        "bnkit shift model.keras target.npz --select 're:^conv5'",
+    ),
+)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @_data_options
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of shift by depth.")
+@SELECT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing output that bnkit wrote before."
@@ -564,24 +625,28 @@ def shift_cmd(
     preprocess: str | None,
     channels: str | None,
     plot: Path | None,
+    select: str | None,
     as_json: bool,
     overwrite: bool,
 ) -> None:
-    """Measure how far DATA is from each BN layer's stored statistics, and say whether
-    to keep BN frozen, re-estimate it (adapt) or train it."""
+    """Measure how far DATA is from each BN layer's stored statistics, and say what to do:
+    keep BN frozen, re-estimate it (adapt, no labels), or collect labels and compare."""
     from bnkit.data import parse_scaling
     from bnkit.files import check_output
     from bnkit.plots import shift_plot
+    from bnkit.policy import parse_selector
     from bnkit.stats import shift
 
     parse_scaling(scale, preprocess)
+    selector = parse_selector(select) if select is not None else None
     _world()
     _check_inputs(model, data)
     if plot is not None:
         check_output(plot, model, data, suffix=".png", overwrite=overwrite)
     m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
-    rank, report = _on_ranks(shift, m, source, max_batches, "measuring BN input statistics")
+    rank, report = _on_ranks(shift, m, source, max_batches, "measuring BN input statistics",
+                             selector)  # fmt: skip
     if rank != 0:  # every rank holds the combined measure; one reports it
         return
     if plot is not None:
@@ -606,7 +671,13 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
         yield lambda k: progress.update(task, completed=k)
 
 
-@cli.command("compare", epilog=MODEL_HELP)
+@cli.command(
+    "compare",
+    epilog=_epilog(
+        "bnkit compare model.keras train.npz --val val.npz -o results/",
+        "bnkit compare model.keras train.npz --val val.npz --strategies frozen,train,tent",
+    ),
+)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("train_data", type=click.Path(path_type=Path))
@@ -625,9 +696,15 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     "NAME:RULE;RULE for your own policy, e.g. "
     "'preact:bn=train;re:preact_bn$=frozen'.",
 )
-@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option(
-    "--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0..N-1."
+    "--epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Epochs per run."
+)
+@click.option(
+    "--seeds",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many seeds: each strategy runs with seeds 0..N-1.",
 )
 @click.option("--train-from", metavar="NAME", help="First trained layer (default: all).")
 @click.option("--lr", default=1e-3, show_default=True, help="Learning rate.")
@@ -638,7 +715,13 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     show_default=True,
     help="Adam, or SGD with momentum 0.9.",
 )
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per training batch.",
+)
 @click.option("--scale", metavar="FACTOR", help="Multiply inputs by FACTOR (e.g. 1/255).")
 @click.option("--preprocess", metavar="NAME", help="keras.applications preprocessing.")
 @click.option(
@@ -654,7 +737,8 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     help="The Ray cluster for --executor ray (ray://HOST:10001, auto); default: a local one.",
 )
 @click.option(
-    "--out",
+    "-o",
+    "--output",
     "out_dir",
     type=click.Path(path_type=Path),
     help="Write compare.json and compare.png into this folder.",
@@ -792,7 +876,13 @@ class _CompareProgress:
         )
 
 
-@cli.command("check", epilog=MODEL_HELP)
+@cli.command(
+    "check",
+    epilog=_epilog(
+        "bnkit check model.keras --batch-size 8 --train-steps 300",
+        "bnkit check torchvision:resnet18 --input-shape 3,64,64 --batch-size 1",
+    ),
+)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -801,16 +891,20 @@ class _CompareProgress:
     help="The training batch size you plan (small-batch check).",
 )
 @click.option(
-    "--steps", type=click.IntRange(min=1), help="The training steps you plan (momentum check)."
+    "--train-steps",
+    "steps",
+    type=click.IntRange(min=1),
+    help="The training steps you plan (momentum check).",
 )
 @click.option(
     "--select", metavar="SELECTOR", help="A BN selector you plan to use (coverage check)."
 )
 @click.option(
-    "--example",
+    "--val",
+    "example",
     type=click.Path(path_type=Path),
-    help="Inputs (.npz or folder) for one inference pass: call counts and values per channel "
-    "of a PyTorch module's BN layers.",
+    help="Validation inputs (.npz or folder) for one inference pass: call counts and values "
+    "per channel of a PyTorch module's BN layers.",
 )
 @click.option(
     "--input-shape",
@@ -855,7 +949,13 @@ def check_cmd(
         sys.exit(EXIT_FINDINGS)
 
 
-@cli.command("export", epilog=MODEL_HELP)
+@cli.command(
+    "export",
+    epilog=_epilog(
+        "bnkit export model.keras -o deploy.keras --val val.npz",
+        "bnkit export torchvision:resnet18 -o resnet18.onnx --input-shape 3,224,224",
+    ),
+)
 @_model_options
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -881,10 +981,10 @@ def check_cmd(
     help="One sample's shape, for random example inputs (PyTorch modules have none).",
 )
 @click.option(
-    "--check",
+    "--val",
     "check_data",
     type=click.Path(path_type=Path),
-    help="Data to verify the export on (.npz or folder); random inputs by default.",
+    help="Validation data to verify the export on (.npz or folder); random inputs by default.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
@@ -935,11 +1035,27 @@ def export_cmd(
     _out.print(str(report), highlight=False)
 
 
-@cli.command("digits")
-@click.argument("folder", type=click.Path(path_type=Path))
+@cli.command(
+    "digits", epilog=_epilog("bnkit digits -o digits/", "bnkit digits -o d16/ --image-size 16",
+                             model=False)
+)  # fmt: skip
+@click.option(
+    "-o",
+    "--output",
+    "folder",
+    type=click.Path(path_type=Path),
+    default=Path("bnkit-digits"),
+    show_default=True,
+    help="The folder to write the data and the model into.",
+)
 @click.option("--seed", default=0, show_default=True, help="Split, patches and training seed.")
 @click.option(
-    "--size", default=32, show_default=True, type=click.IntRange(min=8), help="Image side."
+    "--image-size",
+    "size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="Image side in pixels.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Replace the files an earlier bnkit digits wrote there."
@@ -967,9 +1083,13 @@ def digits_cmd(folder: Path, seed: int, size: int, overwrite: bool) -> None:
     )
 
 
-@cli.command("demo")
+@cli.command(
+    "demo", epilog=_epilog("bnkit demo", "bnkit demo --framework torch --skip-traps --epochs 5",
+                           model=False)
+)  # fmt: skip
 @click.option(
-    "--out",
+    "-o",
+    "--output",
     "out_dir",
     type=click.Path(path_type=Path),
     default=Path("bnkit-demo"),
@@ -983,8 +1103,16 @@ def digits_cmd(folder: Path, seed: int, size: int, overwrite: bool) -> None:
     type=click.IntRange(1, 100),
     help="Labelled target images per class for the fine-tunes.",
 )
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Epochs per run."
+)
+@click.option(
+    "--seeds",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many seeds: each strategy runs with seeds 0..N-1.",
+)
 @click.option("--skip-traps", is_flag=True, help="Leave out the traps tables.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace the figures and JSON an earlier demo wrote there."
@@ -1072,16 +1200,20 @@ def _story(
     _out.print(f"wrote {', '.join(story.files)}", highlight=False)
 
 
-@cli.command("traps")
+@cli.command(
+    "traps", epilog=_epilog("bnkit traps", "bnkit traps --framework torch --json", model=False)
+)
 @click.option(
-    "--steps",
+    "--train-steps",
+    "steps",
     default=2,
     show_default=True,
     type=click.IntRange(min=1),
     help="Training steps per approach.",
 )
 @click.option(
-    "--input-size",
+    "--image-size",
+    "input_size",
     default=32,
     show_default=True,
     type=click.IntRange(min=32),
@@ -1129,6 +1261,40 @@ def _save_and_render(
     _out.print(f"wrote {output}", highlight=False)
 
 
+RENAMED = {
+    "check": {"--example": "--val", "--steps": "--train-steps"},
+    "export": {"--check": "--val"},
+    "compare": {"--out": "--output"},
+    "demo": {"--out": "--output"},
+    "digits": {"--size": "--image-size"},
+    "traps": {"--input-size": "--image-size", "--steps": "--train-steps"},
+    "tta": {"--steps": "--tent-steps"},
+}
+"""Option spellings of bnkit 0.1, per command, and their names since 0.2: still accepted,
+with a warning, until 0.3 (CHANGELOG.md)."""
+
+
+def _renamed(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`argv` with 0.1 spellings replaced by today's (and `digits FOLDER` by `digits -o
+    FOLDER`), and a note for each."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is None:
+        return argv, []
+    names = RENAMED.get(command, {})
+    out, notes = [], []
+    after = argv.index(command) + 1
+    for i, arg in enumerate(argv):
+        old, eq, value = arg.partition("=")
+        if i >= after and old in names:
+            notes.append(f"{old} is now {names[old]} (the old name works until bnkit 0.3)")
+            arg = names[old] + eq + value
+        out.append(arg)
+    if command == "digits" and len(out) > after and not out[after].startswith("-"):
+        notes.append("bnkit digits FOLDER is now bnkit digits -o FOLDER")
+        out.insert(after, "-o")
+    return out, notes
+
+
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, the shell's convention for a command stopped by Ctrl-C (SIGTERM: 143)."""
 
@@ -1169,9 +1335,12 @@ def main() -> None:
     from bnkit.files import terminate_cleanly
 
     terminate_cleanly()
+    args, notes = _renamed(sys.argv[1:])
     with warnings.catch_warnings(record=True) as caught:
+        for note in notes:
+            warnings.warn(note, BnkitWarning, stacklevel=1)
         try:
-            cli.main(standalone_mode=False)
+            cli.main(args, prog_name="bnkit", standalone_mode=False)
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("bnkit: interrupted; no partial output was left", err=True)
             sys.exit(EXIT_INTERRUPTED)

@@ -269,7 +269,7 @@ def _check_inputs(
         return x
     if shape is None or any(d is None for d in shape):
         raise DataError(
-            "the model's input shape is not fixed or not known: give check_data (--check "
+            "the model's input shape is not fixed or not known: give check_data (--val "
             "DATA) or input_shape (--input-shape) to verify the export on"
         )
     rng = np.random.default_rng(0)

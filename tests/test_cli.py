@@ -309,7 +309,7 @@ def test_shift_bad_input_gets_one_line(capsys, model_file, tmp_path, setup, extr
 
 def test_digits_command_writes_data_model_and_evidence(capsys, tmp_path):
     folder = tmp_path / "digits"
-    code, out, err = run(capsys, "digits", str(folder))
+    code, out, err = run(capsys, "digits", "-o", str(folder))
     assert code == 0, err
     assert "after adapt on unlabelled target images" in out
     names = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
@@ -343,7 +343,7 @@ def test_compare_command_prints_table_and_writes_json_and_plot(capsys, model_fil
     code, out, err = run(
         capsys, "compare", str(model_file), str(train), "--val", str(val),
         "--strategies", "frozen,train,mine:bn=frozen;glob:block2_*=train",
-        "--epochs", "2", "--seeds", "2", "--batch-size", "8", "--out", str(out_dir),
+        "--epochs", "2", "--seeds", "2", "--batch-size", "8", "-o", str(out_dir),
     )  # fmt: skip
     assert code == 0, err
     assert "mean ± std over 2 seeds" in out and "mine" in out
@@ -357,7 +357,7 @@ def test_compare_command_prints_table_and_writes_json_and_plot(capsys, model_fil
     # a second run refuses the existing results unless told, then replaces only them
     (out_dir / "notes.txt").write_text("the user's")
     again = ["compare", str(model_file), str(train), "--val", str(val), "--strategies",
-             "frozen", "--epochs", "1", "--seeds", "1", "--out", str(out_dir)]  # fmt: skip
+             "frozen", "--epochs", "1", "--seeds", "1", "-o", str(out_dir)]  # fmt: skip
     before = digest(out_dir / "compare.json")
     code, _, err = run(capsys, *again)
     assert code == 2 and "from an earlier run; pass --overwrite" in _one_line(err)
@@ -433,7 +433,7 @@ def test_export_command_writes_a_verified_model_and_leaves_the_input(capsys, mod
     np.savez(data, x=np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype("float32"))
     out_path = tmp_path / "deploy.keras"
     code, out, err = run(
-        capsys, "export", str(model_file), "-o", str(out_path), "--check", str(data), "--json"
+        capsys, "export", str(model_file), "-o", str(out_path), "--val", str(data), "--json"
     )
     assert code == 0, err
     doc = json.loads(out)
@@ -504,7 +504,7 @@ def test_bad_output_paths_get_one_line_and_exit_2(capsys, model_file, tmp_path, 
         "export": ["export", str(model_file), "-o", str(folder / name)],
         "shift": ["shift", str(model_file), str(data), "--plot", str(folder / name)],
         "compare": ["compare", str(model_file), str(data), "--val", str(data),
-                    "--out", str(folder / name.replace(".keras", ""))],
+                    "-o", str(folder / name.replace(".keras", ""))],
     }[command]  # fmt: skip
     try:
         code, _, err = run(capsys, *args)
@@ -580,12 +580,12 @@ def test_compare_refuses_what_would_give_a_wrong_verdict(
 @pytest.mark.parametrize(
     "args",
     [
-        ["traps", "--input-size", "1"],
-        ["traps", "--steps", "0"],
-        ["check", "{model}", "--steps", "-5"],
+        ["traps", "--image-size", "1"],
+        ["traps", "--train-steps", "0"],
+        ["check", "{model}", "--train-steps", "-5"],
         ["check", "{model}", "--batch-size", "0"],
-        ["demo", "--labels-per-class", "0", "--out", "{tmp}/demo"],
-        ["digits", "{tmp}/digits", "--size", "2"],
+        ["demo", "--labels-per-class", "0", "-o", "{tmp}/demo"],
+        ["digits", "-o", "{tmp}/digits", "--image-size", "2"],
     ],
 )
 def test_out_of_range_numbers_get_one_line_and_create_nothing(capsys, model_file, tmp_path, args):
@@ -605,7 +605,7 @@ def test_digits_never_overwrites_a_users_files(capsys, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "source_train.npz").write_text("the user's")
-    code, _, err = run(capsys, "digits", str(folder))
+    code, _, err = run(capsys, "digits", "-o", str(folder))
     assert code == 2 and "did not write" in _one_line(err)
     assert (folder / "source_train.npz").read_text() == "the user's"
 
@@ -632,7 +632,7 @@ def test_commands_on_the_torch_backend_do_not_import_tensorflow(model_file, tmp_
     args = {
         "freeze": [str(model_file), "-o", str(tmp_path / "o.keras"), "--bn", "frozen"],
         "compare": [str(model_file), str(data), "--val", str(data), "--epochs", "1",
-                    "--seeds", "1", "--strategies", "frozen", "--out", str(tmp_path / "r")],
+                    "--seeds", "1", "--strategies", "frozen", "-o", str(tmp_path / "r")],
         "export": [str(model_file), "-o", str(tmp_path / "d.keras")],
         "export-onnx": [str(model_file), "-o", str(tmp_path / "d.onnx")],
     }[command]  # fmt: skip

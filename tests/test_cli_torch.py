@@ -89,7 +89,7 @@ def test_adapt_shift_check_and_inspect_on_a_spec_with_weights(capsys, spec, imag
     assert json.loads(out)["score"] > 0.1  # the built model's do not
     code, out, _ = run(capsys, "inspect", spec, "--args", '{"classes": 5}', "--json")
     assert code == 0 and json.loads(out)["totals"]["bn_layers"] == 2
-    code, out, _ = run(capsys, "check", spec, "--batch-size", "1", "--example", str(images))
+    code, out, _ = run(capsys, "check", spec, "--batch-size", "1", "--val", str(images))
     assert code == 0 and "BN004" in out  # a warning: 36 values per channel in a batch of 1
 
 
@@ -101,7 +101,7 @@ def test_compare_a_spec_writes_results_and_the_model_is_untouched(capsys, spec, 
     code, text, err = run(capsys, "compare", spec, str(images), "--val", str(images),
                           "--weights", str(weights), "--strategies", "frozen,train",
                           "--epochs", "1", "--seeds", "2", "--batch-size", "4",
-                          "--optimizer", "sgd", "--train-from", "head", "--out", str(out),
+                          "--optimizer", "sgd", "--train-from", "head", "-o", str(out),
                           "--json")  # fmt: skip
     assert code == 0, err
     doc = json.loads(text)

@@ -34,7 +34,7 @@ def test_demo_command_tells_the_digits_story_and_writes_figures(tmp_path, capsys
 
     out = tmp_path / "demo"
     code, text, err = run(
-        capsys, "demo", "--skip-traps", "--out", str(out),
+        capsys, "demo", "--skip-traps", "-o", str(out),
         "--labels-per-class", "3", "--epochs", "1", "--seeds", "2",
     )  # fmt: skip
     assert code == 0, err

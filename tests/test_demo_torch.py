@@ -40,7 +40,7 @@ def test_demo_command_tells_the_torch_story_and_caches_the_model(tmp_path, capsy
 
     out = tmp_path / "demo"
     code, text, err = run(
-        capsys, "demo", "--framework", "torch", "--skip-traps", "--out", str(out),
+        capsys, "demo", "--framework", "torch", "--skip-traps", "-o", str(out),
         "--labels-per-class", "3", "--epochs", "1", "--seeds", "2",
     )  # fmt: skip
     assert code == 0, err
