@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint docs venv clean
 
 venv: $(STAMP)
 
@@ -21,16 +21,19 @@ $(STAMP): requirements-dev.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/bnkit demo --overwrite
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 lint: $(STAMP)
-	$(PY) -m ruff check bnkit tests benchmarks
-	$(PY) -m ruff format --check bnkit tests benchmarks
+	$(PY) -m ruff check bnkit tests benchmarks examples docs/hooks.py
+	$(PY) -m ruff format --check bnkit tests benchmarks examples docs/hooks.py
 	$(PY) -m mypy bnkit
 
-test: lint
+test: lint docs
 	KERAS_BACKEND=torch $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
 	KERAS_BACKEND=jax $(PY) -m pytest -q -n 2 tests bnkit --doctest-modules
 	env -u KERAS_BACKEND BNKIT_TEST_CLI_PROCESS=1 $(PY) -m pytest -q -n 2 tests/test_cli.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bnkit-demo
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bnkit-demo site dist

@@ -29,7 +29,8 @@ from bnkit.stats import AdaptReport, ShiftReport, adapt, shift
 from bnkit.tta import TTAReport, tta
 from bnkit.watch import WatchReport, watch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+"""The one place the version is written (pyproject.toml reads it from here)."""
 
 __all__ = [
     "AdaptReport",

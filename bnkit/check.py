@@ -178,7 +178,7 @@ def check(
         example: a batch of inputs (PyTorch), anything `bnkit.data.load` reads.
         input_shape: one sample's shape, for a random example (PyTorch).
 
-    Example:
+    Examples:
         >>> import keras, bnkit
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
         ...                       keras.layers.BatchNormalization()])

@@ -249,7 +249,7 @@ def compare(
         address: the Ray cluster to use (`ray://host:10001`, `auto`); None: the Ray
             instance already initialised, else a local one.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnkit
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
         ...     keras.layers.BatchNormalization(), keras.layers.Dense(2)])
@@ -626,7 +626,7 @@ def sampling_error(p1: float, p2: float, n: int) -> float:
     validation samples, as independent binomials (an upper bound for paired runs), with
     the Laplace correction so that 0% and 100% keep their uncertainty.
 
-    Example:
+    Examples:
         >>> round(sampling_error(0.6, 0.5, 10), 2)
         0.2
     """

@@ -27,7 +27,7 @@ def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarra
     except `impulse_noise`, which scikit-image draws from an unseeded generator (the
     cache of `corrupted_digits` keeps one draw).
 
-    Example:
+    Examples:
         >>> x = np.full((2, 32, 32, 3), 0.5, "float32")
         >>> bool(corrupt(x, "gaussian_noise", 5).std() > 0.1)
         True

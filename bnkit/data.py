@@ -76,7 +76,7 @@ def parse_scaling(scale: float | str | None = None, preprocess: str | None = Non
     """A Scaling from `scale` (a number or a fraction such as `"1/255"`) and/or a named
     preprocessing (a `keras.applications` module name or `caffe`/`tf`/`torch`/`none`).
 
-    Example:
+    Examples:
         >>> parse_scaling("1/255").factor == 1 / 255
         True
         >>> parse_scaling(preprocess="resnet_v2").mode
@@ -303,7 +303,7 @@ def load(
     Raises:
         DataError: naming the file or batch and what is wrong.
 
-    Example:
+    Examples:
         >>> d = load(np.zeros((7, 8, 8, 1)), batch_size=3, scale="1/255")
         >>> [x.shape[0] for x, _ in d]  # a last batch of one sample joins the one before
         [3, 4]
@@ -425,7 +425,7 @@ def batches(
 ) -> Iterator[np.ndarray]:
     """Yields float32 input batches from any source `load` reads, checked for NaN and inf.
 
-    Example:
+    Examples:
         >>> [b.shape for b in batches(np.zeros((6, 2)), batch_size=4)]
         [(4, 2), (2, 2)]
     """
@@ -880,7 +880,7 @@ def digits(domain: str = "source", size: int = 32, seed: int = 0) -> Digits:
     `seed` and is the same for both domains, so the target test digits are never in
     the source training set. Deterministic for a seed.
 
-    Example:
+    Examples:
         >>> d = digits("target", size=16, seed=1)
         >>> d.train[0].shape[1:], d.train[0].dtype.name
         ((16, 16, 3), 'float32')

@@ -125,7 +125,7 @@ def seed_demo(
     """Runs every approach from the same weights and reports what happened to BN:
     Keras' ResNet50V2, or torchvision's ResNet-50 with `framework="torch"`.
 
-    Example:
+    Examples:
         >>> result = seed_demo(steps=1)
         >>> [r.stats_kept for r in result.rows][-1] == result.rows[-1].bn_layers
         True

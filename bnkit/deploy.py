@@ -132,7 +132,7 @@ def fold(
         input_shape: one sample's shape, for random check inputs (PyTorch modules
             have no declared input shape).
 
-    Example:
+    Examples:
         >>> import torch, bnkit
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
         >>> r = bnkit.fold(net, input_shape=(3, 8, 8))
@@ -187,7 +187,7 @@ def export(
         overwrite: replace an existing output, only when it is one bnkit wrote of the
             same format (a SavedModel folder carries bnkit's marker file).
 
-    Example:
+    Examples:
         >>> import keras, bnkit, tempfile, pathlib
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
         ...                       keras.layers.BatchNormalization()])

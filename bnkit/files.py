@@ -354,9 +354,10 @@ def _publish_mode(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(out: Path) -> Iterator[Path]:
+def atomic_path(out: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `out`; moves it onto `out` only if the block succeeds.
     A file system refusal while writing (a full disk) is reported naming `out`."""
+    out = Path(out)
     tmp_path = _fresh(out.parent, out.suffix)
     try:
         with _naming(out):

@@ -37,7 +37,7 @@ def freeze(
     `freeze` or `unfreeze` is called again. On a compiled model the change
     needs a recompile: pass `recompile=True` or call `bnkit.recompile(model)`.
 
-    Example:
+    Examples:
         >>> import keras, bnkit
         >>> base = keras.applications.ResNet50V2(weights=None, include_top=False,
         ...                                      input_shape=(32, 32, 3))
@@ -81,7 +81,7 @@ def unfreeze(model: Any) -> int:
 
     Returns the number of BN layers released.
 
-    Example:
+    Examples:
         >>> import keras, bnkit
         >>> base = keras.applications.MobileNetV2(weights=None, include_top=False,
         ...                                       input_shape=(32, 32, 3))
@@ -98,7 +98,7 @@ def recompile(model: Any) -> None:
     """Recompiles `model` with the same loss, metrics and optimizer configuration and a
     fresh optimizer, so that the next `fit` trains exactly the current trainable set.
 
-    Example:
+    Examples:
         >>> import keras, bnkit
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         >>> m.compile(optimizer="adam", loss="mse")

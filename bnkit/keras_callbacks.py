@@ -29,7 +29,7 @@ class BNWatch(keras.callbacks.Callback):
             model, else what `bnkit.inspect` says at the start of `fit`.
         on_problem: `warn`, `stop` or `raise`.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnkit
         >>> from bnkit.keras_callbacks import BNWatch
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),

@@ -72,7 +72,7 @@ class BNFinetuning(pl.Callback):
         unfreeze_lr: learning rate of the new parameter group.
         on_problem: `warn`, `stop` or `raise`.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl, torch
         >>> from torch import nn
         >>> from bnkit.lightning_callbacks import BNFinetuning
@@ -193,6 +193,6 @@ class BNFinetuning(pl.Callback):
         self._watch = None
         self.reports.append(report)
         metrics = {k: float(v) for k, v in epoch_counts(report).items()}
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=True)
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=bool(trainer.loggers))
         if act_on_problems(report, trainer.current_epoch, self.on_problem):
             trainer.should_stop = True

@@ -19,8 +19,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, out: Path) -> Path:
+def _save(plt: Any, fig: Any, out: str | Path) -> Path:
     """Writes `fig` to `out` as a PNG, atomically, and closes it."""
+    out = Path(out)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png")
@@ -28,11 +29,11 @@ def _save(plt: Any, fig: Any, out: Path) -> Path:
     return out
 
 
-def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
+def shift_plot(report: Any, out: str | Path, title: str | None = None) -> Path:
     """Plots a ShiftReport: mean and max channel divergence of each BN layer by depth,
     on a log scale, with the recommendation thresholds.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnkit, tempfile, pathlib
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
         >>> r = bnkit.shift(m, np.random.default_rng(0).normal(size=(8, 4)).astype("float32"))
@@ -58,12 +59,12 @@ def shift_plot(report: Any, out: Path, title: str | None = None) -> Path:
     return _save(plt, fig, out)
 
 
-def compare_plot(result: Any, out: Path) -> Path:
+def compare_plot(result: Any, out: str | Path) -> Path:
     """Validation accuracy and loss by epoch, one line per strategy (mean over seeds, the
     band spanning the seeds); diverged runs end early; a label-free strategy (`tent`) is a
     dashed level.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnkit, tempfile, pathlib
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(),
         ...                       keras.layers.Dense(2)])
@@ -102,12 +103,12 @@ def compare_plot(result: Any, out: Path) -> Path:
     return _save(plt, fig, out)
 
 
-def tta_plot(report: Any, out: Path) -> Path:
+def tta_plot(report: Any, out: str | Path) -> Path:
     """Plots a TTAReport: per batch, the mean prediction entropy and (where labels were
     given) the accuracy, with a red line at every reset and a grey band where TENT was
     held on a label-shifted stream.
 
-    Example:
+    Examples:
         >>> import torch, numpy as np, bnkit, tempfile, pathlib
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
         >>> r = bnkit.tta(m, np.ones((32, 4), "float32"), "none")

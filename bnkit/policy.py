@@ -63,7 +63,7 @@ MODE_STATES: dict[Mode, BNState] = {
 def mode_of(state: BNState) -> str:
     """Names a BN state: one of the modes (`adapt` reads as `frozen`), or `stats-only`/`custom`.
 
-    Example:
+    Examples:
         >>> mode_of(BNState(affine_trained=True, stats_update=False, batch_stats=False))
         'affine'
     """
@@ -255,17 +255,17 @@ def find_layer(layers: Sequence[LayerInfo], name: str) -> int:
     for i, layer in enumerate(layers):
         if layer.path == name:
             return i
+    inside = [
+        i for i, layer in enumerate(layers) if layer.path.startswith((f"{name}/", f"{name}."))
+    ]
+    if inside:  # a container's path (a nested model, a PyTorch Sequential): its first layer
+        return inside[0]
     hits = [i for i, layer in enumerate(layers) if layer.name == name]
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
         paths = ", ".join(layers[i].path for i in hits)
         raise SelectorError(f"layer name {name!r} is ambiguous ({paths}): give the full path")
-    inside = [
-        i for i, layer in enumerate(layers) if layer.path.startswith((f"{name}/", f"{name}."))
-    ]
-    if inside:  # a container (a nested model, a PyTorch Sequential): its first layer
-        return inside[0]
     hint = closest(name, [layer.name for layer in layers])
     raise SelectorError(f"no layer named {name!r}" + (f" ({hint})" if hint else ""))
 
@@ -287,7 +287,7 @@ _SELECTOR_HELP = (
 def parse_selector(text: str) -> Selector:
     """Parses the CLI form of a selector.
 
-    Example:
+    Examples:
         >>> str(parse_selector("glob:conv5_*"))
         'glob:conv5_*'
     """
@@ -307,7 +307,7 @@ def parse_selector(text: str) -> Selector:
 def as_selector(value: Selector | str) -> Selector:
     """A Selector, or the one its command-line form names (`bn`, `re:...`, `glob:...`).
 
-    Example:
+    Examples:
         >>> str(as_selector("re:_bn$"))
         're:_bn$'
     """
@@ -386,7 +386,7 @@ _CLI_MODE_TRAINABLE = {Mode.FROZEN: False, Mode.ADAPT: False, Mode.AFFINE: True,
 def parse_rule(text: str) -> Rule:
     """Parses `SELECTOR=MODE`; non-BN layers become trainable for `affine`/`train`.
 
-    Example:
+    Examples:
         >>> str(parse_rule("re:preact_bn$=frozen"))
         're:preact_bn$ -> fixed, bn=frozen'
     """
@@ -472,7 +472,7 @@ class Plan:
         """A plan written by `to_json` (the `.plan.json` of `bnkit freeze` on a PyTorch
         model), to apply again with `bnkit.freeze(model, plan)`.
 
-        Example:
+        Examples:
             >>> p = Plan((LayerDecision("fc", "Linear", False, True, None, 0),), "all")
             >>> Plan.from_json(p.to_json()) == p
             True

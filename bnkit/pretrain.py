@@ -59,7 +59,7 @@ def pretrained_digits(
     short training lag the weights badly; see DESIGN.md). The result is cached per
     recipe, size, seed, epochs and framework (Keras backend), so a second call loads it.
 
-    Example:
+    Examples:
         >>> net = pretrained_digits(epochs=1, cache=Path(tempfile.mkdtemp()))  # doctest: +SKIP
         >>> net.model.output_shape  # doctest: +SKIP
         (None, 10)
@@ -118,7 +118,7 @@ def adabn_evidence(
     """Measures shift and the AdaBN effect of `adapt` on a copy of the pretrained model
     (a Keras model, or a PyTorch module with `framework="torch"`).
 
-    Example:
+    Examples:
         >>> ev = adabn_evidence(pretrained_digits().model)  # doctest: +SKIP
         >>> ev.accuracy_adapted > ev.accuracy_target  # doctest: +SKIP
         True

@@ -141,7 +141,7 @@ def inspect(model: Any) -> Report:
     including the cases where the code seems to say otherwise (a base model
     called with `training=False` and then unfrozen trains its BN).
 
-    Example:
+    Examples:
         >>> import keras, bnkit
         >>> base = keras.applications.ResNet50V2(weights=None, include_top=False,
         ...                                      input_shape=(32, 32, 3))

@@ -144,7 +144,7 @@ def adapt(
         max_batches: stop after this many batches.
         on_batch: called with the number of batches done, for progress display.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnkit
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
         ...                       keras.layers.BatchNormalization()])
@@ -463,7 +463,7 @@ def shift(
         max_batches: stop after this many batches.
         on_batch: called with the number of batches done.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnkit
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
         >>> x = np.random.default_rng(0).normal(size=(512, 4)).astype("float32")
@@ -496,7 +496,7 @@ def gaussian_kl(
 ) -> np.ndarray:
     """KL(N(mean_p, var_p) || N(mean_q, var_q)) per element, in nats.
 
-    Example:
+    Examples:
         >>> float(gaussian_kl(np.array(1.0), np.array(1.0), np.array(0.0), np.array(1.0)))
         0.5
     """

@@ -193,7 +193,7 @@ def tta(
         max_batches: use at most this many batches of the stream.
         on_batch: called with each batch's record.
 
-    Example:
+    Examples:
         >>> import torch, numpy as np, bnkit
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
         ...                         torch.nn.Linear(8, 3))

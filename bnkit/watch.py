@@ -183,7 +183,7 @@ def watch(model: Any, plan: Plan | None = None) -> Iterator[Watch]:
     moved in a layer planned fixed, or nothing that moved where training was
     planned.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnkit
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
         ...                       keras.layers.BatchNormalization(), keras.layers.Dense(1)])

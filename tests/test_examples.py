@@ -1,0 +1,79 @@
+"""Examples that cannot rot: every script in examples/ runs as a user runs it (a new
+process, from another folder), and every Python block of the documentation is either
+included from an example or run here."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").rglob("*.py"))
+PAGES = sorted((ROOT / "docs").rglob("*.md"))
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+INCLUDE = re.compile(r'^--8<-- "([^"]+)"$')
+OUTPUTS = {"compare_strategies.py": "compare.png", "adapt_new_data.py": "shift.png",
+           "tta_stream.py": "tta.png", "start_torch.py": "r18.pt2"}  # fmt: skip
+
+once = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="runs its own processes: once, in the torch pass"
+)
+
+
+@once
+@pytest.mark.slow
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_runs_as_written(script, tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "torch", "BNKIT_EXAMPLE_OUT": str(tmp_path)}
+    command = [sys.executable, str(script)]
+    if script.name == "distributed_adapt.py":
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+        command = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    made = OUTPUTS.get(script.name)
+    if script.name == "distributed_adapt.py":
+        made = "adapted.pt"
+    if made is not None:
+        assert (tmp_path / made).stat().st_size > 0
+
+
+def test_every_python_block_in_the_docs_is_an_included_example():
+    for page in PAGES:
+        for block in BLOCK.findall(page.read_text()):
+            lines = [line for line in block.strip().splitlines() if line.strip()]
+            assert lines and all(INCLUDE.match(line) for line in lines), (
+                f"{page.relative_to(ROOT)}: a Python block that is not included from "
+                f"examples/ (so not run by the tests): {block[:80]!r}"
+            )
+            for line in lines:
+                path = ROOT / INCLUDE.match(line).group(1)
+                assert path.is_file() and path in EXAMPLES, (page, path)
+
+
+def test_every_example_appears_in_the_docs():
+    included = {
+        m for page in PAGES for m in re.findall(r'--8<-- "(examples/[^"]+)"', page.read_text())
+    }
+    missing = [
+        str(p.relative_to(ROOT)) for p in EXAMPLES if str(p.relative_to(ROOT)) not in included
+    ]
+    assert not missing, f"examples no page shows: {missing}"
+
+
+@once
+@pytest.mark.parametrize("index", range(len(BLOCK.findall((ROOT / "README.md").read_text()))))
+def test_every_python_block_of_the_readme_runs(index, tmp_path):
+    block = BLOCK.findall((ROOT / "README.md").read_text())[index]
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    proc = subprocess.run(
+        [sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, block + proc.stderr[-3000:]
