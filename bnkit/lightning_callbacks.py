@@ -10,29 +10,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from bnkit.errors import BnkitError
-from bnkit.freeze import freeze
-from bnkit.policy import AllLayers, Mode, Plan, Rule, parse_mode
-from bnkit.watch import ACTIONS, BNWatchError, Watch, WatchReport, act_on_problems, epoch_counts
+from bnkit.finetune import Schedule
+from bnkit.policy import Plan, Rule
+from bnkit.watch import BNWatchError, WatchReport
 
 __all__ = ["BNFinetuning", "BNWatchError"]
-
-
-def _inside(target: Any, module: str | None, train_from: str | None) -> str | None:
-    """`train_from` as a path inside `target` (a path from the LightningModule that
-    starts with `module.` counts too), or None when it is not one."""
-    if train_from is None:
-        return None
-    names = {name for name, _ in target.named_modules() if name}
-    if train_from in names:
-        return train_from
-    if module and train_from.startswith(module + ".") and train_from[len(module) + 1 :] in names:
-        return train_from[len(module) + 1 :]
-    return None
-
-
-UNFREEZE_LR_FACTOR = 0.1
-"""Lightning's BackboneFinetuning starts the unfrozen part at the current rate / 10."""
 
 
 class BNFinetuning(pl.Callback):
@@ -111,88 +93,36 @@ class BNFinetuning(pl.Callback):
         on_problem: str = "warn",
     ) -> None:
         super().__init__()
-        if on_problem not in ACTIONS:
-            raise BnkitError(f"on_problem must be one of {', '.join(ACTIONS)}, got {on_problem!r}")
-        if plan is not None and (train_from is not None or rules):
-            raise BnkitError("give either plan= or train_from/bn/rules, not both")
-        if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
-            raise BnkitError(f"unfreeze_at_epoch must be 0 or more, got {unfreeze_at_epoch}")
-        self.train_from, self.bn, self.rules, self.plan = train_from, bn, tuple(rules), plan
-        self.module = module
-        self.unfreeze_at_epoch = unfreeze_at_epoch
-        self.unfreeze_from = unfreeze_from
-        self.unfreeze_bn = unfreeze_bn if unfreeze_bn is not None else bn
-        self.unfreeze_lr = unfreeze_lr
-        self.on_problem = on_problem
-        self.reports: list[WatchReport] = []
-        self.applied: Plan | None = None
-        """the plan in force."""
-        self._watch: Watch | None = None
+        self.schedule = Schedule(
+            train_from, bn, rules, plan=plan, module=module,
+            unfreeze_at_epoch=unfreeze_at_epoch, unfreeze_from=unfreeze_from,
+            unfreeze_bn=unfreeze_bn, unfreeze_lr=unfreeze_lr, on_problem=on_problem,
+        )  # fmt: skip
 
-    def _target(self, pl_module: Any) -> Any:
-        if self.module is None:
-            return pl_module
-        try:
-            return pl_module.get_submodule(self.module)
-        except AttributeError:
-            names = ", ".join(n for n, _ in pl_module.named_children())
-            raise BnkitError(
-                f"the LightningModule has no submodule {self.module!r}: give one of {names}"
-            ) from None
+    @property
+    def reports(self) -> list[WatchReport]:
+        """Every epoch's `WatchReport`."""
+        return self.schedule.reports
+
+    @property
+    def applied(self) -> Plan | None:
+        """The plan in force."""
+        return self.schedule.applied
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
-        target = self._target(pl_module)
-        if self.plan is not None:
-            self.applied = freeze(target, self.plan)
-        else:
-            self.applied = self._freeze(pl_module, target, self.train_from, self.bn)
-        self.reports = []
-
-    def _freeze(self, pl_module: Any, target: Any, train_from: str | None, bn: str | None) -> Plan:
-        """`freeze(target, train_from=..., bn=...)`, where `train_from` may also name a
-        module of the LightningModule outside `module` (the usual `self.backbone` and
-        `self.head`, `module="backbone"`, `train_from="head"`): then all of `module`
-        comes before it (frozen, BN `frozen`) or after it (trained, BN `bn`)."""
-        inside = _inside(target, self.module, train_from)
-        order = [name for name, _ in pl_module.named_modules()]
-        if self.module is None or inside is not None or train_from not in order:
-            return freeze(target, train_from=inside or train_from, bn=bn, rules=self.rules)
-        before = order.index(train_from) > order.index(self.module or "")
-        mode = Mode.FROZEN if before else (None if bn is None else parse_mode(bn))
-        rule = Rule(AllLayers(), trainable=not before, bn=mode)
-        return freeze(target, rules=(rule, *self.rules))
+        if stage == "fit":
+            self.schedule.apply(pl_module)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        target = self._target(pl_module)
-        if trainer.current_epoch == self.unfreeze_at_epoch:
-            self._unfreeze(trainer, target)
-        self._watch = Watch(target, self.applied)
-        self._watch.start()
-
-    def _unfreeze(self, trainer: Any, target: Any) -> None:
-        if not trainer.optimizers:
-            raise BnkitError("unfreeze_at_epoch needs an optimizer: configure_optimizers gave none")
-        optimizer = trainer.optimizers[0]
-        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self.applied = self._freeze(trainer.lightning_module, target, self.unfreeze_from,
-                                    self.unfreeze_bn)  # fmt: skip
-        new = [p for p in target.parameters() if p.requires_grad and id(p) not in known]
-        if not new:
-            return
-        lr = self.unfreeze_lr
-        if lr is None:
-            lr = optimizer.param_groups[0]["lr"] * UNFREEZE_LR_FACTOR
-        optimizer.add_param_group({"params": new, "lr": lr})
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.schedule.epoch_started(pl_module, trainer.current_epoch, optimizer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._watch is None:
+        ended = self.schedule.epoch_ended(trainer.current_epoch)
+        if ended is None:
             return
-        report = self._watch.stop()
-        self._watch = None
-        self.reports.append(report)
-        metrics = {k: float(v) for k, v in epoch_counts(report).items()}
+        counts, stop = ended
+        metrics = {k: float(v) for k, v in counts.items()}
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=bool(trainer.loggers))
-        if act_on_problems(report, trainer.current_epoch, self.on_problem):
+        if stop:
             trainer.should_stop = True

@@ -10,7 +10,7 @@ import bnkit
 
 PACKAGE = Path(bnkit.__file__).parent
 FEATURES = ("check", "compare", "deploy", "stats", "watch", "report", "freeze", "policy",
-            "records", "files", "data", "plots", "tta")  # fmt: skip
+            "records", "files", "data", "plots", "tta", "finetune")  # fmt: skip
 FRAMEWORKS = ("keras", "torch", "tensorflow", "jax", "lightning", "timm", "torchvision")
 
 
