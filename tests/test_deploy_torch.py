@@ -34,6 +34,7 @@ ARCHITECTURES = [
     (_torchvision, "densenet121", 59, 62),
     (_timm, "efficientnet_b0", 49, 0),  # BatchNormAct2d: BN with its activation inside
     (_torchvision, "convnext_tiny", 0, 0),  # LayerNorm only: nothing to fold
+    (_timm, "ghostnet_100", 80, 0),  # functional dropout in forward_head (drop_rate 0.2)
 ]
 
 

@@ -316,10 +316,24 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
             elif identity_at_inference(module):
                 _set_child(dup, path, nn.Identity())
                 dropped.append(path)
+    dropped += _functional_dropout_off(dup)
     for p in dup.parameters():
         p.requires_grad_(False)
     dup.eval()
     return Folded(dup, tuple(folded), tuple(kept), tuple(dropped), tuple(reasons))
+
+
+def _functional_dropout_off(model: nn.Module) -> list[str]:
+    """timm's models apply dropout in `forward_head` as `F.dropout(x, p=self.drop_rate,
+    training=self.training)`, with no module to replace: the copy gets `drop_rate` 0 (the
+    identity, as dropout is at inference). Returns the paths changed."""
+    changed = []
+    for path, module in model.named_modules():
+        rate = getattr(module, "drop_rate", None)
+        if isinstance(rate, float) and rate > 0:
+            module.drop_rate = 0.0
+            changed.append(f"{path}.drop_rate" if path else "drop_rate")
+    return changed
 
 
 def _with_activation(bn: Any, replacement: nn.Module) -> nn.Module:
