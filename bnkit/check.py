@@ -4,6 +4,7 @@ deployment, each finding with a stable code, a severity, the layer, and the fix.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -163,7 +164,8 @@ def check(
     (a cumulative average); BN015 warning, a `SyncBatchNorm` that cannot synchronise
     (no process group: a plain BN; a group on CPU: its training forward raises);
     BN016 info, a BN layer that no inference pass calls (GoogLeNet's and Inception v3's
-    auxiliary classifiers).
+    auxiliary classifiers); BN017 warning, an Ultralytics YOLO model whose leading
+    blocks are frozen by `requires_grad=False` while their BN statistics still update.
 
     Keras models are read from their graph. A PyTorch module has none: the module
     feeding each BN comes from a `torch.fx` trace where the model traces, and call
@@ -206,6 +208,7 @@ def check(
     found += _variance(facts.values())
     found += _shared(facts.values())
     found += _off_path(facts.values())
+    found += _ultralytics_freeze(type(model).__module__, bn)
     found += _partial(bn, facts, records, select)
     found += _stale(backend.compile_status(model), name)
     order = {s: i for i, s in enumerate(SEVERITIES)}
@@ -401,6 +404,33 @@ def _shared(facts: Any) -> Iterator[Finding]:
                 "with its own statistics",
                 "give each call site its own BatchNormalization layer",
             )
+
+
+def _ultralytics_freeze(module: str, bn: list[Any]) -> Iterator[Finding]:
+    """BN017: an Ultralytics YOLO model whose leading blocks were frozen by
+    `requires_grad=False` (the recipe its users share) while their BN layers still update
+    their statistics in `train()`."""
+    if not module.startswith("ultralytics."):
+        return
+    blocks: dict[int, int] = {}
+    for r in bn:
+        found = re.match(r"^model\.(\d+)\.", r.path)
+        if found and any(n.code == STATS_WITHOUT_AFFINE for n in r.notes):
+            blocks[int(found.group(1))] = blocks.get(int(found.group(1)), 0) + 1
+    if not blocks:
+        return
+    first, last = min(blocks), max(blocks)
+    yield Finding(
+        "BN017",
+        "warning",
+        f"model.{first}" if first == last else f"model.{first} ... model.{last}",
+        f"YOLO blocks {first}-{last} have fixed weights (requires_grad=False) but their "
+        f"{sum(blocks.values())} BN layers update their statistics in every train() step: a "
+        "freeze by requires_grad alone moves what the frozen blocks learned",
+        f"bnkit.ultralytics.freeze(model, freeze={last + 1}) before model.train(...): the "
+        "blocks' weights and BN statistics stay fixed through the trainer, its EMA and the "
+        "checkpoints it saves",
+    )
 
 
 def _off_path(facts: Any) -> Iterator[Finding]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback
@@ -142,7 +143,7 @@ class BNFinetuning(TrainerCallback):
         it adds to the logs reach the `report_to` integrations (which the Trainer puts
         before the user's callbacks). Moving it to the front while the Trainer iterates
         the list skips and repeats nothing: the callbacks after it keep their places."""
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         for _ in range(HANDLER_DEPTH):
             if frame is None:
                 return
