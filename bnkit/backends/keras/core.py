@@ -654,8 +654,9 @@ def _compiled_pass(
 ) -> MomentPass:
     """One inference-mode forward pass returning each patched layer's input moments.
 
-    On TensorFlow the pass is a traced `tf.function` (as `predict` is), cached per model
-    and layer set; on torch it runs without autograd; on JAX it runs eagerly.
+    On TensorFlow the pass is a traced `tf.function` (as `predict` is), on JAX a
+    `jax.jit` over `stateless_call` with the variables as arguments (as Keras compiles
+    `predict`), each cached per model and layer set; on torch it runs without autograd.
     """
     name = keras.backend.backend()
 
@@ -664,25 +665,45 @@ def _compiled_pass(
         model(x, training=False)
         return dict(captured)
 
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        key = (normalize, tuple(id(layer) for layer in layers), _structure(model))
-        cache = _PASSES.setdefault(model, {})
-        if key not in cache:
-            cache.clear()
-            cache[key] = tf.function(step, reduce_retracing=True)
-        fn = cache[key]
-    elif name == "torch":
-        import torch
-
-        fn = torch.no_grad()(step)
-    else:
-        fn = step
+    key = (normalize, tuple(id(layer) for layer in layers), _structure(model))
+    cache = _PASSES.setdefault(model, {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = _compile(name, model, step, captured)
+    fn = cache[key]
 
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         out = fn(x)
         return {p: (_numpy(m), _numpy(v), round(float(_numpy(n)))) for p, (m, v, n) in out.items()}
+
+    return run
+
+
+def _compile(name: str, model: Any, step: Any, captured: dict[str, tuple[Any, Any, Any]]) -> Any:
+    """`step` compiled as the backend compiles `predict`."""
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(step, reduce_retracing=True)
+    if name == "torch":
+        import torch
+
+        return torch.no_grad()(step)
+    if name != "jax":
+        return step
+    import jax
+
+    def pure(trainable: list[Any], fixed: list[Any], x: Any) -> Any:
+        captured.clear()
+        model.stateless_call(trainable, fixed, x, training=False)
+        return dict(captured)
+
+    compiled = jax.jit(pure)
+
+    def run(x: Any) -> Any:
+        trainable = [v.value for v in model.trainable_variables]
+        fixed = [v.value for v in model.non_trainable_variables]
+        return compiled(trainable, fixed, x)
 
     return run
 
