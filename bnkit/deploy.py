@@ -148,7 +148,7 @@ def _folded(deploy: Any, model: Any, x: np.ndarray, enabled: bool) -> FoldResult
     copy = deploy.inference_copy(model, fold=enabled, example=x)
     ref = deploy.outputs(model, x)
     scale = max(1.0, float(np.max(np.abs(ref))))
-    diffs = _verify(deploy, copy.model, ref, x, scale)
+    diffs = _verify(deploy, copy.model, ref, x, scale, original=model)
     return FoldResult(copy.model, copy.folded, copy.reasons, copy.dropped, len(x), *diffs)
 
 
@@ -285,7 +285,14 @@ def _relative(a: np.ndarray, b: np.ndarray, scale: float) -> float:
     return float(diff.max()) / scale
 
 
-def _verify(deploy: Any, copy: Any, ref: np.ndarray, x: np.ndarray, scale: float) -> tuple:
+def _verify(
+    deploy: Any,
+    copy: Any,
+    ref: np.ndarray,
+    x: np.ndarray,
+    scale: float,
+    original: Any = None,
+) -> tuple:
     got = deploy.outputs(copy, x)
     alone = np.concatenate([deploy.outputs(copy, x[i : i + 1]) for i in range(len(x))])
     training = deploy.outputs(copy, x, training=True)
@@ -299,9 +306,26 @@ def _verify(deploy: Any, copy: Any, ref: np.ndarray, x: np.ndarray, scale: float
     if failed:
         raise ExportError(
             f"export check failed (relative tolerance {TOLERANCE:g}): {'; '.join(failed)}; "
-            "nothing was written"
+            f"nothing was written{_unstable(deploy, original, ref, x, scale)}"
         )
     return diffs
+
+
+def _unstable(deploy: Any, original: Any, ref: np.ndarray, x: np.ndarray, scale: float) -> str:
+    """Why a check may fail through no fault of the export: the model itself answers a
+    sample alone differently than in a batch, in inference (rounding differences grow
+    through a network with random weights, or statistics far from its activations)."""
+    if original is None:
+        return ""
+    alone = np.concatenate([deploy.outputs(original, x[i : i + 1]) for i in range(len(x))])
+    gap = _relative(alone, ref, scale)
+    if gap <= TOLERANCE:
+        return ""
+    return (
+        f"; the model itself answers one sample alone and in a batch {gap:.2e} apart in "
+        "inference, so no export can match it: it is numerically unstable (random weights, "
+        "or BN statistics far from its activations: bnkit.adapt first)"
+    )
 
 
 def _write(
