@@ -628,7 +628,7 @@ def sampling_error(p1: float, p2: float, n: int) -> float:
 
     Examples:
         >>> round(sampling_error(0.6, 0.5, 10), 2)
-        0.2
+        0.22
     """
     a, b = (p1 * n + 1) / (n + 2), (p2 * n + 1) / (n + 2)
     return float(np.sqrt((a * (1 - a) + b * (1 - b)) / max(n, 1)))

@@ -740,6 +740,7 @@ def _scan(classes: list[Path]) -> tuple[list[tuple[Path, int]], list[Path], dict
                 ValueError,
                 Image.DecompressionBombError,
                 Image.DecompressionBombWarning,
+                ImportError,  # a plugin another library hooked into Image.open, missing
             ):
                 bad.append(path)
                 continue

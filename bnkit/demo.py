@@ -125,9 +125,9 @@ def seed_demo(
     """Runs every approach from the same weights and reports what happened to BN:
     Keras' ResNet50V2, or torchvision's ResNet-50 with `framework="torch"`.
 
-    Examples:
-        >>> result = seed_demo(steps=1)
-        >>> [r.stats_kept for r in result.rows][-1] == result.rows[-1].bn_layers
+    Examples (not run as a doctest: a minute of training; tests/test_demo.py runs it):
+        >>> result = seed_demo(steps=1)  # doctest: +SKIP
+        >>> [r.stats_kept for r in result.rows][-1] == result.rows[-1].bn_layers  # doctest: +SKIP
         True
     """
     k = kit(framework)

@@ -3,9 +3,10 @@ built once and cached in the user's cache directory (never shipped)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,18 +75,35 @@ def pretrained_digits(
     path = folder / f"{name}-{k.backend_name()}{k.MODEL_SUFFIX}"
     if path.exists():
         return Pretrained(k.load(path), path, cached=True)
-    if on_status is not None:
-        on_status(f"pretraining on the source digits ({epochs} epochs, cached in {folder})")
-    data = digits("source", size=size, seed=seed)
-    k.seed_everything(seed)
-    model = k.digits_resnet(size, data.num_classes)
-    k.train_classifier(
-        model, *data.train, epochs=epochs, batch_size=BATCH_SIZE, seed=seed, lr=LEARNING_RATE
-    )
-    adapt(model, k.images(data.train[0]))
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, path)
+    with _locked(path.with_name(path.name + ".lock")):  # another process may be training it
+        if path.exists():
+            return Pretrained(k.load(path), path, cached=True)
+        if on_status is not None:
+            on_status(f"pretraining on the source digits ({epochs} epochs, cached in {folder})")
+        data = digits("source", size=size, seed=seed)
+        k.seed_everything(seed)
+        model = k.digits_resnet(size, data.num_classes)
+        k.train_classifier(
+            model, *data.train, epochs=epochs, batch_size=BATCH_SIZE, seed=seed, lr=LEARNING_RATE
+        )
+        adapt(model, k.images(data.train[0]))
+        save_model(model, path)
     return Pretrained(model, path, cached=False)
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    """An exclusive lock on `lock` (a file bnkit keeps beside the cached model) while one
+    process pretrains: a second process waits, then loads what the first wrote."""
+    import fcntl
+
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,14 @@ def build_transfer(seed: int = 0) -> tuple[keras.Model, keras.Model]:
 
 @pytest.fixture(scope="session", autouse=True)
 def bnkit_cache(tmp_path_factory):
-    """bnkit's cache (the pretrained digits model) in one temporary folder per session."""
-    folder = tmp_path_factory.mktemp("bnkit-cache")
+    """bnkit's cache (the pretrained digits models) in one temporary folder per test run,
+    shared by the xdist workers: the first to pretrain writes it (atomically), the others
+    load it instead of pretraining again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / f"bnkit-cache-{keras.backend.backend()}"
+    folder.mkdir(exist_ok=True)
     os.environ["BNKIT_CACHE_DIR"] = str(folder)
     return folder
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 BACKENDS = ("torch", "tensorflow", "jax")
-LOADERS = (*BACKENDS, "unset")
-"""`unset`: no KERAS_BACKEND, so Keras picks TensorFlow, as in a new notebook."""
+"""Each loads what each saved; with KERAS_BACKEND unset (Keras picks TensorFlow, as in a
+new notebook) every command runs on the torch-compiled model below, and the whole CLI
+test file runs once more in new processes."""
 
 pytestmark = [
     pytest.mark.slow,
@@ -82,12 +83,12 @@ def saved(tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 
 def _next(loader: str) -> str:
-    """Another loader than `loader`, to read what it wrote."""
+    """Another loader than `loader`, to read what it wrote (unset: Keras picks TensorFlow)."""
     return "unset" if loader in ("torch", "jax") else "torch"
 
 
 @pytest.mark.parametrize("kind", ["plain", "compiled"])
-@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("loader", BACKENDS)
 @pytest.mark.parametrize("saver", BACKENDS)
 def test_freeze_then_inspect_work_whatever_backend_saved_or_loads(
     saved, tmp_path, saver, loader, kind

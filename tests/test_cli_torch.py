@@ -99,13 +99,13 @@ def test_compare_a_spec_writes_results_and_the_model_is_untouched(capsys, spec, 
     before = digest(weights)
     out = tmp_path / "results"
     code, text, err = run(capsys, "compare", spec, str(images), "--val", str(images),
-                          "--weights", str(weights), "--strategies", "frozen,train",
+                          "--weights", str(weights), "--strategies", "frozen,adapt",
                           "--epochs", "1", "--seeds", "2", "--batch-size", "4",
                           "--optimizer", "sgd", "--train-from", "head", "-o", str(out),
                           "--json")  # fmt: skip
     assert code == 0, err
     doc = json.loads(text)
-    assert {r["strategy"] for r in doc["runs"]} == {"frozen", "train"} and len(doc["runs"]) == 4
+    assert {r["strategy"] for r in doc["runs"]} == {"frozen", "adapt"} and len(doc["runs"]) == 4
     assert {r["cached_prefix"] for r in doc["runs"] if r["strategy"] == "frozen"} == {True}
     assert (out / "compare.json").exists() and (out / "compare.png").exists()
     assert digest(weights) == before

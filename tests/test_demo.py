@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 
+import keras
 import pytest
 
 from bnkit.demo import seed_demo
 
 
+NOT_ON_JAX = pytest.mark.skipif(
+    keras.backend.backend() == "jax",
+    reason="the demo is told on the torch and TensorFlow backends (README): on JAX each "
+    "approach and run compiles its own train step, three minutes of compiling per test",
+)
+
+
 @pytest.mark.slow
+@NOT_ON_JAX
 def test_seed_demo_shows_what_each_approach_does():
     result = seed_demo(steps=1)
     rows = {r.approach: r for r in result.rows}
@@ -29,6 +38,7 @@ def test_seed_demo_shows_what_each_approach_does():
     assert len(json.loads(result.to_json())["rows"]) == 9
 
 
+@NOT_ON_JAX
 def test_demo_command_tells_the_digits_story_and_writes_figures(tmp_path, capsys):
     from test_cli import run
 

@@ -20,6 +20,20 @@ pytestmark = pytest.mark.slow
 YOLO = pytest.importorskip("ultralytics").YOLO
 import bnkit.ultralytics  # noqa: E402
 
+
+@pytest.fixture(scope="module", autouse=True)
+def pillow_as_it_was():
+    """Importing ultralytics replaces PIL.Image.open with a wrapper that, on a file it
+    cannot identify, tries to pip-install pi-heif; the other tests of this process get
+    Pillow's own function back."""
+    from ultralytics.utils import patches
+
+    yield
+    import PIL.Image
+
+    PIL.Image.open = patches._image_open
+
+
 FROZEN = 10
 SETTINGS = dict(epochs=2, imgsz=64, batch=4, nbs=4, warmup_epochs=0, workers=0, plots=False,
                 amp=False, val=False, device="cpu", verbose=False, exist_ok=True)  # fmt: skip

@@ -656,22 +656,32 @@ def _compiled_pass(
 
     On TensorFlow the pass is a traced `tf.function` (as `predict` is), on JAX a
     `jax.jit` over `stateless_call` with the variables as arguments (as Keras compiles
-    `predict`), each cached per model and layer set; on torch it runs without autograd.
+    `predict`), each cached per model and layer set and traced again for a new batch
+    shape; on torch it runs eagerly without autograd. The cached function reads the
+    moments of this pass's patched layers from `box`, which each pass points at its own.
     """
     name = keras.backend.backend()
+    if name == "torch":
+        import torch
 
-    def step(x: Any) -> dict[str, tuple[Any, Any, Any]]:
-        captured.clear()
-        model(x, training=False)
-        return dict(captured)
+        @torch.no_grad()
+        def eager(x: Any) -> dict[str, tuple[Any, Any, Any]]:
+            captured.clear()
+            model(x, training=False)
+            return dict(captured)
 
+        return _to_numpy(eager)
     key = (normalize, tuple(id(layer) for layer in layers), _structure(model))
     cache = _PASSES.setdefault(model, {})
     if key not in cache:
         cache.clear()
-        cache[key] = _compile(name, model, step, captured)
-    fn = cache[key]
+        cache[key] = _compile(name, model)
+    fn, box = cache[key]
+    box["captured"] = captured
+    return _to_numpy(fn)
 
+
+def _to_numpy(fn: Any) -> MomentPass:
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         out = fn(x)
         return {p: (_numpy(m), _numpy(v), round(float(_numpy(n)))) for p, (m, v, n) in out.items()}
@@ -679,24 +689,28 @@ def _compiled_pass(
     return run
 
 
-def _compile(name: str, model: Any, step: Any, captured: dict[str, tuple[Any, Any, Any]]) -> Any:
-    """`step` compiled as the backend compiles `predict`."""
+def _compile(name: str, model: Any) -> tuple[Any, dict[str, Any]]:
+    """The pass compiled as the backend compiles `predict`, and the box through which
+    each use hands it the dict its patched layers write their moments into."""
+    box: dict[str, Any] = {}
+
+    def step(x: Any) -> dict[str, tuple[Any, Any, Any]]:
+        box["captured"].clear()
+        model(x, training=False)
+        return dict(box["captured"])
+
     if name == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(step, reduce_retracing=True)
-    if name == "torch":
-        import torch
-
-        return torch.no_grad()(step)
+        return tf.function(step, reduce_retracing=True), box
     if name != "jax":
-        return step
+        return step, box
     import jax
 
     def pure(trainable: list[Any], fixed: list[Any], x: Any) -> Any:
-        captured.clear()
+        box["captured"].clear()
         model.stateless_call(trainable, fixed, x, training=False)
-        return dict(captured)
+        return dict(box["captured"])
 
     compiled = jax.jit(pure)
 
@@ -705,7 +719,7 @@ def _compile(name: str, model: Any, step: Any, captured: dict[str, tuple[Any, An
         fixed = [v.value for v in model.non_trainable_variables]
         return compiled(trainable, fixed, x)
 
-    return run
+    return run, box
 
 
 def _structure(model: Any) -> tuple[tuple[int, type, bool, str], ...]:
