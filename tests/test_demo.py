@@ -9,7 +9,6 @@ import pytest
 
 from bnkit.demo import seed_demo
 
-
 NOT_ON_JAX = pytest.mark.skipif(
     keras.backend.backend() == "jax",
     reason="the demo is told on the torch and TensorFlow backends (README): on JAX each "
