@@ -248,19 +248,24 @@ def moved_keys(before: dict, after: dict) -> dict[str, set[str]]:
 PURE_TORCH = ("test_torch_backend.py", "test_check_torch.py", "test_deploy_torch.py",
               "test_cli_torch.py", "test_compare_torch.py", "test_lightning_callbacks.py",
               "test_demo_torch.py", "test_distributed.py", "test_ray.py",
-              "test_transformers_callbacks.py")  # fmt: skip
-"""Test files that use no Keras (test_ray runs Keras only on torch): run once, in the
-torch-backend pass of `make test`."""
+              "test_transformers_callbacks.py", "test_ultralytics.py",
+              "lightning_callbacks.py", "transformers_callbacks.py")  # fmt: skip
+"""Test files (and modules whose docstring examples) use no Keras (test_ray runs Keras
+only on torch): run once, in the torch-backend pass of `make test`."""
+ONE_KERAS_PASS = ("test_cli.py",)
+"""Run in-process in the torch pass, and again in new processes on TensorFlow (KERAS_BACKEND
+unset) in `make test`'s last pass; JAX's loading and saving are in test_cli_backends.py."""
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under the TensorFlow and JAX backends, leave out what does not touch Keras: the pure
-    PyTorch files and the PyTorch half of the two-framework fixture."""
+    """Under the TensorFlow and JAX backends, leave out what does not touch Keras (the pure
+    PyTorch files, the PyTorch half of the two-framework fixture) and the CLI file, which
+    runs in the torch pass and in the last, KERAS_BACKEND-unset pass."""
     if keras.backend.backend() == "torch":
         return
     keep, drop = [], []
     for item in items:
-        pure = item.fspath.basename in PURE_TORCH
+        pure = item.fspath.basename in (*PURE_TORCH, *ONE_KERAS_PASS)
         torch_half = "[torch" in item.name and "fw" in getattr(item, "fixturenames", ())
         (drop if pure or torch_half else keep).append(item)
     if drop:

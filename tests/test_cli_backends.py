@@ -100,7 +100,7 @@ def test_freeze_then_inspect_work_whatever_backend_saved_or_loads(
     assert proc.returncode == 0, crashed(proc)
     assert json.loads(proc.stdout)["layers"], proc.stdout
     assert source.read_bytes() == before
-    if kind == "plain":
+    if (saver, kind) != ("torch", "compiled"):
         return
     # what bnkit wrote reads on another backend, with its pinned mode
     proc = bnkit("inspect", str(out), "--json", backend=_next(loader))
