@@ -505,10 +505,10 @@ def _one_run(
         xs, vs = features[key][0], (features[key][1], val[1])
     trainer.prepare(target, lr, logits, optimizer, loss)
     records: list[EpochRecord] = []
-    stats = [backend.snapshot(model).stats]
+    stats = [backend.snapshot(model, weights_too=False).stats]
 
     def on_epoch(log: Any) -> None:
-        now = backend.snapshot(model).stats
+        now = backend.snapshot(model, weights_too=False).stats
         moved, delta = _drift(stats[-1], now)
         stats.append(now)
         records.append(EpochRecord(**asdict(log), bn_stats_moved=moved, bn_stats_delta=delta))

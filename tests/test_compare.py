@@ -62,6 +62,21 @@ def test_every_run_starts_from_the_same_weights(splits):
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
 
 
+def test_evaluation_equals_keras_evaluate_over_several_batches():
+    """compare's per-epoch evaluation (test_on_batch per chunk, weighted by size) gives
+    what `model.evaluate` gives at the same batch size, over a last, shorter batch too."""
+    model, _ = build_transfer()
+    keras_train.prepare(model, 1e-3, logits=False)
+    rng = np.random.default_rng(3)
+    n = 2 * keras_train.EVAL_BATCH + 37
+    x = rng.normal(0.5, 1.0, size=(n, *INPUT)).astype("float32")
+    y = rng.integers(0, CLASSES, n)
+    expected = model.evaluate(x, y, batch_size=keras_train.EVAL_BATCH, verbose=0, return_dict=True)
+    loss, accuracy = keras_train.evaluate(model, x, y)
+    np.testing.assert_allclose(loss, expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose(accuracy, expected["accuracy"], rtol=1e-6)
+
+
 def test_divergence_stops_the_run_restores_finite_weights_and_the_sweep_goes_on(splits):
     model, _ = build_transfer()
     result = bnkit.compare(

@@ -247,8 +247,9 @@ class Backend(Protocol):
         """Recompiles with the same loss and metrics and a fresh optimizer of the same config."""
         ...
 
-    def snapshot(self, model: Any) -> Snapshot:
-        """Copies every weight and running statistic."""
+    def snapshot(self, model: Any, weights_too: bool = True) -> Snapshot:
+        """Copies every running statistic and (unless `weights_too` is False, when only
+        the statistics are wanted) every trainable weight."""
         ...
 
     def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:

@@ -416,13 +416,13 @@ class KerasBackend:
 
     # ------------------------------------------------------------------ reading weights
 
-    def snapshot(self, model: Any) -> Snapshot:
+    def snapshot(self, model: Any, weights_too: bool = True) -> Snapshot:
         weights: dict[str, dict[str, np.ndarray]] = {}
         stats: dict[str, dict[str, np.ndarray]] = {}
         for node in walk(model):
             layer = node.layer
             stat_vars = _stat_variables(layer)
-            own = {v.name: _copy(v) for v in layer._trainable_variables}
+            own = {v.name: _copy(v) for v in layer._trainable_variables} if weights_too else {}
             if own:
                 weights[node.path] = own
             if stat_vars:
@@ -682,8 +682,14 @@ def _compiled_pass(
 
 
 def _to_numpy(fn: Any) -> MomentPass:
+    jax_arrays = keras.backend.backend() == "jax"
+
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         out = fn(x)
+        if jax_arrays:  # one transfer for all the moments, not one per array
+            import jax
+
+            out = jax.device_get(out)
         return {p: (_numpy(m), _numpy(v), round(float(_numpy(n)))) for p, (m, v, n) in out.items()}
 
     return run
