@@ -7,6 +7,7 @@ forward pass is the floor.
     KERAS_BACKEND=torch MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
         .venv/bin/python benchmarks/adapt_vs_predict.py
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/adapt_vs_predict.py
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/adapt_vs_predict.py   # and a profile
 """
 
 from __future__ import annotations
@@ -63,6 +64,33 @@ def main() -> None:
     print(f"predict {N / t_predict:,.0f} img/s, adapt {N / t_adapt:,.0f} img/s")
     print(f"ratio adapt/predict = {statistics.median(ratios):.2f} "
           f"(range {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    if keras.backend.backend() == "jax":
+        profile_jax(model, x)
+
+
+def profile_jax(model: keras.Model, x: np.ndarray) -> None:
+    """Where adapt's time goes on JAX: bnkit's jitted moments pass alone against a jitted
+    inference pass over the same batches (no Python around either but the call)."""
+    import jax
+
+    from bnkit.stats import _bn_paths
+
+    backend, paths = _bn_paths(model, None)
+
+    def values():
+        return ([v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables])  # fmt: skip
+
+    infer = jax.jit(lambda t, f, b: model.stateless_call(t, f, b, training=False)[0])
+    batches = [x[i : i + BATCH] for i in range(0, N, BATCH)]
+    t_infer, t_pass = [], []
+    with backend.moments_pass(model, paths, normalize="batch") as run:
+        for _ in range(RUNS):
+            t_infer.append(timed(lambda: [jax.block_until_ready(infer(*values(), b))
+                                          for b in batches]))  # fmt: skip
+            t_pass.append(timed(lambda: [run(b) for b in batches]))
+    ratio = statistics.median(t_pass) / statistics.median(t_infer)
+    print(f"profile: the jitted moments pass alone = {ratio:.2f} jitted inference passes")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,14 @@ TAKEOVER = 0.5
 that class by more than this."""
 AGREEMENT = 0.5
 """collapse: under this share of a batch's predictions agree with the reference's."""
+CHECK_EVERY = 4
+"""with guards, the reference (the start weights with the stream's statistics) checks
+every batch of the stream's first `window`, then every CHECK_EVERY-th: the collapse and
+label-shift tests use the checked batches, the finiteness test runs on every batch.
+After a reset every batch is checked again for a window; once the stream is held out as
+label-shifted, the reference predicts every batch. A check costs two inference passes
+(the reference's statistics pass and its prediction), the TENT step two to three
+(benchmarks/tta_cost.py)."""
 LABEL_SHIFT_P = 1e-3
 """label shift: a batch whose reference outputs are this unlikely (chi-square test) as a
 sample of the stream's so far shows the stream is not i.i.d.; from it on TENT is held."""
@@ -170,7 +178,10 @@ def tta(
     against the stream's so far, p < 0.001: label shift, as in a class-sorted stream),
     TENT is held for the rest of the stream: one-class batches would both normalise
     with their own statistics and teach TENT that class. Held batches are predicted by
-    the start weights with statistics re-estimated on the stream so far. After `tent`
+    the start weights with statistics re-estimated on the stream so far. The guards'
+    reference (those start weights and statistics) runs on each of the first `window`
+    batches, then on every fourth, and on every batch again for a window after a reset;
+    the finiteness test runs on every batch. After `tent`
     the statistics are re-estimated on the stream, so the model runs in inference mode
     as usual.
 
@@ -335,6 +346,7 @@ def _tent(
     recent: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
     seen = Moments()  # of the reference's per-image outputs on the stream so far
     shifted: str | None = None
+    tight = 0  # batches still to check one by one after a reset
     out: list[_Scored] = []
     try:
         for k, (x, y) in enumerate(stream):
@@ -343,7 +355,7 @@ def _tent(
                 scored = _score(k, adapter.predict(model, x), y, None, False, 0.0)
             elif online is None:
                 scored = _step(adapter, model, start, x, y, k, steps, episodic, None, t)
-            else:
+            elif shifted or tight or k < window or k % CHECK_EVERY == 0:
                 online.update(x)
                 fallback = adapter.predict(reference, x)
                 held = shifted or _label_shift(fallback, seen)
@@ -354,7 +366,11 @@ def _tent(
                     scored = _score(k, fallback, y, None, False, time.perf_counter() - t, held)
                 else:
                     scored = _step(adapter, model, start, x, y, k, steps, episodic,
-                                   (fallback, recent), t)  # fmt: skip
+                                   (fallback, recent), t, reference)  # fmt: skip
+            else:  # between checks: only the finiteness guard
+                scored = _step(adapter, model, start, x, y, k, steps, episodic,
+                               (None, recent), t, reference)  # fmt: skip
+            tight = window if scored.record.reset else max(tight - 1, 0)
             out.append(scored)
             if on_batch is not None:
                 on_batch(scored.record)
@@ -372,11 +388,13 @@ def _step(
     k: int,
     steps: int,
     episodic: bool,
-    guarded: tuple[np.ndarray, deque[tuple[np.ndarray, np.ndarray]]] | None,
+    guarded: tuple[np.ndarray | None, deque[tuple[np.ndarray, np.ndarray]]] | None,
     t: float,
+    reference: Any = None,
 ) -> _Scored:
-    """TENT on one batch; with `guarded` (the reference's outputs, the window), a reset
-    on non-finite values or collapse, and the reference's predictions then."""
+    """TENT on one batch; with `guarded` (the reference's outputs, or None on a batch
+    between checks, and the window), a reset on non-finite values or collapse, and the
+    reference's predictions then."""
     if episodic:
         adapter.restore_state(model, start)
     outputs = adapter.step(model, x)
@@ -387,13 +405,14 @@ def _step(
         fallback, recent = guarded
         if not (np.isfinite(outputs).all() and adapter.finite(model)):
             reset = "non-finite outputs or BN weights"
-        else:
+        elif fallback is not None:
             recent.append((outputs.argmax(1), fallback.argmax(1)))
             reset = _collapse(recent, outputs.shape[1])
         if reset is not None:
             adapter.restore_state(model, start)
             recent.clear()
-            outputs = fallback  # the re-estimated model's predictions
+            # the re-estimated model's predictions
+            outputs = fallback if fallback is not None else adapter.predict(reference, x)
     return _score(k, outputs, y, reset, True, time.perf_counter() - t)
 
 

@@ -149,6 +149,28 @@ def test_online_re_estimation_equals_adapt_over_the_batches_so_far(fw):
             np.testing.assert_allclose(a[path][key], b[path][key], rtol=1e-5, atol=1e-6)
 
 
+def test_the_guards_check_every_batch_at_first_then_every_fourth(fw, monkeypatch):
+    """The reference runs on the first `window` batches, then on every CHECK_EVERY-th;
+    the batches between are still adapted (and checked for non-finite values)."""
+    from bnkit.stats import OnlineAdapt
+
+    checked: list[int] = []
+    batches: list[int] = []
+    update = OnlineAdapt.update
+
+    def counted(self, x):
+        checked.append(len(batches))
+        return update(self, x)
+
+    monkeypatch.setattr(OnlineAdapt, "update", counted)
+    x = fw.inputs(16 * 32)
+    report = bnkit.tta(fw.build(), x, "tent", batch_size=32, lr=1e-4,
+                       on_batch=lambda b: batches.append(b.index))  # fmt: skip
+    assert report.resets == [] and report.held == []
+    assert checked == [0, 1, 2, 3, 4, 5, 6, 7, 8, 12]
+    assert all(b.adapted for b in report.batches)
+
+
 def test_the_label_shift_test_passes_iid_batches_and_catches_one_class_ones():
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 3, (5, 5))
