@@ -156,7 +156,7 @@ def adapt(
     moments, n_batches, n_samples = _collect(
         backend, model, paths, data, "batch", batch_size, max_batches, on_batch
     )
-    before = backend.snapshot(model).stats
+    before = backend.snapshot(model, weights_too=False).stats
     seen, off_path = _on_path(moments)
     new = {p: moments[p].result() for p in seen}
     _check_finite_stats(new)
@@ -272,7 +272,7 @@ def _combine(
 ) -> tuple[dict[str, Moments], int, int]:
     """Every rank's moments combined, in rank order, with Chan's update in float64: each
     rank then holds the moments of the union of the shards (a rank may have none)."""
-    stored = backend.snapshot(model).stats
+    stored = backend.snapshot(model, weights_too=False).stats
     widths = [stored[p]["mean"].size for p in paths]
     parts = [np.array([n_batches, n_samples], np.float64)]
     for path, width in zip(paths, widths, strict=True):
@@ -474,7 +474,7 @@ def shift(
     moments, n_batches, n_samples = _collect(
         backend, model, paths, data, "running", batch_size, max_batches, on_batch
     )
-    stored = backend.snapshot(model).stats
+    stored = backend.snapshot(model, weights_too=False).stats
     seen, off_path = _on_path(moments)
     measured = {p: moments[p].result() for p in seen}
     _check_finite_stats(measured)
