@@ -178,10 +178,12 @@ def _config_copy(model: Any) -> Any:
     kind = type(model)
     if kind.__name__ not in ("Functional", "Sequential") or not kind.__module__.startswith("keras"):
         return None  # a subclassed model: its config may not rebuild it
+    from bnkit.backends.keras.core import without_tensorflow
+
     try:
-        copy = type(model).from_config(model.get_config())
-        weights = _weights(model)
-        copy.set_weights(weights)
+        with without_tensorflow():  # as the file round trip: no TensorFlow on torch or JAX
+            copy = type(model).from_config(model.get_config())
+        copy.set_weights(_weights(model))
     except Exception:  # any failure: the file round trip instead
         return None
     if _layout(copy) != _layout(model):

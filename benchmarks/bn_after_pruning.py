@@ -16,7 +16,7 @@ convolution:
 Seeds 0-2 are three models pretrained from those seeds (each on its seed's split).
 "recovered" is (after - pruned) / (before - pruned) of the means over seeds.
 
-    .venv/bin/python benchmarks/compression.py [--framework torch|keras] [--seeds 3]
+    .venv/bin/python benchmarks/bn_after_pruning.py [--framework torch|keras] [--seeds 3]
 """
 
 from __future__ import annotations
