@@ -47,4 +47,7 @@ if rank == 0:  # one rank writes
     out = Path(os.environ.get("BNKIT_EXAMPLE_OUT", tempfile.mkdtemp())) / "adapted.pt"
     torch.save(model.module.state_dict(), out)
     print(f"rank 0 wrote {out}")
+# every rank waits for the others before leaving: a rank that destroys the group while
+# another still works can abort in gloo's threads when a DDP wrapper still holds it
+dist.barrier()
 dist.destroy_process_group()
