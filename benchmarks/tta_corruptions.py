@@ -3,12 +3,15 @@
 The demo's residual CNN, pretrained on the source digits (cached), meets the source
 validation and test images (719) corrupted at severity 5. For each corruption: accuracy
 of the source model, `adapt` (statistics re-estimated on the stream), TENT without
-guards and TENT with guards (`bnkit.tta`, batch 64, Adam 1e-3, one step), on an i.i.d.
-stream and on a class-sorted stream (label shift), over 3 seeds (the seed orders the
-stream); then one mixed stream of all 15 corruptions shuffled together.
+guards and TENT with guards (`bnkit.tta`, batch 64, Adam 1e-3, one step), RoTTA as
+published (benchmarks/rotta_reference.py, PyTorch only) and `robust`, on an i.i.d.
+stream, a class-sorted stream and a Dirichlet-ordered stream (delta 0.1, 10 slots,
+RoTTA's LabelDirichletDomainSequence), over 3 seeds (the seed orders the stream); then
+one mixed stream of all 15 corruptions shuffled together.
 
     .venv/bin/python benchmarks/tta_corruptions.py [--framework torch|keras] [--seeds 3]
-        [--corruptions gaussian_noise,fog]
+        [--corruptions gaussian_noise,fog] [--methods source,adapt,robust]
+        [--streams iid,sorted,dirichlet,mixed]
 """
 
 from __future__ import annotations
@@ -30,20 +33,37 @@ from bnkit.demo import kit
 from bnkit.pretrain import pretrained_digits
 
 METHODS = (("source", "none", True), ("adapt", "adapt", True), ("tent", "tent", False),
-           ("tent+guards", "tent", True))  # fmt: skip
+           ("tent+guards", "tent", True), ("rotta-ref", "rotta", True),
+           ("robust", "robust", True))  # fmt: skip
+STREAMS = ("iid", "sorted", "dirichlet", "mixed")
 BATCH = 64
+DELTA, SLOTS = 0.1, 10
 
 
-def run(k, start, x, y, method: str, guard: bool) -> float:
+def run(k, start, x, y, method: str, guard: bool, seed: int) -> float:
     model = k.clone(start)
+    if method == "rotta":
+        from rotta_reference import run as rotta
+
+        return float((rotta(model, k.images(x), 10, BATCH, seed) == y).mean())
     report = bnkit.tta(model, (k.images(x), y), method, batch_size=BATCH, guard=guard)
     return float(report.accuracy)
 
 
-def stream(x, y, seed: int, sort: bool):
-    order = np.random.default_rng(seed).permutation(len(y))
-    if sort:
+def stream(x, y, seed: int, kind: str):
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    if kind == "sorted":
         order = order[np.argsort(y[order], kind="stable")]
+    if kind == "dirichlet":  # RoTTA's ttasampler: each class split over slots by Dirichlet
+        slots: list[list[np.ndarray]] = [[] for _ in range(SLOTS)]
+        for c in range(int(y.max()) + 1):
+            ids = order[y[order] == c]
+            cuts = (np.cumsum(rng.dirichlet([DELTA] * SLOTS))[:-1] * len(ids)).astype(int)
+            for slot, part in zip(slots, np.split(ids, cuts), strict=True):
+                slot.append(part)
+        order = np.concatenate([p for slot in slots for i in rng.permutation(len(slot))
+                                for p in [slot[i]]])  # fmt: skip
     return x[order], y[order]
 
 
@@ -52,8 +72,14 @@ def main() -> None:
     parser.add_argument("--framework", default="torch", choices=("torch", "keras"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--corruptions", default=",".join(CORRUPTIONS))
+    parser.add_argument("--methods", default=",".join(m for m, _, _ in METHODS))
+    parser.add_argument("--streams", default=",".join(STREAMS))
     args = parser.parse_args()
     names = [c for c in args.corruptions.split(",") if c]
+    wanted = args.methods.split(",")
+    torch_only = {"rotta"} if args.framework != "torch" else set()
+    methods = [m for m in METHODS if m[0] in wanted and m[1] not in torch_only]
+    streams = args.streams.split(",")
     k = kit(args.framework)
     net = pretrained_digits(framework=args.framework)
     t0 = time.perf_counter()
@@ -61,30 +87,31 @@ def main() -> None:
     print(f"{k.version()}; corrupted sets ready in {time.perf_counter() - t0:.0f} s; "
           f"{len(sets[names[0]][1])} images per corruption, batch {BATCH}, "
           f"{args.seeds} seeds (mean ± std)")  # fmt: skip
-    header = "corruption".ljust(18) + "".join(f"{m:>17}" for m, _, _ in METHODS)
-    means: dict[str, dict[str, list[float]]] = {}
-    for sort in (False, True):
-        print(f"\n{'class-sorted' if sort else 'i.i.d.'} stream, severity 5\n{header}")
-        table = means.setdefault("sorted" if sort else "iid", {m: [] for m, _, _ in METHODS})
+    header = "corruption".ljust(18) + "".join(f"{m:>17}" for m, _, _ in methods)
+    titles = {"iid": "i.i.d.", "sorted": "class-sorted", "dirichlet": "Dirichlet (0.1)"}
+    for kind in [s for s in streams if s != "mixed"]:
+        print(f"\n{titles[kind]} stream, severity 5\n{header}")
+        table: dict[str, list[float]] = {m: [] for m, _, _ in methods}
         for c in names:
             x, y = sets[c]
             cells = []
-            for label, method, guard in METHODS:
-                accs = [run(k, net.model, *stream(x, y, s, sort), method, guard)
+            for label, method, guard in methods:
+                accs = [run(k, net.model, *stream(x, y, s, kind), method, guard, s)
                         for s in range(args.seeds)]  # fmt: skip
                 table[label].append(float(np.mean(accs)))
                 cells.append(f"{np.mean(accs):8.1%} ± {np.std(accs):4.1%}")
             print(c.ljust(18) + "".join(f"{cell:>17}" for cell in cells), flush=True)
-        print("mean".ljust(18) + "".join(f"{np.mean(table[m]):17.1%}" for m, _, _ in METHODS))
-    xs = np.concatenate([sets[c][0] for c in names])
-    ys = np.concatenate([sets[c][1] for c in names])
-    cells = []
-    for _, method, guard in METHODS:
-        accs = [run(k, net.model, *stream(xs, ys, s, False), method, guard)
-                for s in range(args.seeds)]  # fmt: skip
-        cells.append(f"{np.mean(accs):8.1%} ± {np.std(accs):4.1%}")
-    print(f"\nmixed stream of {len(names)} corruptions ({len(ys)} images)\n{header}")
-    print("mixed".ljust(18) + "".join(f"{cell:>17}" for cell in cells))
+        print("mean".ljust(18) + "".join(f"{np.mean(table[m]):17.1%}" for m, _, _ in methods))
+    if "mixed" in streams:
+        xs = np.concatenate([sets[c][0] for c in names])
+        ys = np.concatenate([sets[c][1] for c in names])
+        cells = []
+        for _, method, guard in methods:
+            accs = [run(k, net.model, *stream(xs, ys, s, "iid"), method, guard, s)
+                    for s in range(args.seeds)]  # fmt: skip
+            cells.append(f"{np.mean(accs):8.1%} ± {np.std(accs):4.1%}")
+        print(f"\nmixed stream of {len(names)} corruptions ({len(ys)} images)\n{header}")
+        print("mixed".ljust(18) + "".join(f"{cell:>17}" for cell in cells))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

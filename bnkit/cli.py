@@ -508,6 +508,7 @@ def adapt_cmd(
     epilog=_epilog(
         "bnkit tta model.keras stream.npz --method tent -o adapted.keras --report tta.json",
         "bnkit tta torchvision:resnet18 --weights ckpt.pt photos/ --method adapt",
+        "bnkit tta model.keras camera_feed/ --method robust --report tta.json",
     ),
 )
 @_model_options
@@ -515,10 +516,12 @@ def adapt_cmd(
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option(
     "--method",
-    type=click.Choice(["none", "adapt", "tent"]),
+    type=click.Choice(["none", "adapt", "tent", "robust"]),
     default="tent",
     show_default=True,
-    help="Predict as is, re-estimate BN statistics first, or TENT.",
+    help="Predict as is, re-estimate BN statistics first, TENT, or robust (statistics "
+    "of the stream so far, predictions corrected for label shift: for streams sorted "
+    "by class).",
 )
 @click.option(
     "-o",
@@ -692,7 +695,8 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     "--strategies",
     default="frozen,affine,train,adapt",
     show_default=True,
-    help="Comma-separated BN modes, or tent (label-free, on the validation inputs); "
+    help="Comma-separated BN modes, or tent or robust (label-free, on the validation "
+    "inputs); "
     "NAME:RULE;RULE for your own policy, e.g. "
     "'preact:bn=train;re:preact_bn$=frozen'.",
 )

@@ -18,7 +18,7 @@ from bnkit.errors import BnkitError, BnkitWarning, SelectorError, check_int, che
 from bnkit.policy import Mode, Rule, parse_mode, parse_rule
 
 DEFAULT_STRATEGIES = ("frozen", "affine", "train", "adapt")
-LABEL_FREE = ("tent",)
+LABEL_FREE = ("tent", "robust")
 """strategies that use no labels: test-time adaptation on the validation inputs."""
 DEFAULT_EPOCHS = 5
 DEFAULT_SEEDS = 3
@@ -42,16 +42,18 @@ class Strategy:
     """A named way to treat BN while fine-tuning: a BN mode for the trained part, or rules.
 
     `adapt` re-estimates every BN layer's statistics on the training inputs first, then
-    keeps them frozen. `tent` uses no labels and does not fine-tune: the model adapts
-    at test time to the validation inputs (`bnkit.tta`, TENT with guards, the stream
-    ordered by the seed, in batches of 64), then is scored on them.
+    keeps them frozen. `tent` and `robust` use no labels and do not fine-tune: the
+    model adapts at test time to the validation inputs (`bnkit.tta`: TENT with guards,
+    or `robust`, the statistics of the stream so far with a label-shift correction;
+    the stream ordered by the seed, in batches of 64), then is scored on them.
     """
 
     name: str
     mode: Mode | None = None
     rules: tuple[Rule, ...] = ()
     test_time: str | None = None
-    """`tent`: a label-free strategy run by `bnkit.tta` on the validation inputs."""
+    """`tent` or `robust`: a label-free strategy run by `bnkit.tta` on the validation
+    inputs."""
 
     @classmethod
     def of(cls, spec: str | Strategy | tuple[str, Sequence[str | Rule]]) -> Strategy:
@@ -228,8 +230,8 @@ def compare(
         model: a Keras classifier or a PyTorch module (not modified).
         train: labelled training data, anything `bnkit.data.load` reads.
         val: labelled validation data.
-        strategies: BN modes (`frozen`, `affine`, `train`, `adapt`), `tent` (label
-            free, needs a model that already outputs the classes), `Strategy`
+        strategies: BN modes (`frozen`, `affine`, `train`, `adapt`), `tent` or
+            `robust` (label free, need a model that already outputs the classes), `Strategy`
             objects, or `(name, ["SELECTOR=MODE", ...])` for your own policy.
         epochs: epochs per run.
         seeds: a number of seeds (0, 1, ...) or the seeds themselves.

@@ -184,6 +184,10 @@ class OnlineAdapt:
         _check_finite_stats(new)
         self._backend.set_bn_stats(self._model, new)
 
+    def off_path(self) -> tuple[str, ...]:
+        """The BN layers no batch so far reached."""
+        return _on_path(self._moments)[1]
+
 
 def _check_finite_stats(stats: dict[str, dict[str, np.ndarray]]) -> None:
     """Raises DataError (the model unchanged) when a re-estimated statistic is not finite

@@ -124,6 +124,7 @@ COMMANDS = [
     ["adapt", "{model}", "{data}", "-o", "{tmp}/adapted.keras"],
     ["shift", "{model}", "{data}"],
     ["tta", "{model}", "{data}", "--method", "tent", "--batch-size", "16"],
+    ["tta", "{model}", "{data}", "--method", "robust", "--batch-size", "16"],
     ["compare", "{model}", "{data}", "--val", "{data}", "--epochs", "1", "--seeds", "1",
      "--strategies", "frozen,train"],
 ]  # fmt: skip

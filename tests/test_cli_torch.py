@@ -139,6 +139,25 @@ def test_tta_writes_the_adapted_model_a_report_and_a_plot(capsys, spec, tmp_path
     assert len(err.strip().splitlines()) == 1
 
 
+def test_tta_robust_reports_the_label_shift_it_corrected(capsys, spec, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(64, 3, 6, 6)).astype("float32")
+    x[32:] += 6.0  # the second half of the stream moves away
+    stream, out, report = tmp_path / "stream.npz", tmp_path / "robust.pt", tmp_path / "r.json"
+    np.savez(stream, x=x)
+    code, text, err = run(capsys, "tta", spec, str(stream), "--method", "robust", "-o", str(out),
+                          "--report", str(report), "--batch-size", "16")  # fmt: skip
+    assert code == 0, err
+    assert "robust: 64 samples in 4 batches" in text and "label shift from batch 2" in text
+    assert json.loads(report.read_text())["corrected"] == [2, 3]
+    model, whole = net(), net()
+    model.load_state_dict(torch.load(out, weights_only=True))
+    bnkit.adapt(whole, x, batch_size=16)  # the written statistics: those of the whole stream
+    for a, b in zip(model.modules(), whole.modules(), strict=True):
+        if isinstance(a, torch.nn.BatchNorm2d):
+            np.testing.assert_allclose(a.running_mean.numpy(), b.running_mean.numpy(), rtol=1e-5)
+
+
 def test_tent_on_a_stream_of_batches_too_small_is_an_error_and_writes_nothing(
     capsys, spec, images, tmp_path
 ):

@@ -291,3 +291,72 @@ def test_a_generator_stream_is_read_once_and_replayed(fw):
     # the same numbers as a list of the same batches
     again = bnkit.tta(fw.build(), [x[:32], x[32:]], "tent")
     assert [b.entropy for b in report.batches] == pytest.approx([b.entropy for b in again.batches])
+
+
+def test_robust_predicts_each_batch_with_the_statistics_of_the_stream_so_far(fw):
+    """No gradient step: batch k is predicted in inference mode with the statistics of
+    batches 0..k (what OnlineAdapt writes), and the model ends with `adapt`'s."""
+    from bnkit.stats import OnlineAdapt
+
+    x = fw.inputs(96)
+    model = fw.build()
+    report = bnkit.tta(model, x, "robust", batch_size=32)
+    assert report.method == "robust" and report.corrected == [] and len(report.batches) == 3
+    grown = fw.build()
+    online = OnlineAdapt(grown)
+    adapter = bnkit.backends.get_backend(grown).test_time()
+    for k, record in enumerate(report.batches):
+        online.update(x[32 * k : 32 * k + 32])
+        expected = tta_module._score(k, adapter.predict(grown, x[32 * k : 32 * k + 32]),
+                                     None, None, True, 0.0).record  # fmt: skip
+        assert record.entropy == pytest.approx(expected.entropy, rel=1e-4)
+    whole = fw.build()
+    bnkit.adapt(whole, x, batch_size=32)
+    a, b = fw.bn_values(model), fw.bn_values(whole)
+    for path in a:
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(a[path][key], b[path][key], rtol=1e-5, atol=1e-6)
+        for key in ("gamma", "beta"):  # nothing trained
+            np.testing.assert_array_equal(a[path][key], fw.bn_values(fw.build())[path][key])
+
+
+def test_robust_corrects_the_predictions_from_the_batch_that_shows_label_shift(fw):
+    x = fw.inputs(128)
+    stream = np.concatenate([x[:64], x[64:] + 4.0])  # the last two batches move away
+    report = bnkit.tta(fw.build(), stream, "robust", batch_size=32)
+    assert report.corrected == [2, 3]
+    assert report.batches[2].corrected.startswith("label shift")
+    assert "label shift from batch 2: predictions of 2 batch(es) corrected" in str(report)
+    assert json.loads(report.to_json())["corrected"] == [2, 3]
+
+
+def test_lame_draws_neighbours_to_agree_and_reads_logits_and_probabilities_alike():
+    rng = np.random.default_rng(0)
+    # a batch of one class (a class-sorted stream): 20 rows lean to class 0, two rows
+    # are unsure and lean to classes 1 and 2
+    logits = np.c_[rng.uniform(0.5, 2.0, 20), rng.normal(0, 0.2, (20, 2))]
+    logits = np.r_[logits, [[0.5, 0.6, 0.0], [0.5, 0.0, 0.6]]]
+    assert list(logits.argmax(1)[-2:]) == [1, 2]
+    assert (tta_module.lame(logits).argmax(1) == 0).all()  # the batch agrees
+    # two classes, each with its own confident rows: both stay
+    two = np.r_[logits[:20], logits[:20][:, [1, 0, 2]]]
+    np.testing.assert_array_equal(tta_module.lame(two).argmax(1), two.argmax(1))
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    probs = e / e.sum(1, keepdims=True)
+    np.testing.assert_allclose(tta_module.lame(logits), tta_module.lame(probs), atol=1e-5)
+    small = logits[:5]  # no more rows than neighbours: the log-probabilities unchanged
+    np.testing.assert_allclose(np.exp(tta_module.lame(small)), probs[:5], rtol=1e-6)
+
+
+def test_compare_runs_robust_label_free(fw):
+    x = fw.inputs(96)
+    y = np.arange(96) % 3
+    result = bnkit.compare(fw.build(), (x[:48], y[:48]), (x[48:], y[48:]), ["robust"],
+                           epochs=1, seeds=1, batch_size=16)  # fmt: skip
+    (run,) = result.runs
+    alone = fw.build()
+    bnkit.tta(alone, x[48:][np.random.default_rng(0).permutation(48)], "robust")
+    adapter = bnkit.backends.get_backend(alone).test_time()
+    hits = (adapter.predict(alone, x[48:]).argmax(1) == y[48:]).mean()
+    assert run.strategy == "robust" and run.epochs == ()
+    assert run.final_val_accuracy == pytest.approx(hits, abs=1e-6)
