@@ -60,6 +60,11 @@ LAME_NEIGHBOURS = 5
 k-NN affinity, Boudiaf et al., CVPR 2022)."""
 LAME_ITERATIONS = 20
 """`robust`: fixed-point iterations of the correction (it converges in fewer)."""
+SHIFT_RUN = 2
+"""`robust`: label shift is found at the second batch in a row that fails the test (a
+class-sorted or drifting stream fails it batch after batch; an i.i.d. stream of mixed
+corruptions, whose outputs are heavier-tailed than the test assumes, fails it now and
+then, one batch alone)."""
 LABEL_SHIFT_P = 1e-3
 """label shift: a batch whose reference outputs are this unlikely (chi-square test) as a
 sample of the stream's so far shows the stream is not i.i.d.; from it on TENT is held."""
@@ -211,8 +216,8 @@ def tta(
     the classes), where TENT and every normalisation on the batch's own statistics
     lose: each batch is predicted in inference mode with the statistics re-estimated
     on the stream so far, this batch included (what `adapt` would compute on them,
-    with no gradient step), and once the outputs show label shift (the chi-square
-    test above) each batch's predictions are corrected by LAME (Boudiaf et al., CVPR
+    with no gradient step), and once the outputs show label shift (two batches in a
+    row fail the chi-square test above) each batch's predictions are corrected by LAME (Boudiaf et al., CVPR
     2022): a Laplacian over the batch's k-nearest outputs draws neighbouring
     predictions to agree, which a batch of few classes rewards. It costs about two
     inference passes per batch; at the end the model holds the statistics of the
@@ -354,6 +359,7 @@ def _robust(
     online = OnlineAdapt(model)
     seen = Moments()  # of the per-image outputs on the stream so far
     shifted: str | None = None
+    run = 0  # batches in a row that failed the label-shift test
     out: list[_Scored] = []
     for k, (x, y) in enumerate(stream):
         t = time.perf_counter()
@@ -361,7 +367,9 @@ def _robust(
         outputs = adapter.predict(model, x)
         if shifted is None:
             why = _label_shift(outputs, seen)
-            shifted = None if why is None else f"{why}, at batch {k}"
+            run = 0 if why is None else run + 1
+            if run >= SHIFT_RUN:
+                shifted = f"{why}, at batch {k} and the {SHIFT_RUN - 1} before"
         seen.add(outputs.mean(0), outputs.var(0), len(outputs))
         if shifted is not None:
             outputs = lame(outputs)

@@ -141,15 +141,15 @@ def test_tta_writes_the_adapted_model_a_report_and_a_plot(capsys, spec, tmp_path
 
 def test_tta_robust_reports_the_label_shift_it_corrected(capsys, spec, tmp_path):
     rng = np.random.default_rng(0)
-    x = rng.normal(2.0, 3.0, size=(64, 3, 6, 6)).astype("float32")
-    x[32:] += 6.0  # the second half of the stream moves away
+    x = rng.normal(2.0, 3.0, size=(112, 3, 6, 6)).astype("float32")
+    x[64:] += 6.0  # the stream moves away after four batches
     stream, out, report = tmp_path / "stream.npz", tmp_path / "robust.pt", tmp_path / "r.json"
     np.savez(stream, x=x)
     code, text, err = run(capsys, "tta", spec, str(stream), "--method", "robust", "-o", str(out),
                           "--report", str(report), "--batch-size", "16")  # fmt: skip
     assert code == 0, err
-    assert "robust: 64 samples in 4 batches" in text and "label shift from batch 2" in text
-    assert json.loads(report.read_text())["corrected"] == [2, 3]
+    assert "robust: 112 samples in 7 batches" in text and "label shift from batch 5" in text
+    assert json.loads(report.read_text())["corrected"] == [5, 6]
     model, whole = net(), net()
     model.load_state_dict(torch.load(out, weights_only=True))
     bnkit.adapt(whole, x, batch_size=16)  # the written statistics: those of the whole stream

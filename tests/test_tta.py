@@ -320,14 +320,18 @@ def test_robust_predicts_each_batch_with_the_statistics_of_the_stream_so_far(fw)
             np.testing.assert_array_equal(a[path][key], fw.bn_values(fw.build())[path][key])
 
 
-def test_robust_corrects_the_predictions_from_the_batch_that_shows_label_shift(fw):
-    x = fw.inputs(128)
-    stream = np.concatenate([x[:64], x[64:] + 4.0])  # the last two batches move away
+def test_robust_corrects_the_predictions_from_the_second_batch_in_a_row_that_shows_label_shift(
+    fw,
+):
+    x = fw.inputs(160)
+    stream = np.concatenate([x[:64], x[64:] + 4.0])  # the last three batches move away
     report = bnkit.tta(fw.build(), stream, "robust", batch_size=32)
-    assert report.corrected == [2, 3]
-    assert report.batches[2].corrected.startswith("label shift")
-    assert "label shift from batch 2: predictions of 2 batch(es) corrected" in str(report)
-    assert json.loads(report.to_json())["corrected"] == [2, 3]
+    assert report.corrected == [3, 4]
+    assert report.batches[3].corrected.startswith("label shift")
+    assert "label shift from batch 3: predictions of 2 batch(es) corrected" in str(report)
+    assert json.loads(report.to_json())["corrected"] == [3, 4]
+    once = np.concatenate([x[:128], x[128:] + 4.0])  # one odd batch alone: not corrected
+    assert bnkit.tta(fw.build(), once, "robust", batch_size=32).corrected == []
 
 
 def test_lame_draws_neighbours_to_agree_and_reads_logits_and_probabilities_alike():
