@@ -219,10 +219,11 @@ def tta(
     with no gradient step), and once the outputs show label shift (two batches in a
     row fail the chi-square test above) each batch's predictions are corrected by
     LAME (Boudiaf et al., CVPR 2022): a Laplacian over the batch's k-nearest outputs
-    draws neighbouring predictions to agree, which a batch of few classes rewards. It costs about two
-    inference passes per batch; at the end the model holds the statistics of the
-    whole stream, exactly as after `adapt`. On the corruption benchmark it beat
-    whole-stream `adapt` on class-sorted streams (benchmarks/README.md).
+    draws neighbouring predictions to agree, which a batch of few classes rewards.
+    It costs about two inference passes per batch; at the end the model holds the
+    statistics of the whole stream, exactly as after `adapt`. On the corruption
+    benchmark it beat whole-stream `adapt` on class-sorted streams
+    (benchmarks/README.md).
 
     Labels in `data`, if any, only score the predictions.
 
