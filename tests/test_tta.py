@@ -171,6 +171,43 @@ def test_the_guards_check_every_batch_at_first_then_every_fourth(fw, monkeypatch
     assert all(b.adapted for b in report.batches)
 
 
+def test_a_reset_on_an_unchecked_batch_falls_back_and_checks_every_batch_for_a_window(
+    fw, monkeypatch
+):
+    """Non-finite outputs on a batch between checks (10: after the first 8, not a fourth)
+    reset to the start and predict that batch with the reference; the next `window`
+    batches are then checked one by one before one in four again."""
+    from bnkit.stats import OnlineAdapt
+
+    checked: list[int] = []
+    batches: list[int] = []
+    update = OnlineAdapt.update
+
+    def counted(self, x):
+        checked.append(len(batches))
+        return update(self, x)
+
+    model = fw.build()
+    adapter_class = type(bnkit.backends.get_backend(model).test_time())
+    step = adapter_class.step
+
+    def faulty(self, m, x):  # the real step; its outputs spoilt on batch 10
+        out = step(self, m, x)
+        return np.full_like(out, np.nan) if len(batches) == 10 else out
+
+    monkeypatch.setattr(OnlineAdapt, "update", counted)
+    monkeypatch.setattr(adapter_class, "step", faulty)
+    report = bnkit.tta(model, fw.inputs(24 * 32), "tent", batch_size=32, lr=1e-4,
+                       on_batch=lambda b: batches.append(b.index))  # fmt: skip
+    assert report.resets[0][0] == 10 and "non-finite" in report.resets[0][1]
+    assert np.isfinite(report.batches[10].entropy)  # the reference's prediction
+    assert checked[:9] == list(range(9)) and 9 not in checked and 10 not in checked
+    last = report.resets[-1][0]  # (a random model may collapse again right after)
+    assert set(range(11, last + tta_module.WINDOW + 1)) <= set(checked)
+    if not report.held and last == 10:  # then one batch in four again
+        assert checked[17:] == [20]
+
+
 def test_the_label_shift_test_passes_iid_batches_and_catches_one_class_ones():
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 3, (5, 5))
