@@ -166,6 +166,15 @@ def test_recommendation_follows_the_calibrated_thresholds():
     assert ADAPT_THRESHOLD < LABELS_THRESHOLD
 
 
+def test_the_adapt_advice_names_robust_for_streams_sorted_by_class(conv_model):
+    from dataclasses import replace
+
+    x = np.random.default_rng(2).normal(0.0, 1.0, size=(64, 8, 8, 3)).astype("float32")
+    report = replace(bnkit.shift(conv_model, x), recommendation="adapt", score=ADAPT_THRESHOLD)
+    assert "bnkit adapt" in report.advice and "tta --method robust" in report.advice
+    assert "tta --method robust" in str(report)
+
+
 def test_shift_and_adapt_read_streams_and_reject_wrong_shapes(conv_model):
     import tensorflow as tf
 
