@@ -20,6 +20,7 @@ from bnkit.records import (
     CUMULATIVE_AVERAGE,
     EVAL_UNDONE_BY_TRAIN,
     NO_RUNNING_STATS,
+    QAT_STATS_UPDATE,
     STATS_WITHOUT_AFFINE,
     SYNC_WITHOUT_GROUP,
     TRAINING_OVERRIDDEN,
@@ -165,7 +166,9 @@ def check(
     (no process group: a plain BN; a group on CPU: its training forward raises);
     BN016 info, a BN layer that no inference pass calls (GoogLeNet's and Inception v3's
     auxiliary classifiers); BN017 warning, an Ultralytics YOLO model whose leading
-    blocks are frozen by `requires_grad=False` while their BN statistics still update.
+    blocks are frozen by `requires_grad=False` while their BN statistics still update;
+    BN018 info, fused Conv+BN modules of eager-mode quantization-aware training
+    (`prepare_qat`) whose BN statistics still update (no `freeze_bn_stats` yet).
 
     Keras models are read from their graph. A PyTorch module has none: the module
     feeding each BN comes from a `torch.fx` trace where the model traces, and call
@@ -259,6 +262,13 @@ _CODED = {
         "warning",
         "train on GPUs inside an initialised process group (torchrun), or use plain "
         "BatchNorm for one process; to keep its statistics, pin it (bnkit.freeze)",
+    ),
+    QAT_STATS_UPDATE: (
+        "BN018",
+        "info",
+        "for the last epochs of QAT freeze them, as PyTorch's QAT recipe does: "
+        "model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats) (model.train() then "
+        "leaves them in eval); convert folds the statistics they hold then",
     ),
 }
 

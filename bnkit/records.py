@@ -34,6 +34,9 @@ always frozen, nothing to freeze, no other mode possible."""
 SYNC_WITHOUT_GROUP = "sync-batchnorm-unsynchronised"
 """PyTorch: SyncBatchNorm that cannot synchronise: no process group (it trains as a
 plain BN), or a group on CPU (its training forward raises)."""
+QAT_STATS_UPDATE = "qat-fused-bn-statistics-update"
+"""PyTorch: the BN inside an eager-mode QAT fused Conv+BN module (`prepare_qat`) whose
+statistics still update (no `freeze_bn_stats` yet)."""
 
 
 @dataclass(frozen=True)

@@ -204,3 +204,31 @@ def test_bn016_a_bn_no_inference_pass_calls_is_named_and_left_alone():
     model.train()
     model(torch.randn(2, 3, 224, 224))
     assert not torch.equal(before, aux.running_mean)
+
+
+def test_qat_fused_conv_bn_statistics_are_found_updating_until_frozen():
+    """BN018: after prepare_qat, a fused ConvBnReLU2d's statistics move at every training
+    step; after freeze_bn_stats they stay through model.train(), and check says nothing
+    (not BN010: the fused module's train() leaves its frozen BN in eval)."""
+    import torch.ao.quantization as q
+    from torch.ao.nn.intrinsic import qat
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 3)).train()  # fmt: skip
+    m = q.fuse_modules_qat(m, [["0", "1", "2"]])
+    m.qconfig = q.get_default_qat_qconfig("x86")
+    q.prepare_qat(m, inplace=True)
+    x = torch.randn(16, 3, 8, 8)
+    before = m[0].bn.running_mean.clone()
+    m(x)
+    assert not torch.equal(before, m[0].bn.running_mean)  # the pitfall happens
+    (finding,) = [f for f in bnkit.check(m, input_shape=(3, 8, 8)).findings]
+    assert finding.code == "BN018" and finding.path == "0.bn" and "freeze_bn_stats" in finding.fix
+    m.apply(qat.freeze_bn_stats)
+    m.train()
+    before = m[0].bn.running_mean.clone()
+    m(x)
+    assert torch.equal(before, m[0].bn.running_mean)  # frozen through model.train()
+    assert bnkit.check(m, input_shape=(3, 8, 8)).findings == ()
+    (record,) = [r for r in bnkit.backends.get_backend(m).records(m) if r.is_bn]
+    assert record.bn_mode == "affine"

@@ -14,6 +14,7 @@ A model's "BN mode" is what it does in a training loop, after `model.train()`.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,7 @@ from bnkit.records import (
     EVAL_UNDONE_BY_TRAIN,
     FIXED_BN,
     NO_RUNNING_STATS,
+    QAT_STATS_UPDATE,
     STATS_WITHOUT_AFFINE,
     SYNC_WITHOUT_GROUP,
     CompileStatus,
@@ -185,8 +187,23 @@ def _numel(t: Any) -> int:
     return int(t.numel()) if _initialised(t) else 0
 
 
-def _bn_state(bn: Any) -> BNState:
+def _qat_fused(module: Any) -> bool:
+    """An eager-mode QAT fused Conv+BN module (torch.ao.nn.intrinsic.qat ConvBn*d and
+    ConvBnReLU*d, from `prepare_qat`); its module is imported only if the model uses it."""
+    fused = sys.modules.get("torch.ao.nn.intrinsic.qat.modules.conv_fused")
+    return fused is not None and isinstance(module, fused._ConvBnNd)
+
+
+def _held_in_eval(parents: tuple[Any, ...]) -> bool:
+    """True when a parent keeps the BN in eval() across model.train(): a QAT fused
+    Conv+BN after `freeze_bn_stats` (its train() leaves its children alone)."""
+    return any(_qat_fused(p) and p.freeze_bn for p in parents)
+
+
+def _bn_state(bn: Any, parents: tuple[Any, ...] = ()) -> BNState:
     affine = any(p.requires_grad for _, p in _own(bn))
+    if _held_in_eval(parents) and not bn.training:
+        return BNState(affine, False, False)
     if is_pinned(bn):
         if bn._bnkit_mode == Mode.TRAIN.value:
             return BNState(affine, bn.track_running_stats, True)
@@ -200,11 +217,19 @@ def _bn_mode_name(bn: Any, state: BNState) -> str:
     return mode_of(state)
 
 
-def _bn_notes(bn: Any, state: BNState) -> list[Note]:
+def _bn_notes(bn: Any, state: BNState, parents: tuple[Any, ...] = ()) -> list[Note]:
     if is_pinned(bn):
         return []
     notes: list[Note] = []
-    if not bn.training and bn.track_running_stats:
+    if any(_qat_fused(p) for p in parents) and state.stats_update:
+        notes.append(
+            Note(
+                QAT_STATS_UPDATE,
+                "fused Conv+BN of quantization-aware training: its statistics update at "
+                "every training step and the fake-quantized weights are folded with them",
+            )
+        )
+    if not bn.training and bn.track_running_stats and not _held_in_eval(parents):
         notes.append(
             Note(
                 EVAL_UNDONE_BY_TRAIN,
@@ -351,8 +376,8 @@ class TorchBackend:
             bn_fields = dict(is_bn=True, bn_mode=Mode.FROZEN.value, bn_state=FIXED_STATE)
             notes = [Note(FIXED_BN, FIXED_TEXT)]
         elif isinstance(module, BN):
-            state = _bn_state(module)
-            notes = _bn_notes(module, state)
+            state = _bn_state(module, node.parents)
+            notes = _bn_notes(module, state, node.parents)
             momentum = None if module.momentum is None else 1.0 - float(module.momentum)
             bn_fields = dict(
                 is_bn=True,
