@@ -1,0 +1,182 @@
+"""Why `robust` is what it is (issue 22): the normalisations and corrections measured
+before choosing, on the corruption benchmark's streams (PyTorch, the demo's CNN, batch
+64, seed 0 by default).
+
+- `online`: each batch predicted with the statistics of the stream so far, this batch
+  included (OnlineAdapt, what `robust` normalises with), no correction;
+- `rbn-memory`: RoTTA's robust BN on bnkit's moments: a category-balanced memory of 64
+  samples (RoTTA's CSTU, pseudo-labels from the model), and after each batch every BN
+  layer's statistics moved towards the memory's by alpha 0.05 from the source
+  statistics; then the batch predicted;
+- `rbn-memory-warm`: the same with alpha max(0.05, 1/k) at the k-th update (a running
+  mean at first), for streams far shorter than RoTTA's;
+- `tent-online`: TENT's entropy step on BN gamma/beta, normalising with the stream's
+  statistics so far instead of the batch's, with `robust`'s correction;
+- `robust`: `bnkit.tta(..., "robust")`.
+
+    .venv/bin/python benchmarks/tta_variants.py [--seeds 1] [--corruptions fog,snow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+from tta_corruptions import BATCH, stream
+
+import bnkit
+from bnkit.backends import get_backend
+from bnkit.corruptions import CORRUPTIONS, corrupted_digits
+from bnkit.demo import kit
+from bnkit.stats import Moments, OnlineAdapt
+from bnkit.tta import _label_shift, lame
+
+ALPHA, MEMORY = 0.05, 64
+VARIANTS = ("adapt", "online", "rbn-memory", "rbn-memory-warm", "tent-online", "robust")
+
+
+class Memory:
+    """RoTTA's CSTU: per pseudo-class slots, eviction by age and uncertainty."""
+
+    def __init__(self, capacity: int, classes: int) -> None:
+        self.capacity, self.classes = capacity, classes
+        self.items: list[list[list]] = [[] for _ in range(classes)]  # [x, uncertainty, age]
+
+    def score(self, age: float, uncertainty: float) -> float:
+        return 1 / (1 + math.exp(-age / self.capacity)) + uncertainty / math.log(self.classes)
+
+    def add(self, x: np.ndarray, label: int, uncertainty: float) -> None:
+        if self._room(label, self.score(0, uncertainty)):
+            self.items[label].append([x, uncertainty, 0])
+        for slot in self.items:
+            for item in slot:
+                item[2] += 1
+
+    def _room(self, label: int, new: float) -> bool:
+        if len(self.items[label]) < self.capacity / self.classes:
+            if sum(len(s) for s in self.items) < self.capacity:
+                return True
+            most = max(len(s) for s in self.items)
+            return self._evict([i for i, s in enumerate(self.items) if len(s) == most], new)
+        return self._evict([label], new)
+
+    def _evict(self, classes: list[int], new: float) -> bool:
+        worst = None
+        for c in classes:
+            for i, (_, u, age) in enumerate(self.items[c]):
+                s = self.score(age, u)
+                if worst is None or s >= worst[0]:
+                    worst = (s, c, i)
+        if worst is None:
+            return True
+        if worst[0] > new:
+            self.items[worst[1]].pop(worst[2])
+            return True
+        return False
+
+    def data(self) -> np.ndarray:
+        return np.stack([item[0] for slot in self.items for item in slot])
+
+
+def softmax(o: np.ndarray) -> np.ndarray:
+    e = np.exp(o - o.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def bn_paths(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def run(variant: str, model, x: np.ndarray, y: np.ndarray) -> float:
+    backend = get_backend(model)
+    adapter = backend.test_time()
+    if variant == "robust":
+        return float(bnkit.tta(model, (x, y), "robust", batch_size=BATCH).accuracy)
+    if variant == "adapt":
+        return float(bnkit.tta(model, (x, y), "adapt", batch_size=BATCH).accuracy)
+    hits = 0
+    if variant == "online":
+        online = OnlineAdapt(model)
+        for i in range(0, len(y), BATCH):
+            online.update(x[i : i + BATCH])
+            hits += int(
+                (adapter.predict(model, x[i : i + BATCH]).argmax(1) == y[i : i + BATCH]).sum()
+            )
+        return hits / len(y)
+    if variant.startswith("rbn-memory"):
+        paths = bn_paths(model)
+        modules = dict(model.named_modules())
+        memory = Memory(MEMORY, 10)
+        for k, i in enumerate(range(0, len(y), BATCH), start=1):
+            xb = x[i : i + BATCH]
+            p = softmax(adapter.predict(model, xb))
+            entropy = -(p * np.log(p + 1e-6)).sum(1)
+            for j in range(len(xb)):
+                memory.add(xb[j], int(p[j].argmax()), float(entropy[j]))
+            a = max(ALPHA, 1 / k) if variant.endswith("warm") else ALPHA
+            with backend.moments_pass(model, paths, normalize="running") as moments:
+                got = moments(memory.data())
+            new = {}
+            for path in paths:
+                bn = modules[path]
+                mean, var = bn.running_mean.numpy(), bn.running_var.numpy()
+                new[path] = {"mean": (1 - a) * mean + a * got[path][0],
+                             "var": (1 - a) * var + a * got[path][1]}  # fmt: skip
+            backend.set_bn_stats(model, new)
+            hits += int((adapter.predict(model, xb).argmax(1) == y[i : i + BATCH]).sum())
+        return hits / len(y)
+    if variant == "tent-online":
+        online = OnlineAdapt(model)
+        params = [p for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                  for p in m.parameters()]  # fmt: skip
+        trained = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
+        optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
+        seen, shifted, run_ = Moments(), False, 0
+        for i in range(0, len(y), BATCH):
+            xb = x[i : i + BATCH]
+            online.update(xb)
+            model.eval()  # BN normalises with the stream's statistics; gamma/beta learn
+            out = model(torch.as_tensor(xb))
+            loss = -(out.softmax(1) * out.log_softmax(1)).sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            o = out.detach().numpy()
+            run_ = run_ + 1 if _label_shift(o, seen) else 0
+            shifted = shifted or run_ >= 2
+            seen.add(o.mean(0), o.var(0), len(o))
+            hits += int(((lame(o) if shifted else o).argmax(1) == y[i : i + BATCH]).sum())
+        return hits / len(y)
+    raise ValueError(variant)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--corruptions", default=",".join(CORRUPTIONS))
+    args = parser.parse_args()
+    names = [c for c in args.corruptions.split(",") if c]
+    k = kit("torch")
+    from bnkit.pretrain import pretrained_digits
+
+    net = pretrained_digits(framework="torch")
+    print(f"{k.version()}; {len(names)} corruptions at severity 5, batch {BATCH}, "
+          f"{args.seeds} seed(s); mean accuracy over the corruptions")  # fmt: skip
+    print("stream".ljust(12) + "".join(f"{v:>17}" for v in VARIANTS))
+    sets = {c: corrupted_digits(c, 5) for c in names}
+    for kind in ("iid", "sorted", "dirichlet"):
+        cells = []
+        for variant in VARIANTS:
+            accs = [run(variant, k.clone(net.model), k.images(xs), ys)
+                    for c in names for s in range(args.seeds)
+                    for xs, ys in [stream(*sets[c], s, kind)]]  # fmt: skip
+            cells.append(f"{np.mean(accs):17.1%}")
+        print(kind.ljust(12) + "".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
