@@ -432,7 +432,7 @@ _ADVICE = {
     "i.i.d. batches of 16 or more, 64 as in its paper) matched it within 2 points on the "
     "corruption benchmark, not more; if the data comes as a stream sorted by class or "
     "drifting through the classes, use bnkit tta --method robust, which beat "
-    "re-estimation on the whole stream by 3 points there",
+    "re-estimation on the whole stream by 2 points there",
     "labels": "re-estimate BN statistics now (bnkit adapt, no labels needed), and collect "
     "labels: shift {score:.3f} is at least {labels:g}, where fine-tuning on 10 labelled "
     "images per class beat re-estimation alone by a median 19 points on the corruption "
