@@ -62,8 +62,7 @@ def stream(x, y, seed: int, kind: str):
             cuts = (np.cumsum(rng.dirichlet([DELTA] * SLOTS))[:-1] * len(ids)).astype(int)
             for slot, part in zip(slots, np.split(ids, cuts), strict=True):
                 slot.append(part)
-        order = np.concatenate([p for slot in slots for i in rng.permutation(len(slot))
-                                for p in [slot[i]]])  # fmt: skip
+        order = np.concatenate([slot[i] for slot in slots for i in rng.permutation(len(slot))])
     return x[order], y[order]
 
 

@@ -20,10 +20,10 @@ before choosing, on the corruption benchmark's streams (PyTorch, the demo's CNN,
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
+from rotta_reference import CSTU
 from tta_corruptions import BATCH, stream
 
 import bnkit
@@ -35,49 +35,6 @@ from bnkit.tta import _label_shift, lame
 
 ALPHA, MEMORY = 0.05, 64
 VARIANTS = ("adapt", "online", "rbn-memory", "rbn-memory-warm", "tent-online", "robust")
-
-
-class Memory:
-    """RoTTA's CSTU: per pseudo-class slots, eviction by age and uncertainty."""
-
-    def __init__(self, capacity: int, classes: int) -> None:
-        self.capacity, self.classes = capacity, classes
-        self.items: list[list[list]] = [[] for _ in range(classes)]  # [x, uncertainty, age]
-
-    def score(self, age: float, uncertainty: float) -> float:
-        return 1 / (1 + math.exp(-age / self.capacity)) + uncertainty / math.log(self.classes)
-
-    def add(self, x: np.ndarray, label: int, uncertainty: float) -> None:
-        if self._room(label, self.score(0, uncertainty)):
-            self.items[label].append([x, uncertainty, 0])
-        for slot in self.items:
-            for item in slot:
-                item[2] += 1
-
-    def _room(self, label: int, new: float) -> bool:
-        if len(self.items[label]) < self.capacity / self.classes:
-            if sum(len(s) for s in self.items) < self.capacity:
-                return True
-            most = max(len(s) for s in self.items)
-            return self._evict([i for i, s in enumerate(self.items) if len(s) == most], new)
-        return self._evict([label], new)
-
-    def _evict(self, classes: list[int], new: float) -> bool:
-        worst = None
-        for c in classes:
-            for i, (_, u, age) in enumerate(self.items[c]):
-                s = self.score(age, u)
-                if worst is None or s >= worst[0]:
-                    worst = (s, c, i)
-        if worst is None:
-            return True
-        if worst[0] > new:
-            self.items[worst[1]].pop(worst[2])
-            return True
-        return False
-
-    def data(self) -> np.ndarray:
-        return np.stack([item[0] for slot in self.items for item in slot])
 
 
 def softmax(o: np.ndarray) -> np.ndarray:
@@ -108,7 +65,7 @@ def run(variant: str, model, x: np.ndarray, y: np.ndarray) -> float:
     if variant.startswith("rbn-memory"):
         paths = bn_paths(model)
         modules = dict(model.named_modules())
-        memory = Memory(MEMORY, 10)
+        memory = CSTU(MEMORY, 10)  # RoTTA's own, from the reference
         for k, i in enumerate(range(0, len(y), BATCH), start=1):
             xb = x[i : i + BATCH]
             p = softmax(adapter.predict(model, xb))
@@ -117,7 +74,7 @@ def run(variant: str, model, x: np.ndarray, y: np.ndarray) -> float:
                 memory.add(xb[j], int(p[j].argmax()), float(entropy[j]))
             a = max(ALPHA, 1 / k) if variant.endswith("warm") else ALPHA
             with backend.moments_pass(model, paths, normalize="running") as moments:
-                got = moments(memory.data())
+                got = moments(np.stack(memory.memory()[0]))
             new = {}
             for path in paths:
                 bn = modules[path]

@@ -415,9 +415,15 @@ def lame(
     return np.log(np.clip(z, 1e-12, None)).astype(outputs.dtype)
 
 
+def _probabilities(outputs: np.ndarray) -> bool:
+    """True for a softmax output (rows of non-negative values summing to 1), False for
+    logits."""
+    return bool(np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3) and (outputs >= 0).all())
+
+
 def _log_probs(outputs: np.ndarray) -> np.ndarray:
     o = outputs.astype(np.float64)
-    if np.allclose(o.sum(axis=1), 1.0, atol=1e-3) and (o >= 0).all():  # probabilities
+    if _probabilities(o):
         return np.log(np.clip(o, 1e-12, None))
     o = o - o.max(1, keepdims=True)
     return o - np.log(np.exp(o).sum(1, keepdims=True))
@@ -596,7 +602,7 @@ def _score(
     held: str | None = None,
 ) -> _Scored:
     probs = outputs  # a softmax output already, or logits to turn into probabilities
-    if not (np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3) and (outputs >= 0).all()):
+    if not _probabilities(outputs):
         e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
         probs = e / e.sum(axis=1, keepdims=True)
     ent = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1).mean())

@@ -149,9 +149,9 @@ def test_online_re_estimation_equals_adapt_over_the_batches_so_far(fw):
             np.testing.assert_allclose(a[path][key], b[path][key], rtol=1e-5, atol=1e-6)
 
 
-def test_the_guards_check_every_batch_at_first_then_every_fourth(fw, monkeypatch):
-    """The reference runs on the first `window` batches, then on every CHECK_EVERY-th;
-    the batches between are still adapted (and checked for non-finite values)."""
+def _spy_on_checks(monkeypatch) -> tuple[list[int], list[int]]:
+    """(the indices of the batches the guards' reference checked, the batches done so
+    far; `on_batch=lambda b: batches.append(b.index)` fills the second)."""
     from bnkit.stats import OnlineAdapt
 
     checked: list[int] = []
@@ -163,6 +163,13 @@ def test_the_guards_check_every_batch_at_first_then_every_fourth(fw, monkeypatch
         return update(self, x)
 
     monkeypatch.setattr(OnlineAdapt, "update", counted)
+    return checked, batches
+
+
+def test_the_guards_check_every_batch_at_first_then_every_fourth(fw, monkeypatch):
+    """The reference runs on the first `window` batches, then on every CHECK_EVERY-th;
+    the batches between are still adapted (and checked for non-finite values)."""
+    checked, batches = _spy_on_checks(monkeypatch)
     x = fw.inputs(16 * 32)
     report = bnkit.tta(fw.build(), x, "tent", batch_size=32, lr=1e-4,
                        on_batch=lambda b: batches.append(b.index))  # fmt: skip
@@ -177,16 +184,7 @@ def test_a_reset_on_an_unchecked_batch_falls_back_and_checks_every_batch_for_a_w
     """Non-finite outputs on a batch between checks (10: after the first 8, not a fourth)
     reset to the start and predict that batch with the reference; the next `window`
     batches are then checked one by one before one in four again."""
-    from bnkit.stats import OnlineAdapt
-
-    checked: list[int] = []
-    batches: list[int] = []
-    update = OnlineAdapt.update
-
-    def counted(self, x):
-        checked.append(len(batches))
-        return update(self, x)
-
+    checked, batches = _spy_on_checks(monkeypatch)
     model = fw.build()
     adapter_class = type(bnkit.backends.get_backend(model).test_time())
     step = adapter_class.step
@@ -195,7 +193,6 @@ def test_a_reset_on_an_unchecked_batch_falls_back_and_checks_every_batch_for_a_w
         out = step(self, m, x)
         return np.full_like(out, np.nan) if len(batches) == 10 else out
 
-    monkeypatch.setattr(OnlineAdapt, "update", counted)
     monkeypatch.setattr(adapter_class, "step", faulty)
     report = bnkit.tta(model, fw.inputs(24 * 32), "tent", batch_size=32, lr=1e-4,
                        on_batch=lambda b: batches.append(b.index))  # fmt: skip
