@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bnkit import _imports
+# _launch before the rest: a Ctrl-C while the command starts exits 130 (see its docstring)
+from bnkit import _imports, _launch  # noqa: F401
 from bnkit.check import CheckReport, Finding, check
 from bnkit.compare import CompareResult, Strategy, compare
 from bnkit.deploy import ExportError, ExportReport, FoldResult, export, fold

@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click
 from rich.console import Console
 
+from bnkit._launch import EXIT_INTERRUPTED, INTERRUPTED, release
 from bnkit.errors import BnkitError, BnkitWarning
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
@@ -1299,10 +1300,6 @@ def _renamed(argv: list[str]) -> tuple[list[str], list[str]]:
     return out, notes
 
 
-EXIT_INTERRUPTED = 130
-"""128 + SIGINT, the shell's convention for a command stopped by Ctrl-C (SIGTERM: 143)."""
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
@@ -1338,6 +1335,7 @@ def main() -> None:
     temporary output is removed."""
     from bnkit.files import terminate_cleanly
 
+    release()  # Ctrl-C from here: KeyboardInterrupt, caught below
     terminate_cleanly()
     args, notes = _renamed(sys.argv[1:])
     with warnings.catch_warnings(record=True) as caught:
@@ -1346,7 +1344,7 @@ def main() -> None:
         try:
             cli.main(args, prog_name="bnkit", standalone_mode=False)
         except (click.exceptions.Abort, KeyboardInterrupt):
-            click.echo("bnkit: interrupted; no partial output was left", err=True)
+            click.echo(INTERRUPTED, err=True)
             sys.exit(EXIT_INTERRUPTED)
         except click.ClickException as err:
             _fail(f"{err.format_message()} (see bnkit --help)", caught)

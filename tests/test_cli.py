@@ -375,23 +375,68 @@ def test_compare_command_prints_table_and_writes_json_and_plot(capsys, model_fil
     assert (out_dir / "notes.txt").read_text() == "the user's"
 
 
-def test_interrupted_by_ctrl_c_exits_130_and_leaves_nothing(model_file, tmp_path):
+def _imported(line: str) -> str:
+    """The module a `-X importtime` line names ("" for any other line)."""
+    return line.rsplit("|", 1)[-1].strip() if line.startswith("import time:") else ""
+
+
+@pytest.mark.parametrize(
+    ("launch", "when"),
+    [
+        ("console-script", "start-up"),
+        ("python-m", "start-up"),
+        ("python-m", "work"),
+    ],
+)
+def test_interrupted_by_ctrl_c_exits_130_and_leaves_nothing(model_file, tmp_path, launch, when):
     import signal
-    import time
 
     out = tmp_path / "frozen.keras"
+    command = {
+        "console-script": [str(Path(sys.executable).with_name("bnkit"))],
+        "python-m": [sys.executable, "-m", "bnkit.cli"],
+    }[launch]
+    # start-up: as soon as bnkit's first module is imported, while NumPy and the rest are
+    # still to come; work: once the command has begun importing the framework
+    ready = {
+        "start-up": lambda module: module == "bnkit._launch",
+        "work": lambda module: module.startswith(("keras", "tensorflow")),
+    }[when]
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bnkit.cli", "freeze", str(model_file), "-o", str(out), "--bn",
-         "frozen"], env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    time.sleep(2.0)  # inside the framework's start-up or the work
+    env["PYTHONPROFILEIMPORTTIME"] = "1"  # one stderr line per import, as each one ends
+    proc = subprocess.Popen([*command, "freeze", str(model_file), "-o", str(out), "--bn",
+                             "frozen"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    before = []
+    for line in proc.stderr:
+        before.append(line)
+        if ready(_imported(line)):
+            break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the command finished before the signal")
-    assert proc.returncode == 130 and "interrupted" in _one_line(err)
+    err = "".join(before) + proc.stderr.read()
+    proc.wait(timeout=120)
+    ours = [line for line in err.splitlines() if line.strip() and not _imported(line)]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert ours[-1] == "bnkit: interrupted; no partial output was left", ours
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "orig_argv", "command"),
+    [
+        (["/venv/bin/bnkit", "check", "m.keras"], ["python", "/venv/bin/bnkit", "check"], True),
+        (["-m"], ["python", "-X", "importtime", "-m", "bnkit.cli", "check"], True),
+        (["-m"], ["python", "-mbnkit.cli"], True),
+        (["-m"], ["python", "-m", "pytest", "tests"], False),
+        (["-c"], ["python", "-c", "import bnkit", "-m", "bnkit.cli"], False),
+        (["train.py"], ["python", "train.py", "-m", "bnkit.cli"], False),
+        ([""], ["python"], False),
+    ],
+)
+def test_only_the_command_takes_ctrl_c_over_while_it_starts(argv, orig_argv, command):
+    from bnkit._launch import started_as_command
+
+    assert started_as_command(argv, orig_argv) is command
 
 
 def test_warnings_print_after_the_command_one_line_each(capsys, model_file, tmp_path):

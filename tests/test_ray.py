@@ -100,10 +100,11 @@ def test_a_run_whose_worker_dies_fails_and_the_others_are_kept(local_ray, tmp_pa
     marker = tmp_path / "died"
 
     def deadly_loss(outputs, labels):  # kills the first worker process that trains
-        if not marker.exists():
-            marker.touch()
-            os._exit(1)
-        return torch.nn.functional.cross_entropy(outputs, labels)
+        try:  # created atomically: two workers that start together cannot both die
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return torch.nn.functional.cross_entropy(outputs, labels)
+        os._exit(1)
 
     data = splits((3, 6, 6))
     result = bnkit.compare(net(), *data, ["frozen", "train"], epochs=1, seeds=2, batch_size=8,
