@@ -518,7 +518,7 @@ def adapt_cmd(
 @click.option(
     "--method",
     type=click.Choice(["none", "adapt", "tent", "robust"]),
-    default="tent",
+    default="robust",
     show_default=True,
     help="Predict as is, re-estimate BN statistics first, TENT, or robust (statistics "
     "of the stream so far, predictions corrected for label shift: for streams sorted "

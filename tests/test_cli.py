@@ -182,14 +182,18 @@ def test_tta_command_on_a_keras_model(capsys, model_file, tmp_path):
     before = digest(model_file), digest(data)
     out, report = tmp_path / "tent.keras", tmp_path / "tta.json"
     code, text, err = run(capsys, "tta", str(model_file), str(data), "-o", str(out),
-                          "--report", str(report), "--batch-size", "20")  # fmt: skip
+                          "--report", str(report), "--batch-size", "20", "--method",
+                          "tent")  # fmt: skip
     assert code == 0, err
     assert "tent: 40 samples in 2 batches, accuracy" in text
     doc = json.loads(report.read_text())
     assert [b["adapted"] for b in doc["batches"]] == [True, True]
     assert out.exists() and (digest(model_file), digest(data)) == before
-    code, _, err = run(capsys, "tta", str(model_file), str(data), "--batch-size", "4")
+    code, _, err = run(capsys, "tta", str(model_file), str(data), "--batch-size", "4",
+                       "--method", "tent")  # fmt: skip
     assert code == 2 and "at least 16 (got 4)" in err and len(err.strip().splitlines()) == 1
+    code, text, err = run(capsys, "tta", str(model_file), str(data), "--batch-size", "4")
+    assert code == 0 and "robust: 40 samples in 10 batches" in text, err  # the default
 
 
 def test_adapt_command_writes_model_with_new_statistics(capsys, model_file, tmp_path):

@@ -134,7 +134,8 @@ def test_tta_writes_the_adapted_model_a_report_and_a_plot(capsys, spec, tmp_path
     assert plot.read_bytes()[:4] == b"\x89PNG" and digest(stream) == before
     model = net()
     model.load_state_dict(torch.load(out, weights_only=True))
-    code, _, err = run(capsys, "tta", spec, str(stream), "--batch-size", "4")
+    code, _, err = run(capsys, "tta", spec, str(stream), "--batch-size", "4", "--method",
+                       "tent")  # fmt: skip
     assert code == 2 and "at least 16 (got 4)" in err and "--method adapt" in err
     assert len(err.strip().splitlines()) == 1
 
