@@ -2,7 +2,8 @@
 layer's statistics against NumPy on the pruned convolution's outputs) and says how far
 each layer moved; `shift` measures it. Unstructured pruning with `torch.nn.utils.prune`
 (its masks and hooks stay in place) and structured pruning with torch-pruning (channels
-removed, BN shapes changed). The Keras side is test_pruning.py."""
+removed, BN shapes changed). After quantization-aware training: exact too, and the
+quantization observers left as they were. The Keras side is test_pruning.py."""
 
 from __future__ import annotations
 
@@ -69,3 +70,93 @@ def test_adapt_and_shift_after_structured_pruning_of_resnet18():
     np.testing.assert_allclose(model.bn1.running_var.numpy(), var, rtol=EPS_TOL)
     assert all(b.running_mean.shape == (b.num_features,) for b in bns)
     assert bnkit.shift(model, x).score < 0.01 < bnkit.shift(model, x * 3 - 5).score
+
+
+def _qat_model():
+    """A quantization-aware model as the eager-mode QAT recipe makes it: Conv+BN+ReLU
+    fused (`fuse_modules_qat`), fake quantization (`prepare_qat`), a few training steps,
+    then the BN statistics frozen (`freeze_bn_stats`)."""
+    import torch
+    import torch.ao.quantization as q
+    from torch import nn
+    from torch.ao.nn.intrinsic import qat
+
+    torch.manual_seed(0)
+    m = nn.Sequential(q.QuantStub(), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+                      q.DeQuantStub()).train()  # fmt: skip
+    m = q.fuse_modules_qat(m, [["1", "2", "3"]])
+    m.qconfig = q.get_default_qat_qconfig("x86")
+    q.prepare_qat(m, inplace=True)
+    for _ in range(3):
+        m(torch.randn(16, 3, 8, 8))
+    m.apply(qat.freeze_bn_stats)
+    return m.eval()
+
+
+def _quantization_state(model) -> dict:
+    """Every fake-quantize and observer buffer: scales, zero points, ranges, flags."""
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if "fake_quant" in k or "activation_post_process" in k}  # fmt: skip
+
+
+def test_adapt_after_qat_is_exact_and_leaves_the_quantization_ranges():
+    """Re-estimation after QAT: the statistics are the moments of what the fused BN
+    receives (the convolution with fake-quantized weights), and the observers, which run
+    in inference mode too, record nothing, so the quantization scales stay those QAT
+    learned; `convert` then builds the int8 model on the new statistics."""
+    import copy
+
+    import torch
+    import torch.ao.quantization as q
+
+    model = _qat_model()
+    x = np.random.default_rng(0).normal(1.0, 2.0, (40, 3, 8, 8)).astype("float32")
+    seen = []
+    model.apply(q.disable_observer)  # the reference pass itself must not move them
+    hook = model[1].bn.register_forward_pre_hook(lambda _, i: seen.append(i[0].double().numpy()))
+    with torch.no_grad():
+        model(torch.as_tensor(x))
+    hook.remove()
+    model.apply(q.enable_observer)
+    ranges, before = _quantization_state(model), copy.deepcopy(model)
+    report = bnkit.adapt(model, x, batch_size=16)
+    mean, var = _moments(seen[0], 1)
+    np.testing.assert_allclose(model[1].bn.running_mean.numpy(), mean, atol=EPS_TOL)
+    np.testing.assert_allclose(model[1].bn.running_var.numpy(), var, rtol=EPS_TOL)
+    assert [layer.path for layer in report.layers] == ["1.bn"]
+    after = _quantization_state(model)
+    assert all(torch.equal(after[k], v) for k, v in ranges.items()), "observers moved"
+    assert int(model[1].weight_fake_quant.observer_enabled) == 1  # given back enabled
+    for m in (model, before):
+        m.apply(q.disable_observer)
+    t = torch.as_tensor(x)
+    with torch.no_grad():
+        moved = (model(t) - before(t)).abs().max()
+        int8 = q.convert(copy.deepcopy(model))(t)
+    assert moved > 0.05 and (int8 - model(t)).abs().max() < moved / 2
+
+
+def test_shift_and_predict_leave_ptq_observers_alone():
+    """Post-training quantization's observers (`prepare`) record every forward; bnkit's
+    passes (here `shift`, and the inference of `tta`'s `none`) must not calibrate them
+    on their data."""
+    import torch
+    import torch.ao.quantization as q
+    from torch_nets import net
+
+    model = net().eval()
+    model.qconfig = q.get_default_qconfig("x86")
+    q.prepare(model, inplace=True)
+    x = np.random.default_rng(0).normal(0.5, 2.0, (40, 3, 6, 6)).astype("float32")
+    with torch.no_grad():
+        model(torch.as_tensor(x))  # calibration
+    ranges = _quantization_state(model)
+    assert ranges and all(torch.isfinite(v.float()).all() for v in ranges.values())
+    assert bnkit.shift(model, x * 3 - 5).score > 0.01
+    bnkit.tta(model, x * 3 - 5, "none", batch_size=16)
+    after = _quantization_state(model)
+    assert all(torch.equal(after[k], v) for k, v in ranges.items()), "observers moved"
+    with torch.no_grad():
+        model(torch.as_tensor(x * 3 - 5))  # and they still work once bnkit is done
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in ranges.items())

@@ -509,7 +509,8 @@ class TorchBackend:
             for path, layer in zip(paths, layers, strict=True):
                 layer.forward = _moment_forward(layer, path, captured, normalize == "batch")
             model.eval()
-            yield _pass(model, captured)
+            with observers_held(model):
+                yield _pass(model, captured)
         finally:
             for layer in layers:
                 if "forward" in vars(layer):
@@ -518,7 +519,7 @@ class TorchBackend:
                 m.training = flag
 
     def forward(self, model: Any, x: np.ndarray) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), observers_held(model):
             call(model, x)
 
     # ------------------------------------------------------------------ files
@@ -845,6 +846,36 @@ def call(model: Any, x: np.ndarray) -> Any:
         raise DataError(
             f"the model cannot take a batch of shape {tuple(x.shape)} ({first}){hint}"
         ) from None
+
+
+@contextlib.contextmanager
+def observers_held(model: Any) -> Iterator[None]:
+    """Quantization observers record nothing while bnkit runs its own passes, in training
+    mode or not: QAT's fake-quantize modules (`prepare_qat`) and PTQ's observers
+    (`prepare`, `prepare_fx`) would otherwise move their ranges, and with them the
+    quantization scales, to the data of a re-estimation. Fake quantization itself still
+    runs, so BN sees the inputs the quantized model gives it. Everything is put back."""
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+    fakes = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+    observers = [m for m in model.modules() if isinstance(m, ObserverBase)]
+    enabled = [m.observer_enabled.clone() for m in fakes]
+    try:
+        for fake in fakes:
+            fake.disable_observer()
+        for observer in observers:
+            observer.forward = _unobserved  # type: ignore[method-assign]
+        yield
+    finally:
+        for fake, flag in zip(fakes, enabled, strict=True):
+            fake.observer_enabled.copy_(flag)
+        for observer in observers:
+            if "forward" in vars(observer):
+                del observer.forward
+
+
+def _unobserved(x: Any) -> Any:
+    return x
 
 
 def _moment_forward(

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnkit.backends.base import batch_slices, sample_order
-from bnkit.backends.torch.core import BN, as_input, call, is_pinned, walk
+from bnkit.backends.torch.core import BN, as_input, call, is_pinned, observers_held, walk
 from bnkit.backends.torch.deploy import (
     _BNLeafTracer,
     _eval_mode,
@@ -309,9 +309,9 @@ def restore_state(model: Any, state: dict[str, torch.Tensor]) -> None:
 
 
 def predict(model: Any, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
-    """Inference-mode outputs as a NumPy array."""
+    """Inference-mode outputs as a NumPy array (quantization observers held)."""
     outs = []
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), observers_held(model):
         for i in range(0, len(x), batch_size):
             outs.append(call(model, x[i : i + batch_size]).float().cpu().numpy())
     return np.concatenate(outs)
