@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bnkit.backends import get_backend
+from bnkit.backends import get_backend, readable
 from bnkit.data import EXAMPLE_BATCH, load
 from bnkit.errors import SelectorError, check_int
 from bnkit.policy import STATS_ONLY, Selector, no_match_message, parse_selector
@@ -19,6 +19,7 @@ from bnkit.records import (
     BATCH_STATS_AT_TRAINING_ONLY,
     CUMULATIVE_AVERAGE,
     EVAL_UNDONE_BY_TRAIN,
+    EXPORTED_BATCH_STATS,
     NO_RUNNING_STATS,
     QAT_STATS_UPDATE,
     STATS_WITHOUT_AFFINE,
@@ -193,6 +194,7 @@ def check(
     for value, name in ((batch_size, "batch_size"), (steps, "steps")):
         if value is not None:
             check_int(value, name)
+    model = readable(model)
     backend = get_backend(model)
     deploy = backend.deployer()
     records = backend.records(model)
@@ -269,6 +271,12 @@ _CODED = {
         "for the last epochs of QAT freeze them, as PyTorch's QAT recipe does: "
         "model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats) (model.train() then "
         "leaves them in eval); convert folds the statistics they hold then",
+    ),
+    EXPORTED_BATCH_STATS: (
+        "BN019",
+        "error",
+        "export again after model.eval() (torch.export.export(model.eval(), ...)), or "
+        "export bnkit.fold(model).model, which has no BN left to get wrong",
     ),
 }
 

@@ -37,6 +37,9 @@ plain BN), or a group on CPU (its training forward raises)."""
 QAT_STATS_UPDATE = "qat-fused-bn-statistics-update"
 """PyTorch: the BN inside an eager-mode QAT fused Conv+BN module (`prepare_qat`) whose
 statistics still update (no `freeze_bn_stats` yet)."""
+EXPORTED_BATCH_STATS = "exported-graph-batch-stats"
+"""PyTorch: a BN in a `torch.export` graph that was exported in training mode: the graph
+normalises with the batch's statistics, in inference too, and cannot be switched."""
 
 
 @dataclass(frozen=True)

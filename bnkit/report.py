@@ -148,8 +148,9 @@ def inspect(model: Any) -> Report:
         >>> bnkit.inspect(base).totals()["bn_layers"]
         49
     """
-    from bnkit.backends import get_backend
+    from bnkit.backends import get_backend, readable
 
+    model = readable(model)
     backend = get_backend(model)
     return Report(
         model_name=str(getattr(model, "name", type(model).__name__)),

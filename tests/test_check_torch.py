@@ -232,3 +232,58 @@ def test_qat_fused_conv_bn_statistics_are_found_updating_until_frozen():
     assert bnkit.check(m, input_shape=(3, 8, 8)).findings == ()
     (record,) = [r for r in bnkit.backends.get_backend(m).records(m) if r.is_bn]
     assert record.bn_mode == "affine"
+
+
+def _exported(mode: str):
+    """A small CNN exported with torch.export in `mode`, batch size free (2 or more)."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 3))  # fmt: skip
+    getattr(m, mode)()
+    batch = torch.export.Dim("batch", min=2)
+    return torch.export.export(m, (torch.randn(4, 3, 8, 8),), dynamic_shapes=({0: batch},))
+
+
+def test_an_exported_graph_in_training_mode_is_found_bn019():
+    """BN019: exported in training mode, the graph normalises with the batch's statistics
+    at inference too (and cannot be switched: its eval() raises); found on the program
+    and on its module, not on the same model exported in eval()."""
+    program = _exported("train")
+    x = torch.randn(6, 3, 8, 8)
+    graph = program.module()
+    with torch.no_grad():  # the pitfall happens: two images alone differ from in a batch
+        assert not torch.allclose(graph(x)[:2], graph(x[:2]), atol=1e-4)
+    with pytest.raises(NotImplementedError):
+        graph.eval()
+    for model in (program, graph):
+        (finding,) = bnkit.check(model).findings
+        assert (finding.code, finding.severity, finding.path) == ("BN019", "error", "1")
+        assert "model.eval()" in finding.fix and "bnkit.fold" in finding.fix
+    (bn,) = [r for r in bnkit.inspect(program).layers if r.is_bn]
+    assert bn.path == "1" and bn.bn_mode == "train"
+    fixed = _exported("eval")
+    with torch.no_grad():
+        assert torch.allclose(fixed.module()(x)[:2], fixed.module()(x[:2]), atol=1e-5)
+    assert bnkit.check(fixed, input_shape=(3, 8, 8)).findings == ()
+    assert [r.bn_mode for r in bnkit.inspect(fixed).layers if r.is_bn] == ["affine"]
+
+
+@pytest.mark.parametrize("operation", ["freeze", "adapt", "fold", "tta", "compare"])
+def test_an_exported_graph_is_refused_in_one_line_by_what_would_change_it(operation):
+    program = _exported("eval")
+    x = np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype("float32")
+    y = np.arange(8) % 3
+    run = {
+        "freeze": lambda m: bnkit.freeze(m, bn="frozen"),
+        "adapt": lambda m: bnkit.adapt(m, x),
+        "fold": lambda m: bnkit.fold(m, x),
+        "tta": lambda m: bnkit.tta(m, x, "tent", batch_size=4, min_batch_size=2),
+        "compare": lambda m: bnkit.compare(m, (x, y), (x, y), ["frozen"], epochs=1),
+    }[operation]
+    graph = program.module()
+    before = {k: v.clone() for k, v in graph.state_dict().items()}
+    with pytest.raises(bnkit.BnkitError, match=r"torch\.export") as err:
+        run(graph)
+    assert len(str(err.value).splitlines()) == 1
+    assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(bnkit.BackendError, match=r"ExportedProgram: bnkit\.check and"):
+        run(program)

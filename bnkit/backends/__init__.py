@@ -35,10 +35,27 @@ def get_backend(model: Any) -> Backend:
 
         if torch_core.is_model(model):
             return torch_core.TorchBackend()
+    if _exported_program(model):
+        raise BackendError(
+            "got a torch.export ExportedProgram: bnkit.check and bnkit.inspect read it, "
+            "but its BN layers are fixed in the graph; freeze, re-estimate or fold the "
+            "module before exporting it"
+        )
     raise BackendError(
         f"expected a Keras 3 model or a torch.nn.Module, got "
         f"{type(model).__module__}.{type(model).__name__}"
     )
+
+
+def _exported_program(model: Any) -> bool:
+    exported = sys.modules.get("torch.export.exported_program")
+    return exported is not None and isinstance(model, exported.ExportedProgram)
+
+
+def readable(model: Any) -> Any:
+    """`model`, or for a `torch.export` program the module it runs as
+    (`ExportedProgram.module()`), where `check` and `inspect` read its BN operators."""
+    return model.module() if _exported_program(model) else model
 
 
 def _files(path: Path) -> ModuleType:

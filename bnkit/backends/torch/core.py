@@ -42,6 +42,7 @@ from bnkit.records import (
     BATCH_STATS_AT_TRAINING_ONLY,
     CUMULATIVE_AVERAGE,
     EVAL_UNDONE_BY_TRAIN,
+    EXPORTED_BATCH_STATS,
     FIXED_BN,
     NO_RUNNING_STATS,
     QAT_STATS_UPDATE,
@@ -79,6 +80,40 @@ def is_bn(module: Any) -> bool:
 def is_model(obj: Any) -> bool:
     """True for a torch.nn.Module."""
     return isinstance(obj, nn.Module)
+
+
+def exported_bn(model: Any) -> dict[str, bool] | None:
+    """For the module of a `torch.export` program (`ExportedProgram.module()`), where BN is
+    an operator of the graph rather than a module: each BN's module path (the owner of
+    its running statistics) and whether the graph normalises it with the batch's
+    statistics (exported in training mode); None for any other module."""
+    graph = getattr(model, "graph", None)
+    if not isinstance(model, torch.fx.GraphModule) or graph is None:
+        return None
+    found: dict[str, bool] = {}
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op != "call_function" or "batch_norm" not in name or len(node.args) < 4:
+            continue
+        stats = node.args[3]
+        if not isinstance(stats, torch.fx.Node) or stats.op != "get_attr":
+            continue
+        batch = "no_training" not in name and len(node.args) > 5 and bool(node.args[5])
+        path = str(stats.target).rpartition(".")[0]
+        found[path] = found.get(path, False) or batch
+    return found or None
+
+
+def refuse_exported(model: Any, what: str) -> None:
+    """BnkitError when `model` is a `torch.export` graph with BN in it: its BN layers are
+    operators fixed in the graph (its `train()` and `eval()` raise), so bnkit reads and
+    checks it but does not `what` it."""
+    if exported_bn(model) is not None:
+        raise BnkitError(
+            f"this module is a graph torch.export produced: its BN layers are fixed in the "
+            f"graph (its train() and eval() raise), so bnkit cannot {what} it; {what} the "
+            "module before exporting it (bnkit.check and inspect read the graph)"
+        )
 
 
 class _TorchPin:
@@ -360,9 +395,12 @@ class TorchBackend:
     # ------------------------------------------------------------------ reading
 
     def records(self, model: Any) -> list[LayerRecord]:
-        return [self._record(n) for n in walk(model)]
+        exported = exported_bn(model) or {}
+        return [self._record(n, exported.get(n.path)) for n in walk(model)]
 
-    def _record(self, node: _Node) -> LayerRecord:
+    def _record(self, node: _Node, exported_batch: bool | None = None) -> LayerRecord:
+        """`exported_batch`: the module holds the statistics of a BN operator of an
+        exported graph, which normalises with the batch's statistics (True) or not."""
         module = node.module
         own = _own(module)
         n_train = sum(_numel(p) for _, p in own if p.requires_grad)
@@ -385,6 +423,19 @@ class TorchBackend:
                 bn_state=state,
                 momentum=momentum,
             )
+        elif exported_batch is not None:
+            affine = any(p.requires_grad for _, p in own)
+            state = BNState(affine, exported_batch, exported_batch)
+            bn_fields = dict(is_bn=True, bn_mode=mode_of(state), bn_state=state)
+            if exported_batch:
+                notes = [
+                    Note(
+                        EXPORTED_BATCH_STATS,
+                        "exported in training mode: the graph normalises with the batch's "
+                        "statistics and updates the stored ones, in inference too, so one "
+                        "image gets another answer than in a batch",
+                    )
+                ]
         return LayerRecord(
             path=node.path,
             name=node.path.rsplit(".", 1)[-1],
@@ -407,6 +458,7 @@ class TorchBackend:
     # ------------------------------------------------------------------ changing
 
     def apply(self, model: Any, decisions: Sequence[LayerDecision]) -> None:
+        refuse_exported(model, "freeze")
         leaves = [n for n in walk(model) if not n.children]
         if len(leaves) != len(decisions):
             raise BnkitError("the plan does not match this model's modules: run freeze again")
@@ -497,6 +549,7 @@ class TorchBackend:
     def moments_pass(
         self, model: Any, paths: Sequence[str], *, normalize: str
     ) -> Iterator[MomentPass]:
+        refuse_exported(model, "re-estimate")
         materialized(model)
         modules = {n.path: n.module for n in walk(model)}
         layers = [modules[p] for p in paths]

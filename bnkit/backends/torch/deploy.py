@@ -30,9 +30,11 @@ from torch.nn.utils import fusion
 from bnkit.backends.torch.core import (
     as_input,
     call,
+    exported_bn,
     is_bn,
     is_pinned,
     materialized,
+    refuse_exported,
     unpin_class,
     walk,
 )
@@ -141,7 +143,10 @@ def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
     pass on `example` (when given), the module feeding it from a torch.fx trace (when the
     model traces), statistics from its buffers."""
     graph, _ = _trace(model)
-    calls, spatial = _hooked_pass(model, example) if example is not None else ({}, {})
+    calls: dict[str, int] = {}
+    spatial: dict[str, int] = {}
+    if example is not None and exported_bn(model) is None:  # no BN module to hook in a graph
+        calls, spatial = _hooked_pass(model, example)
     modules = {n.path: n.module for n in walk(model)}
     facts = []
     for path, module in modules.items():
@@ -286,6 +291,7 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
     `torch.nn.utils.fusion`) and replaced by `nn.Identity`; every other BN becomes a
     `torch.fx` GraphModule calling batch norm with `training=False`; dropout becomes
     `nn.Identity`. The copy is in eval() and computes the same in train()."""
+    refuse_exported(model, "fold")
     _float32_only(model)
     graph, why = _trace(model)
     dup = copy.deepcopy(model)

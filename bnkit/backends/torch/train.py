@@ -20,7 +20,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnkit.backends.base import batch_slices, sample_order
-from bnkit.backends.torch.core import BN, as_input, call, is_pinned, observers_held, walk
+from bnkit.backends.torch.core import (
+    BN,
+    as_input,
+    call,
+    is_pinned,
+    observers_held,
+    refuse_exported,
+    walk,
+)
 from bnkit.backends.torch.deploy import (
     _BNLeafTracer,
     _eval_mode,
@@ -77,6 +85,7 @@ def with_head(
     """
     if example is None:
         raise BnkitError("internal: a PyTorch head needs an example batch")
+    refuse_exported(model, "fine-tune")
     out, last_linear = _probe(model, example[:2])
     if head is None and out.dim() == 2 and out.shape[1] == num_classes:
         return model
@@ -279,6 +288,7 @@ def fingerprint(model: Any) -> str:
 @contextlib.contextmanager
 def working_copy(model: Any) -> Iterator[Any]:
     """A deep copy of `model` (pinned BN modes kept), in memory."""
+    refuse_exported(model, "fine-tune")
     yield copy.deepcopy(model)
 
 

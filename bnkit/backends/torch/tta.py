@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnkit.backends.torch.core import BN, as_input, walk
+from bnkit.backends.torch.core import BN, as_input, refuse_exported, walk
 from bnkit.backends.torch.train import from_logits, predict, restore_state, save_state
 
 ADAM_BETAS = (0.9, 0.999)
@@ -28,6 +28,7 @@ class TorchTestTime:
     def prepare(self, model: Any, lr: float, optimizer: str) -> None:
         """Only BN weight and bias require grad (the rest as they were is remembered);
         `forward` then runs BN on batch statistics, everything else in inference."""
+        refuse_exported(model, "adapt")
         self._grads = [(p, p.requires_grad) for p in model.parameters()]
         self._flags = [(m, m.training) for m in model.modules()]
         for p in model.parameters():
