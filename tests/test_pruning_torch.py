@@ -160,3 +160,41 @@ def test_shift_and_predict_leave_ptq_observers_alone():
     with torch.no_grad():
         model(torch.as_tensor(x * 3 - 5))  # and they still work once bnkit is done
     assert not all(torch.equal(model.state_dict()[k], v) for k, v in ranges.items())
+
+
+def test_a_model_bnkit_folded_quantizes_to_int8_as_ptqs_own_fusion_does():
+    """`bnkit.fold` before post-training quantization (torch.ao FX, x86): the folded
+    model has no BN left and quantizes as well as PTQ fusing the same BN itself. (Not
+    identically: the Identity left where a BN was keeps FX from fusing the Conv with the
+    ReLU after it, so the convolution's output is quantized before the ReLU.)"""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch_nets import net, train_steps
+
+    model = net()
+    train_steps(model, steps=5)  # statistics and weights away from their initial values
+    model.eval()
+    x = torch.as_tensor(
+        np.random.default_rng(0).normal(1.0, 2.0, (64, 3, 6, 6)), dtype=torch.float32
+    )
+
+    def int8(m):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(m, get_default_qconfig_mapping("x86"), (x[:1],))
+            with torch.no_grad():
+                prepared(x)
+            return convert_fx(prepared)
+
+    folded = bnkit.fold(model, x.numpy())
+    assert len(folded.folded) == 2 and not folded.kept
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    with torch.no_grad():
+        ref, own, ours = model(x), int8(model)(x), int8(folded.model)(x)
+    scale = float(ref.abs().max())
+    for int8_out in (own, ours):  # int8 error through the layers, on 4 channels
+        assert float((int8_out - ref).abs().max()) < 0.12 * scale
+        assert float((int8_out.argmax(1) == ref.argmax(1)).float().mean()) > 0.9
