@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bnkit.backends import get_backend
+from bnkit.backends import get_backend, readable
 from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DataError, check_input_shape, load
 from bnkit.errors import BnkitError
@@ -125,6 +125,11 @@ def fold(
     mode matches inference mode, each within TOLERANCE relative to the output scale;
     ExportError otherwise. For `torch.compile`, quantization or your own export.
 
+    A `torch.export` program (or its `.module()`) is folded in its graph: each BN
+    operator that a convolution or linear operator alone feeds goes into that operator's
+    weight and bias, the others stay as exported; the result is a GraphModule to export
+    again. A graph exported in training mode is refused (check BN019).
+
     Args:
         model: a Keras model or a PyTorch module (not modified).
         example: inputs to check on, anything `bnkit.data.load` reads.
@@ -139,6 +144,7 @@ def fold(
         >>> (r.folded, r.kept, type(r.model[1]).__name__)
         (('1',), (), 'Identity')
     """
+    model = readable(model)
     backend = get_backend(model)
     deploy = backend.deployer()
     return _folded(deploy, model, _check_inputs(backend, model, example, input_shape), enabled)
@@ -195,6 +201,7 @@ def export(
         >>> (r.folded, r.kept)
         (1, 0)
     """
+    model = readable(model)
     backend = get_backend(model)
     deploy = backend.deployer()
     if not isinstance(path, str | os.PathLike):

@@ -267,7 +267,7 @@ def test_an_exported_graph_in_training_mode_is_found_bn019():
     assert [r.bn_mode for r in bnkit.inspect(fixed).layers if r.is_bn] == ["affine"]
 
 
-@pytest.mark.parametrize("operation", ["freeze", "adapt", "fold", "tta", "compare"])
+@pytest.mark.parametrize("operation", ["freeze", "adapt", "tta", "compare"])
 def test_an_exported_graph_is_refused_in_one_line_by_what_would_change_it(operation):
     program = _exported("eval")
     x = np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype("float32")
@@ -275,7 +275,6 @@ def test_an_exported_graph_is_refused_in_one_line_by_what_would_change_it(operat
     run = {
         "freeze": lambda m: bnkit.freeze(m, bn="frozen"),
         "adapt": lambda m: bnkit.adapt(m, x),
-        "fold": lambda m: bnkit.fold(m, x),
         "tta": lambda m: bnkit.tta(m, x, "tent", batch_size=4, min_batch_size=2),
         "compare": lambda m: bnkit.compare(m, (x, y), (x, y), ["frozen"], epochs=1),
     }[operation]
@@ -287,3 +286,36 @@ def test_an_exported_graph_is_refused_in_one_line_by_what_would_change_it(operat
     assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())
     with pytest.raises(bnkit.BackendError, match=r"ExportedProgram: bnkit\.check and"):
         run(program)
+
+
+@pytest.mark.parametrize("batch", ["fixed", "dynamic"])
+def test_fold_folds_the_bn_operators_of_an_exported_graph(batch, tmp_path):
+    """pytorch 141116: BN folded inside a torch.export graph. Each aten.batch_norm that a
+    convolution or linear operator alone feeds goes into its weight and bias; a BN after
+    a ReLU stays as exported; the result computes the same and exports again. A graph
+    exported in training mode has nothing fixed to fold (BN019)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                      nn.ReLU(), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(8, 4), nn.BatchNorm1d(4)).train()  # fmt: skip
+    for _ in range(5):  # statistics and weights away from their initial values
+        m(torch.randn(16, 3, 8, 8) * 2 + 1)
+    m.eval()
+    x = torch.randn(4, 3, 8, 8) * 2 + 1
+    dynamic = ({0: torch.export.Dim("batch", min=2)},) if batch == "dynamic" else None
+    program = torch.export.export(m, (x,), dynamic_shapes=dynamic)
+    result = bnkit.fold(program)
+    assert result.folded == ("1", "9") and [path for path, _ in result.kept] == ["5"]
+    assert result.max_diff_original < 1e-5 and result.max_diff_single < 1e-5
+    ops = [str(n.target) for n in result.model.graph.nodes if n.op == "call_function"]
+    assert sum("batch_norm" in op for op in ops) == 1
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), m(x), atol=1e-5)
+        again = torch.export.export(result.model, (x,)).module()
+        assert torch.allclose(again(x), m(x), atol=1e-5)
+    assert all(torch.equal(v, program.state_dict[k]) for k, v in m.state_dict().items())
+    with pytest.raises(bnkit.BnkitError, match="exported in training mode"):
+        bnkit.fold(_exported("train"))
+    with pytest.raises(bnkit.BnkitError, match="bnkit export writes modules"):
+        bnkit.export(program, tmp_path / "m.pt2")  # its batch may be fixed: yours to export
+    assert list(tmp_path.iterdir()) == []

@@ -104,6 +104,24 @@ def exported_bn(model: Any) -> dict[str, bool] | None:
     return found or None
 
 
+def exported_graph(model: Any) -> bool:
+    """True for the module of a `torch.export` program: a GraphModule whose inputs carry
+    the example values export traced with."""
+    return isinstance(model, torch.fx.GraphModule) and any(
+        n.op == "placeholder" and "val" in n.meta for n in model.graph.nodes
+    )
+
+
+def exported_batch_size(model: Any) -> int | None:
+    """The batch size a `torch.export` graph was exported with when it is fixed (not
+    declared dynamic), else None."""
+    for node in model.graph.nodes:
+        if node.op == "placeholder" and "val" in node.meta:
+            shape = getattr(node.meta["val"], "shape", ())
+            return shape[0] if shape and isinstance(shape[0], int) else None
+    return None
+
+
 def refuse_exported(model: Any, what: str) -> None:
     """BnkitError when `model` is a `torch.export` graph with BN in it: its BN layers are
     operators fixed in the graph (its `train()` and `eval()` raise), so bnkit reads and
@@ -453,6 +471,14 @@ class TorchBackend:
         return CompileStatus(compiled=False)
 
     def input_shape(self, model: Any) -> tuple[int | None, ...] | None:
+        """None (a module declares none), but for a `torch.export` graph the shape of one
+        sample of the input it was exported with (None where a dimension is dynamic)."""
+        if not exported_graph(model):
+            return None
+        for node in model.graph.nodes:
+            if node.op == "placeholder" and "val" in node.meta:
+                shape = getattr(node.meta["val"], "shape", ())
+                return tuple(d if isinstance(d, int) else None for d in shape[1:])
         return None
 
     # ------------------------------------------------------------------ changing

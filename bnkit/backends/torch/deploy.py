@@ -30,11 +30,12 @@ from torch.nn.utils import fusion
 from bnkit.backends.torch.core import (
     as_input,
     call,
+    exported_batch_size,
     exported_bn,
+    exported_graph,
     is_bn,
     is_pinned,
     materialized,
-    refuse_exported,
     unpin_class,
     walk,
 )
@@ -290,8 +291,11 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
     Linear whose output feeds nothing else is folded into it (with
     `torch.nn.utils.fusion`) and replaced by `nn.Identity`; every other BN becomes a
     `torch.fx` GraphModule calling batch norm with `training=False`; dropout becomes
-    `nn.Identity`. The copy is in eval() and computes the same in train()."""
-    refuse_exported(model, "fold")
+    `nn.Identity`. The copy is in eval() and computes the same in train().
+
+    A `torch.export` graph is folded in its graph (`fold_exported`)."""
+    if exported_graph(model):
+        return fold_exported(model, fold)
     _float32_only(model)
     graph, why = _trace(model)
     dup = copy.deepcopy(model)
@@ -327,6 +331,105 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
         p.requires_grad_(False)
     dup.eval()
     return Folded(dup, tuple(folded), tuple(kept), tuple(dropped), tuple(reasons))
+
+
+FOLDABLE_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
+                "aten.linear.default")  # fmt: skip
+"""The operators of an exported graph a BN operator after them folds into."""
+
+
+def fold_exported(model: Any, fold: bool = True) -> Folded:
+    """A copy of a `torch.export` graph (`ExportedProgram.module()`) with each BN operator
+    (`aten.batch_norm`, inference mode) that a convolution or linear operator alone feeds
+    folded into that operator's weight and bias (pytorch 141116); every other BN operator
+    is kept, fixed as it is in the graph. A graph exported in training mode is refused:
+    its BN normalises with batch statistics (BN019), which no fold reproduces."""
+    batch = exported_bn(model) or {}
+    if any(batch.values()):
+        paths = ", ".join(p for p, b in batch.items() if b)
+        raise BnkitError(
+            f"{paths}: this graph was exported in training mode, so its BN normalises with "
+            "the batch's statistics (check BN019) and has nothing fixed to fold; export "
+            "again after model.eval()"
+        )
+    dup = copy.deepcopy(model)
+    folded: list[str] = []
+    kept: list[str] = []
+    reasons: list[tuple[str, str]] = []
+    graph = dup.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or "batch_norm" not in str(node.target):
+            continue
+        stats = node.args[3] if len(node.args) > 3 else None
+        if not isinstance(stats, torch.fx.Node) or stats.op != "get_attr":
+            continue
+        path = str(stats.target).rpartition(".")[0]
+        why = _why_not_foldable(node, fold)
+        if why is not None:
+            kept.append(path)
+            reasons.append((path, why))
+            continue
+        _fold_node(dup, node, len(folded))
+        folded.append(path)
+    graph.eliminate_dead_code()
+    dup.recompile()
+    return Folded(dup, tuple(folded), tuple(kept), (), tuple(reasons))
+
+
+def _why_not_foldable(bn: Any, fold: bool) -> str | None:
+    producer = bn.args[0]
+    if not fold:
+        return "folding turned off"
+    if str(bn.target) != "aten.batch_norm.default":
+        return f"{bn.target} is not folded (only aten.batch_norm)"
+    if not (
+        isinstance(producer, torch.fx.Node)
+        and producer.op == "call_function"
+        and str(producer.target) in FOLDABLE_OPS
+    ):
+        return "not fed by a convolution or linear operator; kept fixed as exported"
+    if len(producer.users) != 1:
+        return "the operator before it also feeds others; kept fixed as exported"
+    params = [a for a in producer.args[1:3] if a is not None]
+    if not all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in params):
+        return "the weights of the operator before it are not constants of the graph"
+    return None
+
+
+def _fold_node(gm: Any, bn: Any, index: int) -> None:
+    """Folds the BN operator `bn` into the operator feeding it, with new constants."""
+    producer = bn.args[0]
+
+    def value(arg: Any) -> Any:
+        if arg is None:
+            return None
+        owner = gm
+        for part in str(arg.target).split("."):
+            owner = getattr(owner, part)
+        return owner
+
+    weight = value(producer.args[1])
+    bias = value(producer.args[2]) if len(producer.args) > 2 else None
+    gamma, beta, mean, var = (value(a) for a in bn.args[1:5])
+    eps = float(bn.args[7])
+    with torch.no_grad():
+        scale = torch.rsqrt(var.double() + eps)
+        if gamma is not None:
+            scale = scale * gamma.double()
+        shift = -mean.double() * scale + (beta.double() if beta is not None else 0.0)
+        if bias is not None:
+            shift = shift + bias.double() * scale
+        new_w = (weight.double() * scale.reshape(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
+        new_b = shift.to(weight.dtype)
+    names = (f"_bnkit_folded_{index}_weight", f"_bnkit_folded_{index}_bias")
+    for name, tensor in zip(names, (new_w, new_b), strict=True):
+        gm.register_buffer(name, tensor)
+    with gm.graph.inserting_before(producer):
+        w_node, b_node = (gm.graph.get_attr(name) for name in names)
+    rest = producer.args[3:]
+    producer.args = (producer.args[0], w_node, b_node, *rest)
+    bn.replace_all_uses_with(producer)
+    gm.graph.erase_node(bn)
 
 
 def _functional_dropout_off(model: nn.Module) -> list[str]:
@@ -371,7 +474,12 @@ def _fold(conv: Any, bn: Any) -> None:
 
 
 def outputs(model: Any, x: np.ndarray, training: bool = False) -> np.ndarray:
-    """The model's output on `x` as float64, in eval() (or train()), mode put back after."""
+    """The model's output on `x` as float64, in eval() (or train()), mode put back after.
+    A `torch.export` graph has no modes (its train() raises): it runs as exported, and
+    where its batch size is fixed, `x` goes in batches of that size, the last one padded
+    with copies of its first sample (the outputs kept are those of `x`)."""
+    if exported_graph(model):
+        return _exported_outputs(model, x)
     flags = [m.training for m in model.modules()]
     model.train(training)
     try:
@@ -380,9 +488,27 @@ def outputs(model: Any, x: np.ndarray, training: bool = False) -> np.ndarray:
     finally:
         for m, flag in zip(model.modules(), flags, strict=True):
             m.training = flag
+    return _first_output(out)
+
+
+def _first_output(out: Any) -> np.ndarray:
     if isinstance(out, tuple | list):
         out = out[0]
     return np.asarray(out.detach().double().cpu().numpy())
+
+
+def _exported_outputs(model: Any, x: np.ndarray) -> np.ndarray:
+    fixed = exported_batch_size(model)
+    if fixed is None or len(x) == fixed:
+        with torch.no_grad():
+            return _first_output(call(model, x))
+    parts = []
+    for i in range(0, len(x), fixed):
+        chunk = x[i : i + fixed]
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], fixed - len(chunk), axis=0)])
+        with torch.no_grad():
+            parts.append(_first_output(call(model, padded))[: len(chunk)])
+    return np.concatenate(parts)
 
 
 def format_problem(format: str) -> str | None:
@@ -409,6 +535,12 @@ def _program(model: Any, example: np.ndarray) -> Any:
 
 def write(model: Any, path: Path, format: str, example: np.ndarray) -> None:
     """Writes a `torch.export` program (`.pt2`) or an ONNX file."""
+    if exported_graph(model):
+        raise BnkitError(
+            "bnkit export writes modules, and this is a graph torch.export produced: fold "
+            "it with bnkit.fold(program) and save the result yourself "
+            "(torch.export.save(torch.export.export(result.model, args), 'model.pt2'))"
+        )
     if format == "pt2":
         torch.export.save(_program(model, example), str(path))
         return
