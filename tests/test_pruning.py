@@ -1,6 +1,7 @@
 """BN after pruning a Keras model (its weights set to zero by magnitude): `adapt`
 re-estimates it exactly (the first BN layer's statistics against NumPy on the pruned
-convolution's outputs) and says how far each layer moved. The PyTorch side, with
+convolution's outputs) and says how far each layer moved. Folding before Keras' int8
+quantization. The PyTorch side, with
 `torch.nn.utils.prune` and torch-pruning, is test_pruning_torch.py."""
 
 from __future__ import annotations
@@ -41,3 +42,35 @@ def test_adapt_after_zeroing_half_of_a_keras_models_weights():
     np.testing.assert_allclose(after["var"], var, rtol=EPS_TOL)
     assert not np.array_equal(before, after["mean"])
     assert {layer.path for layer in report.layers} == set(fw.bn_values(model))
+
+
+def test_a_folded_keras_model_quantizes_to_int8():
+    """Keras 3's `model.quantize("int8")` quantizes Dense (not the convolutions): after
+    `bnkit.fold` the Dense that fed a BN carries it in its int8 weights, the BN is gone,
+    and the outputs stay those of the float model within int8's error."""
+    import warnings
+
+    import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(8, 3),
+                              layers.BatchNormalization(), layers.ReLU(),
+                              layers.GlobalAveragePooling2D(), layers.Dense(16),
+                              layers.BatchNormalization(), layers.Dense(3)])  # fmt: skip
+    x = np.random.default_rng(0).normal(1.0, 2.0, (32, 8, 8, 3)).astype("float32")
+    bnkit.adapt(model, x)  # statistics of the data, not the initial 0 and 1
+    ref = np.asarray(model.predict(x, verbose=0))
+    folded = bnkit.fold(model, x)
+    assert len(folded.folded) == 2 and not folded.kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "layer X does not have a quantize method"
+        folded.model.quantize("int8")
+    modes = [getattr(layer, "quantization_mode", None) for layer in folded.model.layers]
+    assert modes.count("int8") == 2  # both Dense layers, the first with its BN in it
+    assert not any(isinstance(layer, keras.layers.BatchNormalization)
+                   for layer in folded.model.layers)  # fmt: skip
+    got = np.asarray(folded.model.predict(x, verbose=0))
+    scale = float(np.abs(ref).max())
+    assert float(np.abs(got - ref).max()) < 0.05 * scale
+    assert float((got.argmax(1) == ref.argmax(1)).mean()) > 0.9
