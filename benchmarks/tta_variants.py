@@ -15,6 +15,7 @@ before choosing, on the corruption benchmark's streams (PyTorch, the demo's CNN,
 - `robust`: `bnkit.tta(..., "robust")`.
 
     .venv/bin/python benchmarks/tta_variants.py [--seeds 1] [--corruptions fog,snow]
+        [--streams iid,sorted,dirichlet]
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--corruptions", default=",".join(CORRUPTIONS))
+    parser.add_argument("--streams", default="iid,sorted,dirichlet")
     args = parser.parse_args()
     names = [c for c in args.corruptions.split(",") if c]
     k = kit("torch")
@@ -125,7 +127,7 @@ def main() -> None:
           f"{args.seeds} seed(s); mean accuracy over the corruptions")  # fmt: skip
     print("stream".ljust(12) + "".join(f"{v:>17}" for v in VARIANTS))
     sets = {c: corrupted_digits(c, 5) for c in names}
-    for kind in ("iid", "sorted", "dirichlet"):
+    for kind in args.streams.split(","):
         cells = []
         for variant in VARIANTS:
             accs = [run(variant, k.clone(net.model), k.images(xs), ys)
