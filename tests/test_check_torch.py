@@ -319,3 +319,29 @@ def test_fold_folds_the_bn_operators_of_an_exported_graph(batch, tmp_path):
     with pytest.raises(bnkit.BnkitError, match="bnkit export writes modules"):
         bnkit.export(program, tmp_path / "m.pt2")  # its batch may be fixed: yours to export
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_fx_prepared_qat_graph_is_read_like_eager_qat():
+    """`prepare_qat_fx` (FX graph mode QAT) fuses Conv+BN into the same QAT modules as the
+    eager recipe: check finds their statistics updating (BN018) until `freeze_bn_stats`,
+    and adapt re-estimates them, changing nothing else (the observers held)."""
+    import warnings
+
+    from torch.ao.nn.intrinsic import qat
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    x = torch.randn(8, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = prepare_qat_fx(net().train(), get_default_qat_qconfig_mapping("x86"), (x,))
+    found = bnkit.check(graph, input_shape=(3, 6, 6)).findings
+    assert {(f.code, f.path) for f in found} == {("BN018", "stem.0.bn"), ("BN018", "block.0.bn")}
+    graph.apply(qat.freeze_bn_stats)
+    assert bnkit.check(graph, input_shape=(3, 6, 6)).findings == ()
+    before = {k: v.clone() for k, v in graph.state_dict().items()}
+    bnkit.adapt(graph, x.numpy() * 2 + 1)
+    changed = {k for k, v in graph.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {
+        f"{p}.running_{s}" for p in ("stem.0.bn", "block.0.bn") for s in ("mean", "var")
+    }
