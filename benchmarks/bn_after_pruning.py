@@ -11,12 +11,17 @@ convolution:
 - unstructured at 30, 50 and 70% (PyTorch: `torch.nn.utils.prune.l1_unstructured`, its
   masks and reparametrisation hooks kept in place; Keras: the smallest weights of each
   kernel set to zero);
-- structured at 25 and 50% (PyTorch only: torch-pruning's MetaPruner with L2 group
-  magnitude, channels removed, BN layers shrunk with them; the classifier kept).
+- structured at 25 and 50% (PyTorch: torch-pruning's MetaPruner with L2 group
+  magnitude, channels removed, BN layers shrunk with them, the classifier kept; Keras:
+  the filters with the smallest L2 norms of each kernel set to zero, in place).
 Seeds 0-2 are three models pretrained from those seeds (each on its seed's split).
 "recovered" is (after - pruned) / (before - pruned) of the means over seeds.
 
+`--widths 64,128,256` trains the same CNN with 4 times the channels per layer
+(16, 32, 64 by default), cached apart, to see how the recovery depends on width.
+
     .venv/bin/python benchmarks/bn_after_pruning.py [--framework torch|keras] [--seeds 3]
+        [--widths 64,128,256]
 """
 
 from __future__ import annotations
@@ -69,14 +74,23 @@ def prune_torch(model, kind: str, amount: float) -> None:
     pruner.step()
 
 
-def prune_keras(model, amount: float) -> None:
+def prune_keras(model, kind: str, amount: float) -> None:
+    """Unstructured: the smallest weights of each kernel set to zero. Structured: the
+    filters (output channels) of each kernel with the smallest L2 norms set to zero, the
+    channels kept in place (Keras has no channel removal of its own)."""
     import keras
 
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, keras.layers.Conv2D):
             w = np.asarray(keras.ops.convert_to_numpy(layer.kernel))
-            cut = np.quantile(np.abs(w), amount)
-            layer.kernel.assign(np.where(np.abs(w) <= cut, 0.0, w).astype(w.dtype))
+            if kind == "unstructured":
+                cut = np.quantile(np.abs(w), amount)
+                layer.kernel.assign(np.where(np.abs(w) <= cut, 0.0, w).astype(w.dtype))
+                continue
+            norms = np.sqrt((w**2).reshape(-1, w.shape[-1]).sum(0))
+            dropped = np.argsort(norms)[: round(amount * w.shape[-1])]
+            w[..., dropped] = 0.0
+            layer.kernel.assign(w)
 
 
 def update_bn(k, model, x) -> None:
@@ -91,13 +105,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--framework", default="torch", choices=("torch", "keras"))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--widths", default="")
     args = parser.parse_args()
     k = kit(args.framework)
-    settings = [s for s in SETTINGS if args.framework == "torch" or s[0] == "unstructured"]
+    cache = None
+    if args.widths:  # the demo CNN with other widths, pretrained and cached apart
+        from bnkit import demo_keras, demo_torch
+        from bnkit.pretrain import cache_dir
+
+        demo_torch.WIDTHS = demo_keras.WIDTHS = tuple(int(w) for w in args.widths.split(","))
+        cache = cache_dir() / f"widths-{args.widths.replace(',', '-')}"
+    settings = list(SETTINGS)
     methods = ["before", "pruned", "adapt"] + (["update_bn"] if args.framework == "torch" else [])
     table = {s: {m: [] for m in methods} for s in settings}
     for seed in range(args.seeds):
-        net = pretrained_digits(framework=args.framework, seed=seed)
+        net = pretrained_digits(framework=args.framework, seed=seed, cache=cache)
         d = digits("source", 32, seed)
         (xt, yt), xc = d.test, d.train[0][:CALIBRATION]
         before = accuracy(k, net.model, xt, yt)
@@ -108,7 +130,7 @@ def main() -> None:
             if args.framework == "torch":
                 prune_torch(model, kind, amount)
             else:
-                prune_keras(model, amount)
+                prune_keras(model, kind, amount)
             cells["pruned"].append(accuracy(k, model, xt, yt))
             pruned = model
             if "update_bn" in methods:
@@ -118,7 +140,8 @@ def main() -> None:
             bnkit.adapt(pruned, k.images(xc))
             cells["adapt"].append(accuracy(k, pruned, xt, yt))
         print(f"seed {seed} done", flush=True)
-    print(f"\n{k.version()}; {args.seeds} seeds (mean ± std over seeds); source test images; "
+    print(f"\n{k.version()}; widths {args.widths or '16,32,64'}; {args.seeds} seeds (mean ± std "
+          "over seeds); source test images; "
           f"re-estimation on {CALIBRATION} unlabelled training images")  # fmt: skip
     print("pruning".ljust(20) + "".join(f"{m:>16}" for m in methods) + "  recovered (adapt)"
           + ("  recovered (update_bn)" if "update_bn" in methods else ""))  # fmt: skip
