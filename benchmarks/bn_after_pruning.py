@@ -17,11 +17,14 @@ convolution:
 Seeds 0-2 are three models pretrained from those seeds (each on its seed's split).
 "recovered" is (after - pruned) / (before - pruned) of the means over seeds.
 
-`--widths 64,128,256` trains the same CNN with 4 times the channels per layer
+`--model resnet18` (PyTorch) does the same with torchvision's resnet18 (`weights=None`,
+10 classes) trained from scratch on each seed's source training split (Adam 1e-3, 15
+epochs, batch 64, then its statistics re-estimated on the training images, as the demo
+CNN's are). `--widths 64,128,256` trains the same CNN with 4 times the channels per layer
 (16, 32, 64 by default), cached apart, to see how the recovery depends on width.
 
     .venv/bin/python benchmarks/bn_after_pruning.py [--framework torch|keras] [--seeds 3]
-        [--widths 64,128,256]
+        [--widths 64,128,256] [--model resnet18]
 """
 
 from __future__ import annotations
@@ -93,6 +96,30 @@ def prune_keras(model, kind: str, amount: float) -> None:
             layer.kernel.assign(w)
 
 
+def trained_resnet18(k, seed: int):
+    """torchvision's resnet18 trained from scratch on the seed's source training digits."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    x, y = digits("source", 32, seed).train
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    xs, ys = torch.as_tensor(k.images(x)), torch.as_tensor(y).long()
+    for _ in range(15):
+        model.train()
+        order = torch.randperm(len(ys))
+        for i in range(0, len(ys) - 1, 64):  # no batch of one for BN
+            batch = order[i : i + 64]
+            loss = torch.nn.functional.cross_entropy(model(xs[batch]), ys[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    bnkit.adapt(model, k.images(x))
+    return model
+
+
 def update_bn(k, model, x) -> None:
     import torch
 
@@ -106,6 +133,7 @@ def main() -> None:
     parser.add_argument("--framework", default="torch", choices=("torch", "keras"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--widths", default="")
+    parser.add_argument("--model", default="digits", choices=("digits", "resnet18"))
     args = parser.parse_args()
     k = kit(args.framework)
     cache = None
@@ -119,14 +147,17 @@ def main() -> None:
     methods = ["before", "pruned", "adapt"] + (["update_bn"] if args.framework == "torch" else [])
     table = {s: {m: [] for m in methods} for s in settings}
     for seed in range(args.seeds):
-        net = pretrained_digits(framework=args.framework, seed=seed, cache=cache)
+        if args.model == "resnet18":
+            start = trained_resnet18(k, seed)
+        else:
+            start = pretrained_digits(framework=args.framework, seed=seed, cache=cache).model
         d = digits("source", 32, seed)
         (xt, yt), xc = d.test, d.train[0][:CALIBRATION]
-        before = accuracy(k, net.model, xt, yt)
+        before = accuracy(k, start, xt, yt)
         for kind, amount in settings:
             cells = table[kind, amount]
             cells["before"].append(before)
-            model = k.clone(net.model)
+            model = k.clone(start)
             if args.framework == "torch":
                 prune_torch(model, kind, amount)
             else:
@@ -140,7 +171,8 @@ def main() -> None:
             bnkit.adapt(pruned, k.images(xc))
             cells["adapt"].append(accuracy(k, pruned, xt, yt))
         print(f"seed {seed} done", flush=True)
-    print(f"\n{k.version()}; widths {args.widths or '16,32,64'}; {args.seeds} seeds (mean ± std "
+    widths = args.widths or "as built"
+    print(f"\n{k.version()}; {args.model}, widths {widths}; {args.seeds} seeds (mean ± std "
           "over seeds); source test images; "
           f"re-estimation on {CALIBRATION} unlabelled training images")  # fmt: skip
     print("pruning".ljust(20) + "".join(f"{m:>16}" for m in methods) + "  recovered (adapt)"
