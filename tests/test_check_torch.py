@@ -345,3 +345,11 @@ def test_an_fx_prepared_qat_graph_is_read_like_eager_qat():
     assert changed == {
         f"{p}.running_{s}" for p in ("stem.0.bn", "block.0.bn") for s in ("mean", "var")
     }
+
+
+def test_an_exported_graph_without_bn_is_checked_and_refused_like_one_with_bn():
+    program = torch.export.export(nn.Sequential(nn.Linear(4, 3)).eval(), (torch.randn(2, 4),))
+    assert [f.code for f in bnkit.check(program, input_shape=(4,)).findings] == ["BN009"]
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    with pytest.raises(bnkit.BnkitError, match=r"torch\.export"):
+        bnkit.tta(program.module(), x, "tent", batch_size=4, min_batch_size=2)

@@ -82,53 +82,57 @@ def is_model(obj: Any) -> bool:
     return isinstance(obj, nn.Module)
 
 
+def exported_example_shape(model: Any) -> tuple[int | None, ...] | None:
+    """For the module of a `torch.export` program (`ExportedProgram.module()`): the shape
+    of the input it was exported with, None where a dimension is dynamic; None for any
+    other module (only export leaves example values on a graph's inputs)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return None
+    for node in model.graph.nodes:
+        if node.op == "placeholder" and "val" in node.meta:
+            shape = getattr(node.meta["val"], "shape", ())
+            return tuple(d if isinstance(d, int) else None for d in shape)
+    return None
+
+
+def exported_graph(model: Any) -> bool:
+    """True for the module of a `torch.export` program."""
+    return exported_example_shape(model) is not None
+
+
+def exported_bn_nodes(graph: Any) -> Iterator[tuple[Any, str]]:
+    """Each BN operator of an exported graph with its module path (the owner of its
+    running statistics)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or "batch_norm" not in str(node.target):
+            continue
+        stats = node.args[3] if len(node.args) > 3 else None
+        if isinstance(stats, torch.fx.Node) and stats.op == "get_attr":
+            yield node, str(stats.target).rpartition(".")[0]
+
+
 def exported_bn(model: Any) -> dict[str, bool] | None:
-    """For the module of a `torch.export` program (`ExportedProgram.module()`), where BN is
-    an operator of the graph rather than a module: each BN's module path (the owner of
-    its running statistics) and whether the graph normalises it with the batch's
-    statistics (exported in training mode); None for any other module."""
-    graph = getattr(model, "graph", None)
-    if not isinstance(model, torch.fx.GraphModule) or graph is None:
+    """For the module of a `torch.export` program, where BN is an operator of the graph
+    rather than a module: each BN's module path and whether the graph normalises it with
+    the batch's statistics (exported in training mode); None for any other module or a
+    graph without BN."""
+    if not exported_graph(model):
         return None
     found: dict[str, bool] = {}
-    for node in graph.nodes:
-        name = str(node.target)
-        if node.op != "call_function" or "batch_norm" not in name or len(node.args) < 4:
-            continue
-        stats = node.args[3]
-        if not isinstance(stats, torch.fx.Node) or stats.op != "get_attr":
-            continue
-        batch = "no_training" not in name and len(node.args) > 5 and bool(node.args[5])
-        path = str(stats.target).rpartition(".")[0]
+    for node, path in exported_bn_nodes(model.graph):
+        args = node.args
+        batch = "no_training" not in str(node.target) and len(args) > 5 and bool(args[5])
         found[path] = found.get(path, False) or batch
     return found or None
 
 
-def exported_graph(model: Any) -> bool:
-    """True for the module of a `torch.export` program: a GraphModule whose inputs carry
-    the example values export traced with."""
-    return isinstance(model, torch.fx.GraphModule) and any(
-        n.op == "placeholder" and "val" in n.meta for n in model.graph.nodes
-    )
-
-
-def exported_batch_size(model: Any) -> int | None:
-    """The batch size a `torch.export` graph was exported with when it is fixed (not
-    declared dynamic), else None."""
-    for node in model.graph.nodes:
-        if node.op == "placeholder" and "val" in node.meta:
-            shape = getattr(node.meta["val"], "shape", ())
-            return shape[0] if shape and isinstance(shape[0], int) else None
-    return None
-
-
 def refuse_exported(model: Any, what: str) -> None:
-    """BnkitError when `model` is a `torch.export` graph with BN in it: its BN layers are
-    operators fixed in the graph (its `train()` and `eval()` raise), so bnkit reads and
-    checks it but does not `what` it."""
-    if exported_bn(model) is not None:
+    """BnkitError when `model` is a `torch.export` graph: its layers are operators fixed in
+    the graph (its `train()` and `eval()` raise), so bnkit reads and checks it but does
+    not `what` it."""
+    if exported_graph(model):
         raise BnkitError(
-            f"this module is a graph torch.export produced: its BN layers are fixed in the "
+            f"this module is a graph torch.export produced: its layers are fixed in the "
             f"graph (its train() and eval() raise), so bnkit cannot {what} it; {what} the "
             "module before exporting it (bnkit.check and inspect read the graph)"
         )
@@ -473,13 +477,8 @@ class TorchBackend:
     def input_shape(self, model: Any) -> tuple[int | None, ...] | None:
         """None (a module declares none), but for a `torch.export` graph the shape of one
         sample of the input it was exported with (None where a dimension is dynamic)."""
-        if not exported_graph(model):
-            return None
-        for node in model.graph.nodes:
-            if node.op == "placeholder" and "val" in node.meta:
-                shape = getattr(node.meta["val"], "shape", ())
-                return tuple(d if isinstance(d, int) else None for d in shape[1:])
-        return None
+        shape = exported_example_shape(model)
+        return None if shape is None else shape[1:]
 
     # ------------------------------------------------------------------ changing
 

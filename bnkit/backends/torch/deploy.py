@@ -30,8 +30,9 @@ from torch.nn.utils import fusion
 from bnkit.backends.torch.core import (
     as_input,
     call,
-    exported_batch_size,
     exported_bn,
+    exported_bn_nodes,
+    exported_example_shape,
     exported_graph,
     is_bn,
     is_pinned,
@@ -146,7 +147,7 @@ def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
     graph, _ = _trace(model)
     calls: dict[str, int] = {}
     spatial: dict[str, int] = {}
-    if example is not None and exported_bn(model) is None:  # no BN module to hook in a graph
+    if example is not None and not exported_graph(model):  # a graph has no modes to switch
         calls, spatial = _hooked_pass(model, example)
     modules = {n.path: n.module for n in walk(model)}
     facts = []
@@ -357,13 +358,7 @@ def fold_exported(model: Any, fold: bool = True) -> Folded:
     kept: list[str] = []
     reasons: list[tuple[str, str]] = []
     graph = dup.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or "batch_norm" not in str(node.target):
-            continue
-        stats = node.args[3] if len(node.args) > 3 else None
-        if not isinstance(stats, torch.fx.Node) or stats.op != "get_attr":
-            continue
-        path = str(stats.target).rpartition(".")[0]
+    for node, path in list(exported_bn_nodes(graph)):
         why = _why_not_foldable(node, fold)
         if why is not None:
             kept.append(path)
@@ -498,7 +493,8 @@ def _first_output(out: Any) -> np.ndarray:
 
 
 def _exported_outputs(model: Any, x: np.ndarray) -> np.ndarray:
-    fixed = exported_batch_size(model)
+    shape = exported_example_shape(model)
+    fixed = shape[0] if shape else None
     if fixed is None or len(x) == fixed:
         with torch.no_grad():
             return _first_output(call(model, x))

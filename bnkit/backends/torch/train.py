@@ -288,7 +288,6 @@ def fingerprint(model: Any) -> str:
 @contextlib.contextmanager
 def working_copy(model: Any) -> Iterator[Any]:
     """A deep copy of `model` (pinned BN modes kept), in memory."""
-    refuse_exported(model, "fine-tune")
     yield copy.deepcopy(model)
 
 
