@@ -70,9 +70,13 @@ def main() -> None:
 
 def profile_jax(model: keras.Model, x: np.ndarray) -> None:
     """Where adapt's time goes on JAX: bnkit's jitted moments pass alone against a jitted
-    inference pass over the same batches (no Python around either but the call)."""
+    inference pass over the same batches (no Python around either but the call); the
+    same pass with each layer's moments replaced by a slice of its input (no reduction
+    left, the BN inputs still read); and how many YNNPACK fusions XLA compiled each
+    into (the inference pass is one: the whole network as one YNNPACK graph)."""
     import jax
 
+    import bnkit.backends.keras.core as core
     from bnkit.stats import _bn_paths
 
     backend, paths = _bn_paths(model, None)
@@ -83,14 +87,41 @@ def profile_jax(model: keras.Model, x: np.ndarray) -> None:
 
     infer = jax.jit(lambda t, f, b: model.stateless_call(t, f, b, training=False)[0])
     batches = [x[i : i + BATCH] for i in range(0, N, BATCH)]
-    t_infer, t_pass = [], []
-    with backend.moments_pass(model, paths, normalize="batch") as run:
-        for _ in range(RUNS):
-            t_infer.append(timed(lambda: [jax.block_until_ready(infer(*values(), b))
-                                          for b in batches]))  # fmt: skip
-            t_pass.append(timed(lambda: [run(b) for b in batches]))
-    ratio = statistics.median(t_pass) / statistics.median(t_infer)
-    print(f"profile: the jitted moments pass alone = {ratio:.2f} jitted inference passes")
+
+    def fusions(compiled) -> int:
+        text = compiled.lower(*values(), batches[0]).compile().as_text()
+        return text[text.index("ENTRY") :].count("__ynn_fusion")
+
+    def pass_ratio() -> tuple[float, int]:
+        core._PASSES.pop(model, None)
+        t_infer, t_pass = [], []
+        with backend.moments_pass(model, paths, normalize="batch") as run:
+            run(batches[0])
+            for _ in range(RUNS):
+                t_infer.append(timed(lambda: [jax.block_until_ready(infer(*values(), b))
+                                              for b in batches]))  # fmt: skip
+                t_pass.append(timed(lambda: [run(b) for b in batches]))
+            captured = next(iter(core._PASSES[model].values()))[1]
+
+            def pure(t, f, b):
+                captured["captured"].clear()
+                model.stateless_call(t, f, b, training=False)
+                return dict(captured["captured"])
+
+            count = fusions(jax.jit(pure))
+        return statistics.median(t_pass) / statistics.median(t_infer), count
+
+    ratio, count = pass_ratio()
+    moments = keras.ops.moments
+    keras.ops.moments = lambda v, axes: (v[0, 0, 0], v[0, 0, 0] * 0 + 1)
+    try:
+        sliced, _ = pass_ratio()
+    finally:
+        keras.ops.moments = moments
+        core._PASSES.pop(model, None)
+    print(f"profile: the jitted moments pass alone = {ratio:.2f} jitted inference passes; "
+          f"with a slice for the moments (no reduction) {sliced:.2f}; YNNPACK fusions: "
+          f"inference {fusions(infer)}, moments pass {count}")  # fmt: skip
 
 
 if __name__ == "__main__":

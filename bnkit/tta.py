@@ -47,14 +47,20 @@ TAKEOVER = 0.5
 that class by more than this."""
 AGREEMENT = 0.5
 """collapse: under this share of a batch's predictions agree with the reference's."""
-CHECK_EVERY = 4
+CHECK_EVERY_MAX = 16
 """with guards, the reference (the start weights with the stream's statistics) checks
-every batch of the stream's first `window`, then every CHECK_EVERY-th: the collapse and
-label-shift tests use the checked batches, the finiteness test runs on every batch.
-After a reset every batch is checked again for a window; once the stream is held out as
-label-shifted, the reference predicts every batch. A check costs two inference passes
-(the reference's statistics pass and its prediction), the TENT step two to three
-(benchmarks/tta_cost.py)."""
+every batch of the stream's first `window`; after it the gap to the next check starts
+at one batch and doubles after each calm check, up to CHECK_EVERY_MAX batches. A check
+that is not calm (under CALM of the batch's predictions agree with the reference's)
+tightens it back to every batch; after a reset every batch is checked for a window; once
+the stream is held out as label-shifted, the reference predicts every batch. The
+collapse and label-shift tests use the checked batches, the finiteness test runs on
+every batch. A check costs two inference passes (the reference's statistics pass and its
+prediction), the TENT step about three (benchmarks/tta_cost.py)."""
+CALM = 0.75
+"""a check is calm when at least this share of the batch's predictions agree with the
+reference's (a collapse is called under AGREEMENT; the predictions of a healthy TENT
+agree with the reference's on 80 to 95% of the images of the corruption benchmark)."""
 LAME_NEIGHBOURS = 5
 """`robust`: each output's neighbours in the batch for the Laplacian correction (LAME's
 k-NN affinity, Boudiaf et al., CVPR 2022)."""
@@ -207,8 +213,10 @@ def tta(
     with their own statistics and teach TENT that class. Held batches are predicted by
     the start weights with statistics re-estimated on the stream so far. The guards'
     reference (those start weights and statistics) runs on each of the first `window`
-    batches, then on every fourth, and on every batch again for a window after a reset;
-    the finiteness test runs on every batch. After `tent`
+    batches; after them the gap between checks doubles after each calm check (at least
+    3/4 of the predictions agree with the reference's), up to 16 batches, and falls back
+    to one batch after a check that is not calm. After a reset the reference runs on
+    every batch again for a window. The finiteness test runs on every batch. After `tent`
     the statistics are re-estimated on the stream, so the model runs in inference mode
     as usual.
 
@@ -468,15 +476,17 @@ def _tent(
     seen = Moments()  # of the reference's per-image outputs on the stream so far
     shifted: str | None = None
     tight = 0  # batches still to check one by one after a reset
+    gap, due = 1, window  # batches from one check to the next, the next one due
     out: list[_Scored] = []
     try:
         for k, (x, y) in enumerate(stream):
             t = time.perf_counter()
+            forced = bool(shifted or tight or k < window)  # checked whatever the gap
             if len(x) < min_batch:  # the stream's last, short batch
                 scored = _score(k, adapter.predict(model, x), y, None, False, 0.0)
             elif online is None:
                 scored = _step(adapter, model, start, x, y, k, steps, episodic, None, t)
-            elif shifted or tight or k < window or k % CHECK_EVERY == 0:
+            elif forced or k >= due:
                 online.update(x)
                 fallback = adapter.predict(reference, x)
                 held = shifted or _label_shift(fallback, seen)
@@ -488,6 +498,9 @@ def _tent(
                 else:
                     scored = _step(adapter, model, start, x, y, k, steps, episodic,
                                    (fallback, recent), t, reference)  # fmt: skip
+                    calm = not scored.record.reset and _agreement(recent) >= CALM
+                    gap = min(2 * gap, CHECK_EVERY_MAX) if calm and not forced else 1
+                    due = k + gap
             else:  # between checks: only the finiteness guard
                 scored = _step(adapter, model, start, x, y, k, steps, episodic,
                                (None, recent), t, reference)  # fmt: skip
@@ -560,11 +573,19 @@ def _label_shift(outputs: np.ndarray, seen: Moments) -> str | None:
     )
 
 
+def _agreement(recent: deque[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The share of the last checked batch's predictions that agree with the
+    reference's (0 when the window was just emptied by a reset)."""
+    if not recent:
+        return 0.0
+    last, last_ref = recent[-1]
+    return float((last == last_ref).mean())
+
+
 def _collapse(recent: deque[tuple[np.ndarray, np.ndarray]], classes: int) -> str | None:
     """Why the window's predictions collapsed against the reference's (the start weights
     with statistics re-estimated on the stream so far), or None."""
-    last, last_ref = recent[-1]
-    agree = float((last == last_ref).mean())
+    agree = _agreement(recent)
     if agree < AGREEMENT:
         return (
             f"collapse: {agree:.0%} of this batch's predictions agree with those of the "

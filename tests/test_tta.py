@@ -166,43 +166,62 @@ def _spy_on_checks(monkeypatch) -> tuple[list[int], list[int]]:
     return checked, batches
 
 
-def test_the_guards_check_every_batch_at_first_then_every_fourth(fw, monkeypatch):
-    """The reference runs on the first `window` batches, then on every CHECK_EVERY-th;
-    the batches between are still adapted (and checked for non-finite values)."""
+def test_the_guards_check_every_batch_at_first_then_ever_more_seldom(fw, monkeypatch):
+    """The reference runs on the first `window` batches; after them the gap to the next
+    check doubles after each calm check (1, 2, 4, 8, then at most CHECK_EVERY_MAX); the
+    batches between are still adapted (and checked for non-finite values)."""
     checked, batches = _spy_on_checks(monkeypatch)
-    x = fw.inputs(16 * 32)
-    report = bnkit.tta(fw.build(), x, "tent", batch_size=32, lr=1e-4,
+    x = fw.inputs(56 * 16)
+    report = bnkit.tta(fw.build(), x, "tent", batch_size=16, lr=1e-5,
                        on_batch=lambda b: batches.append(b.index))  # fmt: skip
     assert report.resets == [] and report.held == []
-    assert checked == [0, 1, 2, 3, 4, 5, 6, 7, 8, 12]
+    assert tta_module.CHECK_EVERY_MAX == 16
+    assert checked == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 14, 22, 38, 54]
     assert all(b.adapted for b in report.batches)
+
+
+def test_a_check_that_is_not_calm_tightens_the_checks_to_every_batch(fw, monkeypatch):
+    """A check where fewer than CALM of the predictions agree with the reference's (but
+    more than a collapse) brings the next check to the next batch; the gap then grows
+    again from one."""
+    checked, batches = _spy_on_checks(monkeypatch)
+    agreement = tta_module._agreement
+
+    def uneasy(recent):  # the real agreement, but a worrying one on batch 14
+        return 0.6 if len(batches) == 14 else agreement(recent)
+
+    monkeypatch.setattr(tta_module, "_agreement", uneasy)
+    report = bnkit.tta(fw.build(), fw.inputs(24 * 16), "tent", batch_size=16, lr=1e-5,
+                       on_batch=lambda b: batches.append(b.index))  # fmt: skip
+    assert report.resets == [] and report.held == []
+    assert checked == [*range(9), 10, 14, 15, 17, 21]
 
 
 def test_a_reset_on_an_unchecked_batch_falls_back_and_checks_every_batch_for_a_window(
     fw, monkeypatch
 ):
-    """Non-finite outputs on a batch between checks (10: after the first 8, not a fourth)
-    reset to the start and predict that batch with the reference; the next `window`
-    batches are then checked one by one before one in four again."""
+    """Non-finite outputs on a batch between checks (12: after the checks at 8, 10 and
+    14's gap) reset to the start and predict that batch with the reference; the next
+    `window` batches are then checked one by one before the gap grows again."""
     checked, batches = _spy_on_checks(monkeypatch)
     model = fw.build()
     adapter_class = type(bnkit.backends.get_backend(model).test_time())
     step = adapter_class.step
 
-    def faulty(self, m, x):  # the real step; its outputs spoilt on batch 10
+    def faulty(self, m, x):  # the real step; its outputs spoilt on batch 12
         out = step(self, m, x)
-        return np.full_like(out, np.nan) if len(batches) == 10 else out
+        return np.full_like(out, np.nan) if len(batches) == 12 else out
 
     monkeypatch.setattr(adapter_class, "step", faulty)
-    report = bnkit.tta(model, fw.inputs(24 * 32), "tent", batch_size=32, lr=1e-4,
+    report = bnkit.tta(model, fw.inputs(26 * 16), "tent", batch_size=16, lr=1e-5,
                        on_batch=lambda b: batches.append(b.index))  # fmt: skip
-    assert report.resets[0][0] == 10 and "non-finite" in report.resets[0][1]
-    assert np.isfinite(report.batches[10].entropy)  # the reference's prediction
-    assert checked[:9] == list(range(9)) and 9 not in checked and 10 not in checked
+    assert report.resets[0][0] == 12 and "non-finite" in report.resets[0][1]
+    assert np.isfinite(report.batches[12].entropy)  # the reference's prediction
+    assert checked[:10] == [*range(9), 10] and 11 not in checked and 12 not in checked
     last = report.resets[-1][0]  # (a random model may collapse again right after)
-    assert set(range(11, last + tta_module.WINDOW + 1)) <= set(checked)
-    if not report.held and last == 10:  # then one batch in four again
-        assert checked[17:] == [20]
+    assert set(range(13, last + tta_module.WINDOW + 1)) <= set(checked)
+    if not report.held and last == 12:  # then the gap grows from one again
+        assert checked[10:] == [*range(13, 22), 23]
 
 
 def test_the_label_shift_test_passes_iid_batches_and_catches_one_class_ones():
@@ -325,6 +344,19 @@ def test_a_generator_stream_is_read_once_and_replayed(fw):
     # the same numbers as a list of the same batches
     again = bnkit.tta(fw.build(), [x[:32], x[32:]], "tent")
     assert [b.entropy for b in report.batches] == pytest.approx([b.entropy for b in again.batches])
+
+
+def test_the_adapters_compiled_inference_reads_the_statistics_of_each_call(fw):
+    """Inference compiled once (XLA on TensorFlow, jit on JAX) still uses statistics
+    written after it was traced, as `robust` and the guards' reference need."""
+    model, x = fw.build(), fw.inputs(32)
+    adapter = bnkit.backends.get_backend(model).test_time()
+    before = adapter.predict(model, x)
+    bnkit.adapt(model, fw.inputs(64, seed=1) * 3.0 + 2.0, batch_size=32)
+    after = adapter.predict(model, x)
+    traced_now = bnkit.backends.get_backend(model).test_time().predict(model, x)
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_allclose(after, traced_now, rtol=1e-5, atol=1e-6)
 
 
 def test_robust_predicts_each_batch_with_the_statistics_of_the_stream_so_far(fw):

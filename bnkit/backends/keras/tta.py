@@ -29,7 +29,8 @@ class KerasTestTime:
         self._optimizer: Any = None
         self._logits = True
         self._flags: list[tuple[Any, bool]] = []
-        self._compiled: dict[int, Any] = {}  # TensorFlow, JAX: id(model) -> functions
+        self._compiled: dict[int, Any] = {}  # TensorFlow, JAX: id(model) -> TENT step
+        self._inference: dict[int, Any] = {}  # TensorFlow, JAX: id(model) -> inference
 
     def prepare(self, model: Any, lr: float, optimizer: str) -> None:
         """Only BN layers trainable (the flags before are remembered); a fresh optimizer."""
@@ -46,13 +47,13 @@ class KerasTestTime:
             else keras.optimizers.Adam(lr)
         )
         self._optimizer.build(model.trainable_variables)
-        self._compiled = {}
+        self._compiled, self._inference = {}, {}
 
     def step(self, model: Any, x: np.ndarray) -> np.ndarray:
         """One entropy-minimisation step on `x`; returns that forward's outputs."""
-        compiled = self._functions(model)
+        compiled = self._step(model)
         if compiled is not None:
-            out = compiled[0](x)
+            out = compiled(x)
         else:  # torch: eager, as torch users run
             variables = model.trainable_variables
             out, grads = _torch_gradient(model, x, variables, self._logits)
@@ -60,29 +61,34 @@ class KerasTestTime:
                 self._optimizer.apply(grads, variables)
         return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
-    def _functions(self, model: Any) -> tuple[Any, Any] | None:
-        """The compiled TENT step and inference pass of `model` on TensorFlow
-        (`tf.function` with XLA, as Keras compiles `fit` and `predict` by default) and on
-        JAX (`jax.jit` over `stateless_call`); None on torch. Traced once per shape."""
+    def _step(self, model: Any) -> Any:
+        """The compiled TENT step of `model` on TensorFlow (`tf.function` with XLA, as
+        Keras compiles `fit` by default) and on JAX (`jax.jit` over `stateless_call`);
+        None on torch. Traced once per shape."""
         backend = keras.backend.backend()
-        if backend not in _COMPILERS:
+        if backend not in _STEPS:
             return None
         if id(model) not in self._compiled:
-            step, infer = _COMPILERS[backend](model, self._logits, self._optimizer)
-            self._compiled[id(model)] = (step, infer, model)  # model kept: its id stays
-        fns = self._compiled[id(model)]
-        return fns[0], fns[1]
+            step = _STEPS[backend](model, self._logits, self._optimizer)
+            self._compiled[id(model)] = (step, model)  # model kept: its id stays its own
+        return self._compiled[id(model)][0]
 
     def finish(self, model: Any) -> None:
         """Puts back the trainable flags `prepare` changed."""
-        self._compiled = {}
+        self._compiled, self._inference = {}, {}
         for layer, flag in reversed(self._flags):
             layer.trainable = flag
 
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Inference-mode outputs."""
-        compiled = self._functions(model) if self._optimizer is not None else None
-        out = compiled[1](x) if compiled is not None else model(x, training=False)
+        """Inference-mode outputs, compiled on TensorFlow and JAX as Keras compiles
+        `predict` (the variables read at each call, so new statistics count)."""
+        backend = keras.backend.backend()
+        if backend not in _INFERENCE or not model.built:  # a first call builds it
+            out = model(x, training=False)
+        else:
+            if id(model) not in self._inference:
+                self._inference[id(model)] = (_INFERENCE[backend](model), model)
+            out = self._inference[id(model)][0](x)
         return np.asarray(keras.ops.convert_to_numpy(out), np.float32)
 
     def reference(self, model: Any) -> Any:
@@ -126,7 +132,7 @@ def _torch_gradient(model: Any, x: np.ndarray, variables: list[Any], logits: boo
     return out.detach(), list(grads)
 
 
-def _tensorflow(model: Any, logits: bool, optimizer: Any) -> tuple[Any, Any]:
+def _tensorflow(model: Any, logits: bool, optimizer: Any) -> Any:
     import tensorflow as tf
 
     variables = model.trainable_variables
@@ -139,10 +145,11 @@ def _tensorflow(model: Any, logits: bool, optimizer: Any) -> tuple[Any, Any]:
             optimizer.apply(tape.gradient(loss, variables), variables)
         return out
 
-    def infer(x: Any) -> Any:
-        return model(x, training=False)
+    return _xla_or_graph(step)
 
-    return _xla_or_graph(step), _xla_or_graph(infer)
+
+def _tensorflow_inference(model: Any) -> Any:
+    return _xla_or_graph(lambda x: model(x, training=False))
 
 
 def _xla_or_graph(fn: Any) -> Any:
@@ -167,7 +174,12 @@ def _xla_or_graph(fn: Any) -> Any:
     return call
 
 
-def _jax(model: Any, logits: bool, optimizer: Any) -> tuple[Any, Any]:
+def _values(model: Any) -> tuple[list[Any], list[Any]]:
+    return ([v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables])  # fmt: skip
+
+
+def _jax(model: Any, logits: bool, optimizer: Any) -> Any:
     import jax
 
     def gradient(trainable: list[Any], fixed: list[Any], x: Any) -> Any:
@@ -184,25 +196,28 @@ def _jax(model: Any, logits: bool, optimizer: Any) -> tuple[Any, Any]:
         return out, trainable, slots
 
     update_jit = jax.jit(update)
-    infer_jit = jax.jit(lambda t, f, x: model.stateless_call(t, f, x, training=False)[0])
-
-    def values() -> tuple[list[Any], list[Any]]:
-        return ([v.value for v in model.trainable_variables],
-                [v.value for v in model.non_trainable_variables])  # fmt: skip
 
     def step(x: Any) -> Any:
         variables = model.trainable_variables
         if not variables:  # nothing to train: BN still on the batch's statistics
-            return model.stateless_call(*values(), x, training=True)[0]
+            return model.stateless_call(*_values(model), x, training=True)[0]
         slots = [v.value for v in optimizer.variables]
-        out, trainable, slots = update_jit(*values(), slots, x)
+        out, trainable, slots = update_jit(*_values(model), slots, x)
         for v, value in zip(variables, trainable, strict=True):
             v.assign(value)
         for v, value in zip(optimizer.variables, slots, strict=True):
             v.assign(value)
         return out
 
-    return step, lambda x: infer_jit(*values(), x)
+    return step
 
 
-_COMPILERS = {"tensorflow": _tensorflow, "jax": _jax}
+def _jax_inference(model: Any) -> Any:
+    import jax
+
+    infer_jit = jax.jit(lambda t, f, x: model.stateless_call(t, f, x, training=False)[0])
+    return lambda x: infer_jit(*_values(model), x)
+
+
+_STEPS = {"tensorflow": _tensorflow, "jax": _jax}
+_INFERENCE = {"tensorflow": _tensorflow_inference, "jax": _jax_inference}
