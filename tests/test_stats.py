@@ -82,6 +82,31 @@ def test_adapt_matches_numpy_population_statistics(conv_model):
     assert np.isfinite(out).all() and "call" not in vars(conv_model.layers[1])
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX pass's XLA option")
+def test_the_jax_pass_compiles_without_its_xla_option_where_xla_lacks_it(
+    conv_model, monkeypatch
+):
+    """The JAX pass asks XLA's CPU compiler to let reductions into its YNNPACK graphs;
+    an XLA that does not know the option compiles the pass as `predict` does, with the
+    same statistics."""
+    import bnkit.backends.keras.core as core
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(40, 8, 8, 3)).astype("float32")
+    ref = _reference(conv_model, x, batch=16)
+    for options in ({core._OPTION: "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"},
+                    {"xla_cpu_no_such_option": "1"}, core._JAX_CPU_PASS):  # fmt: skip
+        monkeypatch.setattr(core, "_JAX_CPU_PASS", options)
+        if core._OPTION not in options:
+            monkeypatch.setattr(core, "_OPTION", "xla_cpu_no_such_option")
+        core._PASSES.pop(conv_model, None)
+        bnkit.adapt(conv_model, x, batch_size=16)
+        for bn in bn_layers(conv_model):
+            w, (mean, var) = weights_of(bn), ref[bn.name]
+            np.testing.assert_allclose(w["moving_mean"], mean, rtol=EPS_TOL, atol=EPS_TOL)
+            np.testing.assert_allclose(w["moving_variance"], var, rtol=EPS_TOL, atol=EPS_TOL)
+        monkeypatch.undo()
+
+
 def test_adapt_selected_layers_only_and_through_nested_models(transfer, data):
     model, base = transfer
     x, _ = data

@@ -718,14 +718,42 @@ def _compile(name: str, model: Any) -> tuple[Any, dict[str, Any]]:
         model.stateless_call(trainable, fixed, x, training=False)
         return dict(box["captured"])
 
-    compiled = jax.jit(pure)
+    tuned = jax.jit(pure, compiler_options=_JAX_CPU_PASS) if _on_cpu() else None
+    plain = jax.jit(pure)
+    chosen: list[Any] = []  # the function that compiled
 
     def run(x: Any) -> Any:
         trainable = [v.value for v in model.trainable_variables]
         fixed = [v.value for v in model.non_trainable_variables]
-        return compiled(trainable, fixed, x)
+        if chosen:
+            return chosen[0](trainable, fixed, x)
+        if tuned is not None:
+            try:
+                out = tuned(trainable, fixed, x)
+                chosen.append(tuned)
+                return out
+            except jax.errors.JaxRuntimeError as err:  # an XLA without the option
+                if _OPTION not in str(err):
+                    raise
+        chosen.append(plain)
+        return plain(trainable, fixed, x)
 
     return run, box
+
+
+_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_JAX_CPU_PASS = {_OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}
+"""XLA's CPU compiler runs an inference pass as one YNNPACK graph, and a pass that also
+returns each BN input's moments as one graph per layer with XLA's own loops for the
+reductions between them (1.3 inference passes); with reductions let into YNNPACK too,
+1.06 to 1.16 (benchmarks/adapt_vs_predict.py). The option is XLA's, per compilation;
+where an XLA does not know it, the pass compiles as `predict` does."""
+
+
+def _on_cpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 def _structure(model: Any) -> tuple[tuple[int, type, bool, str], ...]:
