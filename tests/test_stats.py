@@ -83,9 +83,7 @@ def test_adapt_matches_numpy_population_statistics(conv_model):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX pass's XLA option")
-def test_the_jax_pass_compiles_without_its_xla_option_where_xla_lacks_it(
-    conv_model, monkeypatch
-):
+def test_the_jax_pass_compiles_without_its_xla_option_where_xla_lacks_it(conv_model, monkeypatch):
     """The JAX pass asks XLA's CPU compiler to let reductions into its YNNPACK graphs;
     an XLA that does not know the option compiles the pass as `predict` does, with the
     same statistics."""

@@ -711,43 +711,56 @@ def _compile(name: str, model: Any) -> tuple[Any, dict[str, Any]]:
         return tf.function(step, reduce_retracing=True), box
     if name != "jax":
         return step, box
-    import jax
 
     def pure(trainable: list[Any], fixed: list[Any], x: Any) -> Any:
         box["captured"].clear()
         model.stateless_call(trainable, fixed, x, training=False)
         return dict(box["captured"])
 
-    tuned = jax.jit(pure, compiler_options=_JAX_CPU_PASS) if _on_cpu() else None
-    plain = jax.jit(pure)
-    chosen: list[Any] = []  # the function that compiled
+    compiled = jit_reductions(pure)
 
     def run(x: Any) -> Any:
         trainable = [v.value for v in model.trainable_variables]
         fixed = [v.value for v in model.non_trainable_variables]
+        return compiled(trainable, fixed, x)
+
+    return run, box
+
+
+def jit_reductions(fn: Any) -> Any:
+    """`jax.jit(fn)`, on CPU with XLA's reductions let into its YNNPACK graphs (see
+    _JAX_CPU_PASS); where this XLA does not know the option, compiled as `predict` is."""
+    import jax
+
+    tuned = jax.jit(fn, compiler_options=_JAX_CPU_PASS) if _on_cpu() else None
+    plain = jax.jit(fn)
+    chosen: list[Any] = []  # the function that compiled
+
+    def call(*args: Any) -> Any:
         if chosen:
-            return chosen[0](trainable, fixed, x)
+            return chosen[0](*args)
         if tuned is not None:
             try:
-                out = tuned(trainable, fixed, x)
+                out = tuned(*args)
                 chosen.append(tuned)
                 return out
             except jax.errors.JaxRuntimeError as err:  # an XLA without the option
                 if _OPTION not in str(err):
                     raise
         chosen.append(plain)
-        return plain(trainable, fixed, x)
+        return plain(*args)
 
-    return run, box
+    return call
 
 
 _OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _JAX_CPU_PASS = {_OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}
 """XLA's CPU compiler runs an inference pass as one YNNPACK graph, and a pass that also
-returns each BN input's moments as one graph per layer with XLA's own loops for the
-reductions between them (1.3 inference passes); with reductions let into YNNPACK too,
-1.06 to 1.16 (benchmarks/adapt_vs_predict.py). The option is XLA's, per compilation;
-where an XLA does not know it, the pass compiles as `predict` does."""
+returns each BN input's moments, or normalises with the batch's, as one graph per layer
+with XLA's own loops for the reductions between them; with reductions let into
+YNNPACK, bnkit's moments pass went from 1.3 inference passes to 1.06-1.16 and TENT's
+gradient from 3.2 to 2.8 (benchmarks/adapt_vs_predict.py, tta_cost.py). The option is
+XLA's, set per compilation."""
 
 
 def _on_cpu() -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.keras.core import BN, clone, walk
+from bnkit.backends.keras.core import BN, clone, jit_reductions, walk
 from bnkit.backends.keras.train import from_logits
 
 SGD_MOMENTUM = 0.9
@@ -195,7 +195,7 @@ def _jax(model: Any, logits: bool, optimizer: Any) -> Any:
         trainable, slots = optimizer.stateless_apply(slots, grads, trainable)
         return out, trainable, slots
 
-    update_jit = jax.jit(update)
+    update_jit = jit_reductions(update)
 
     def step(x: Any) -> Any:
         variables = model.trainable_variables
