@@ -71,9 +71,10 @@ def main() -> None:
 def profile_jax(model: keras.Model, x: np.ndarray) -> None:
     """Where adapt's time goes on JAX: bnkit's jitted moments pass alone against a jitted
     inference pass over the same batches (no Python around either but the call); the
-    same pass with each layer's moments replaced by a slice of its input (no reduction
-    left, the BN inputs still read); and how many YNNPACK fusions XLA compiled each
-    into (the inference pass is one: the whole network as one YNNPACK graph)."""
+    same pass compiled without bnkit's XLA option, and that with each layer's moments
+    replaced by a slice of its input (no reduction left, the BN inputs still read); and
+    how many YNNPACK fusions XLA compiled each into (the inference pass is one: the
+    whole network as one YNNPACK graph)."""
     import jax
 
     import bnkit.backends.keras.core as core
@@ -92,15 +93,18 @@ def profile_jax(model: keras.Model, x: np.ndarray) -> None:
         text = compiled.lower(*values(), batches[0]).compile().as_text()
         return text[text.index("ENTRY") :].count("__ynn_fusion")
 
+    plain_fusions = fusions(infer)  # traced here, before any pass patches the BN layers
+
     def pass_ratio() -> tuple[float, int]:
         core._PASSES.pop(model, None)
         t_infer, t_pass = [], []
-        with backend.moments_pass(model, paths, normalize="batch") as run:
-            run(batches[0])
-            for _ in range(RUNS):
-                t_infer.append(timed(lambda: [jax.block_until_ready(infer(*values(), b))
-                                              for b in batches]))  # fmt: skip
+        for _ in range(RUNS):
+            t_infer.append(timed(lambda: [jax.block_until_ready(infer(*values(), b))
+                                          for b in batches]))  # fmt: skip
+            with backend.moments_pass(model, paths, normalize="batch") as run:
+                run(batches[0])  # traced (once: the pass is cached per model)
                 t_pass.append(timed(lambda: [run(b) for b in batches]))
+        with backend.moments_pass(model, paths, normalize="batch"):
             captured = next(iter(core._PASSES[model].values()))[1]
 
             def pure(t, f, b):
@@ -108,20 +112,23 @@ def profile_jax(model: keras.Model, x: np.ndarray) -> None:
                 model.stateless_call(t, f, b, training=False)
                 return dict(captured["captured"])
 
-            count = fusions(jax.jit(pure))
+            count = fusions(jax.jit(pure, compiler_options=core._JAX_CPU_PASS))
         return statistics.median(t_pass) / statistics.median(t_infer), count
 
     ratio, count = pass_ratio()
-    moments = keras.ops.moments
-    keras.ops.moments = lambda v, axes: (v[0, 0, 0], v[0, 0, 0] * 0 + 1)
+    on_cpu, moments = core._on_cpu, keras.ops.moments
+    core._on_cpu = lambda: False  # the pass compiled without the option, as predict is
     try:
+        untuned, _ = pass_ratio()
+        keras.ops.moments = lambda v, axes: (v[0, 0, 0], v[0, 0, 0] * 0 + 1)
         sliced, _ = pass_ratio()
     finally:
-        keras.ops.moments = moments
+        core._on_cpu, keras.ops.moments = on_cpu, moments
         core._PASSES.pop(model, None)
-    print(f"profile: the jitted moments pass alone = {ratio:.2f} jitted inference passes; "
-          f"with a slice for the moments (no reduction) {sliced:.2f}; YNNPACK fusions: "
-          f"inference {fusions(infer)}, moments pass {count}")  # fmt: skip
+    print(f"profile: the jitted moments pass alone = {ratio:.2f} jitted inference passes "
+          f"({untuned:.2f} compiled without XLA's option, {sliced:.2f} without it and with "
+          f"a slice for the moments, no reduction); YNNPACK fusions: inference "
+          f"{plain_fusions}, moments pass {count}")  # fmt: skip
 
 
 if __name__ == "__main__":

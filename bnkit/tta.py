@@ -228,7 +228,7 @@ def tta(
     outputs show label shift (two batches in a row fail the chi-square test above)
     each batch's predictions are corrected by LAME (Boudiaf et al., CVPR 2022): a
     Laplacian over the batch's k-nearest outputs draws neighbouring predictions to
-    agree, which a batch of few classes rewards. It costs 2.3 to 2.7 inference passes
+    agree, which a batch of few classes rewards. It costs 2.1 to 2.6 inference passes
     per batch (measured); at the end the model holds the statistics of the whole stream, exactly
     as after `adapt`. On the corruption benchmark it came within 0.7 points of
     whole-stream `adapt` or above it (above on class-sorted streams), and beat TENT
