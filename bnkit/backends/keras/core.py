@@ -719,12 +719,14 @@ def _compile(name: str, model: Any) -> tuple[Any, dict[str, Any]]:
 
     compiled = jit_reductions(pure)
 
-    def run(x: Any) -> Any:
-        trainable = [v.value for v in model.trainable_variables]
-        fixed = [v.value for v in model.non_trainable_variables]
-        return compiled(trainable, fixed, x)
+    return lambda x: compiled(*variable_values(model), x), box
 
-    return run, box
+
+def variable_values(model: Any) -> tuple[list[Any], list[Any]]:
+    """The values of `model`'s trainable and non-trainable variables, as `stateless_call`
+    takes them."""
+    return ([v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables])  # fmt: skip
 
 
 def jit_reductions(fn: Any) -> Any:

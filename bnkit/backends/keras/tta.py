@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.keras.core import BN, clone, jit_reductions, walk
+from bnkit.backends.keras.core import BN, clone, jit_reductions, variable_values, walk
 from bnkit.backends.keras.train import from_logits
 
 SGD_MOMENTUM = 0.9
@@ -86,7 +86,7 @@ class KerasTestTime:
         if backend not in _INFERENCE or not model.built:  # a first call builds it
             out = model(x, training=False)
         else:
-            if id(model) not in self._inference:
+            if id(model) not in self._inference:  # the model kept: its id stays its own
                 self._inference[id(model)] = (_INFERENCE[backend](model), model)
             out = self._inference[id(model)][0](x)
         return np.asarray(keras.ops.convert_to_numpy(out), np.float32)
@@ -174,11 +174,6 @@ def _xla_or_graph(fn: Any) -> Any:
     return call
 
 
-def _values(model: Any) -> tuple[list[Any], list[Any]]:
-    return ([v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables])  # fmt: skip
-
-
 def _jax(model: Any, logits: bool, optimizer: Any) -> Any:
     import jax
 
@@ -200,9 +195,9 @@ def _jax(model: Any, logits: bool, optimizer: Any) -> Any:
     def step(x: Any) -> Any:
         variables = model.trainable_variables
         if not variables:  # nothing to train: BN still on the batch's statistics
-            return model.stateless_call(*_values(model), x, training=True)[0]
+            return model.stateless_call(*variable_values(model), x, training=True)[0]
         slots = [v.value for v in optimizer.variables]
-        out, trainable, slots = update_jit(*_values(model), slots, x)
+        out, trainable, slots = update_jit(*variable_values(model), slots, x)
         for v, value in zip(variables, trainable, strict=True):
             v.assign(value)
         for v, value in zip(optimizer.variables, slots, strict=True):
@@ -216,7 +211,7 @@ def _jax_inference(model: Any) -> Any:
     import jax
 
     infer_jit = jax.jit(lambda t, f, x: model.stateless_call(t, f, x, training=False)[0])
-    return lambda x: infer_jit(*_values(model), x)
+    return lambda x: infer_jit(*variable_values(model), x)
 
 
 _STEPS = {"tensorflow": _tensorflow, "jax": _jax}
