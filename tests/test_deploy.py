@@ -158,3 +158,41 @@ def test_fold_on_both_frameworks(fw):
     assert max(result.max_diff_original, result.max_diff_single) < 1e-4
     assert result.max_diff_training < 1e-4  # the copy computes the same in training mode
     assert all(why for _, why in result.kept)
+
+
+@keras.saving.register_keras_serializable("bnkit_tests")
+class ConvBNBlock(keras.layers.Layer):
+    """A layer of the user's own code with a BN inside, its sublayers named by Keras (so a
+    clone's sublayers get other names), as KerasHub's blocks are."""
+
+    def __init__(self, filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.conv = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)
+        self.bn = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return keras.ops.relu(self.bn(self.conv(x), training=training))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+def test_bn_inside_a_layer_of_the_users_own_code_exports_with_its_statistics(tmp_path):
+    inputs = keras.Input(INPUT)
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3)(inputs))
+    x = ConvBNBlock(8)(ConvBNBlock(8)(x))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    data = np.random.default_rng(0).normal(1.0, 2.0, (32, *INPUT)).astype("float32")
+    bnkit.adapt(model, data)  # statistics of their own in every BN: a copy must carry them
+    report = bnkit.check(model)
+    assert "BN016" not in {f.code for f in report.findings}  # called, from the block's code
+    exported = bnkit.export(model, tmp_path / "m.keras", check_data=data)
+    assert (exported.folded, exported.kept) == (1, 2)
+    reloaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(reloaded(data)),
+        keras.ops.convert_to_numpy(model(data, training=False)),
+        rtol=1e-4,
+        atol=1e-5,
+    )

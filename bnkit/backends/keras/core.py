@@ -176,6 +176,14 @@ def _leaves(model: Any) -> list[_Node]:
     return [n for n in walk(model) if not n.children]
 
 
+def in_layer_code(node: _Node) -> bool:
+    """True for a layer its parent calls from its own `call` (a subclassed layer or model,
+    as KerasHub's blocks are) rather than from a functional or sequential graph: Keras
+    records no graph node for such a call."""
+    parent = node.parents[-1]
+    return not (isinstance(parent, keras.Sequential) or hasattr(parent, "_nodes_by_depth"))
+
+
 def _called_with_training_false(layer: Any) -> bool:
     for node in getattr(layer, "_inbound_nodes", []):
         if node.arguments.kwargs.get("training") is False:

@@ -10,8 +10,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from bnkit.backends.keras.core import BN, save, walk, without_tensorflow
-from bnkit.records import BNFacts, Folded
+from bnkit.backends.keras.core import BN, in_layer_code, save, walk, without_tensorflow
+from bnkit.records import BNFacts, Folded, unestimated
 
 FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 IDENTITY_AT_INFERENCE = (
@@ -137,8 +137,14 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
     folded: list[str] = []
     kept: list[str] = []
     dropped: list[str] = []
+    made: list[tuple[Any, Any]] = []
 
     def clone_layer(layer: Any) -> Any:
+        clone = _cloned(layer)
+        made.append((layer, clone))
+        return clone
+
+    def _cloned(layer: Any) -> Any:
         config = layer.get_config()
         if id(layer) in pairs:
             folded.append(layer.name)
@@ -171,10 +177,15 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
     calls = {} if isinstance(model, keras.Sequential) else {"call_function": call_layer}
     with without_tensorflow():
         copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True, **calls)
-    _copy_weights(model, copy, pairs, into)
+    _copy_weights(made, into)
     copy.trainable = False
-    reasons = tuple((name, _why_kept(model, name, fold)) for name in kept)
-    return Folded(copy, tuple(folded), tuple(kept), tuple(dropped), reasons)
+    reasons = [(name, _why_kept(model, name, fold)) for name in kept]
+    for node in walk(model):
+        if isinstance(node.layer, BN) and node.layer.name not in (*folded, *kept):
+            kept.append(node.layer.name)
+            owner = type(node.parents[-1]).__name__
+            reasons.append((node.layer.name, f"{owner} calls it from its own code"))
+    return Folded(copy, tuple(folded), tuple(kept), tuple(dropped), tuple(reasons))
 
 
 def _why_kept(model: Any, name: str, fold: bool) -> str:
@@ -213,21 +224,26 @@ def _leaves(model: Any) -> list[Any]:
     return [n.layer for n in walk(model) if not n.children]
 
 
-def _copy_weights(source: Any, copy: Any, pairs: dict[int, Any], into: dict[int, Any]) -> None:
-    """Every weight of `source` into the layer of the same name in `copy`; folded layers get
-    their folded kernel and bias."""
-    targets = {layer.name: layer for layer in _leaves(copy)}
-    for layer in _leaves(source):
-        target = targets.get(layer.name)
-        if target is None or id(layer) in pairs or identity_at_inference(layer):
-            continue
-        if id(layer) in into:
-            kernel, bias = folded_weights(layer, into[id(layer)])
-            _kernel(target).assign(kernel)
-            target.bias.assign(bias)
-            continue
-        for mine, theirs in zip(target.weights, layer.weights, strict=True):
-            mine.assign(keras.ops.convert_to_numpy(theirs))
+def _copy_weights(made: list[tuple[Any, Any]], into: dict[int, Any]) -> None:
+    """Every weight of each cloned layer into its clone (`made`: what `clone_model` gave
+    for each layer); a layer of the user's own code (a subclassed layer with sublayers,
+    as KerasHub's blocks) pairs its sublayers with the clone's by position, since its
+    config need not give them their names back. The layers BN was folded into get their
+    folded kernel and bias; folded BN and dropout became weightless Identity layers."""
+    for layer, clone in made:
+        if isinstance(clone, keras.layers.Identity) or not hasattr(layer, "weights"):
+            continue  # a folded BN or a dropout; an operation of keras.ops (no weights)
+        inner = [n.layer for n in walk(layer) if not n.children]
+        theirs = [n.layer for n in walk(clone) if not n.children]
+        pairs = list(zip(inner, theirs, strict=True)) if inner else [(layer, clone)]
+        for src, dst in pairs:
+            if id(src) in into:
+                kernel, bias = folded_weights(src, into[id(src)])
+                _kernel(dst).assign(kernel)
+                dst.bias.assign(bias)
+                continue
+            for target, value in zip(dst.weights, src.weights, strict=True):
+                target.assign(keras.ops.convert_to_numpy(value))
 
 
 def outputs(model: Any, x: np.ndarray, training: bool = False) -> np.ndarray:
@@ -285,7 +301,7 @@ def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
         facts.append(
             BNFacts(
                 path=node.path,
-                calls=len(bn._inbound_nodes),
+                calls=len(bn._inbound_nodes) or int(in_layer_code(node)),
                 spatial=spatial,
                 epsilon=float(bn.epsilon),
                 min_var=float(np.nanmin(var)) if np.isfinite(var).any() else float("nan"),
@@ -294,9 +310,14 @@ def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
                 producer_trainable=None
                 if src is None or not src.weights
                 else bool(src.trainable_variables),
+                unestimated=unestimated(mean, var, _values(bn.gamma), _values(bn.beta)),
             )
         )
     return facts
+
+
+def _values(weight: Any) -> np.ndarray | None:
+    return None if weight is None else keras.ops.convert_to_numpy(weight)
 
 
 def norm_layers(model: Any) -> dict[str, int]:
