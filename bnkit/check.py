@@ -21,6 +21,7 @@ from bnkit.records import (
     EVAL_UNDONE_BY_TRAIN,
     EXPORTED_BATCH_STATS,
     NO_RUNNING_STATS,
+    PEFT_UNSAVED_STATS,
     QAT_STATS_UPDATE,
     STATS_WITHOUT_AFFINE,
     SYNC_WITHOUT_GROUP,
@@ -169,7 +170,11 @@ def check(
     auxiliary classifiers); BN017 warning, an Ultralytics YOLO model whose leading
     blocks are frozen by `requires_grad=False` while their BN statistics still update;
     BN018 info, fused Conv+BN modules of eager-mode quantization-aware training
-    (`prepare_qat`) whose BN statistics still update (no `freeze_bn_stats` yet).
+    (`prepare_qat`) whose BN statistics still update (no `freeze_bn_stats` yet);
+    BN019 error, a `torch.export` graph exported in training mode; BN020 error, a PEFT
+    model whose BN statistics update in training but are not saved by its adapter;
+    BN021 warning, BN statistics still at their initial values (mean 0, variance 1)
+    while gamma/beta were trained (the statistics never saw data).
 
     Keras models are read from their graph. A PyTorch module has none: the module
     feeding each BN comes from a `torch.fx` trace where the model traces, and call
@@ -211,6 +216,7 @@ def check(
     found += _momentum(bn, steps)
     found += _batch(bn, facts, batch_size)
     found += _variance(facts.values())
+    found += _unestimated(facts.values())
     found += _shared(facts.values())
     found += _off_path(facts.values())
     found += _ultralytics_freeze(type(model).__module__, bn)
@@ -271,6 +277,13 @@ _CODED = {
         "for the last epochs of QAT freeze them, as PyTorch's QAT recipe does: "
         "model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats) (model.train() then "
         "leaves them in eval); convert folds the statistics they hold then",
+    ),
+    PEFT_UNSAVED_STATS: (
+        "BN020",
+        "error",
+        "build the adapter with bnkit.peft.get_peft_model(model, config, bn='frozen') "
+        "(statistics fixed, nothing to save) or bn='train' (the BN layers saved with the "
+        "adapter); or pin them before training: bnkit.freeze(model, bn='frozen')",
     ),
     EXPORTED_BATCH_STATS: (
         "BN019",
@@ -407,6 +420,22 @@ def _variance(facts: Any) -> Iterator[Finding]:
                 f"multiplied by {1 / (f.min_var + f.epsilon) ** 0.5:.3g}, so tiny input "
                 "changes explode (and overflow to inf/NaN in float16)",
                 "re-estimate the statistics on representative data (bnkit.adapt) or raise epsilon",
+            )
+
+
+def _unestimated(facts: Any) -> Iterator[Finding]:
+    for f in facts:
+        if f.unestimated:
+            yield Finding(
+                "BN021",
+                "warning",
+                f.path,
+                "running statistics at their initial values (mean 0, variance 1, no batch "
+                "counted) while gamma/beta were trained: the statistics never saw data, so "
+                "the layer normalises as if its inputs had mean 0 and variance 1 (weights "
+                "loaded without the BN buffers, or the buffers reset after loading)",
+                "load the BN buffers with the weights (running_mean, running_var), or "
+                "re-estimate them on representative data: bnkit.adapt(model, data)",
             )
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from bnkit.policy import BNState, LayerInfo
 
 # ---------------------------------------------------------------------- notes
@@ -40,6 +42,9 @@ statistics still update (no `freeze_bn_stats` yet)."""
 EXPORTED_BATCH_STATS = "exported-graph-batch-stats"
 """PyTorch: a BN in a `torch.export` graph that was exported in training mode: the graph
 normalises with the batch's statistics, in inference too, and cannot be switched."""
+PEFT_UNSAVED_STATS = "peft-unsaved-statistics"
+"""PyTorch: a BN of a PEFT model whose statistics update in training while the adapter
+(its `modules_to_save`) does not hold them: the reloaded model is not the trained one."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,22 @@ class BNFacts:
     pinned: bool
     producer_trainable: bool | None
     """whether the layer feeding it trains (None: no single layer with weights feeds it)."""
+    unestimated: bool = False
+    """its running statistics are still at their initial values (mean 0, variance 1, no
+    batch counted) while its gamma or beta were clearly trained: see `unestimated`."""
+
+
+def unestimated(
+    mean: np.ndarray, var: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None
+) -> bool:
+    """True when a BN layer's running statistics never saw data (every mean exactly 0,
+    every variance exactly 1) while its gamma or beta were trained: they differ from
+    channel to channel, which no initialiser does (ones, zeros, timm's zero-initialised
+    last gamma are all constant). Such a layer was loaded without its buffers, or had
+    them reset after loading."""
+    if mean.size == 0 or np.any(mean != 0) or np.any(var != 1):
+        return False
+    return any(v is not None and v.size > 1 and np.ptp(v) > 0 for v in (gamma, beta))
 
 
 @dataclass(frozen=True)

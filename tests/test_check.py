@@ -196,3 +196,40 @@ def test_findings_of_one_cause_are_one_group(fw):
     )
     assert str(report.table(verbose=True).row_count) == str(len(report.findings))
     assert report.table().row_count == len(report.groups())
+
+
+def _train_affine_only(fw, model) -> int:
+    """Gives every BN per-channel gamma and beta, as training does, its statistics left at
+    their initial values: weights loaded without the BN buffers. Returns the BN count."""
+    rng = np.random.default_rng(0)
+    if fw.name == "keras":
+        layers = [
+            lyr
+            for lyr in model._flatten_layers()
+            if isinstance(lyr, keras.layers.BatchNormalization)
+        ]
+        for bn in layers:
+            bn.gamma.assign(rng.uniform(0.5, 1.5, bn.gamma.shape).astype("float32"))
+            bn.beta.assign(rng.normal(0, 0.1, bn.beta.shape).astype("float32"))
+        return len(layers)
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, bn.num_features)))
+            bn.bias.copy_(torch.as_tensor(rng.normal(0, 0.1, bn.num_features)))
+            bn.reset_running_stats()
+    return len(bns)
+
+
+def test_bn021_statistics_that_never_saw_data_on_both_frameworks(fw):
+    model = fw.build()
+    assert "BN021" not in {f.code for f in bnkit.check(model).findings}  # as initialised
+    n = _train_affine_only(fw, model)
+    found = [f for f in bnkit.check(model).findings if f.code == "BN021"]
+    assert len(found) == n and found[0].severity == "warning"
+    assert "bnkit.adapt" in found[0].fix
+    bnkit.adapt(model, fw.inputs(32))
+    assert all(np.any(v["mean"] != 0) for v in fw.bn_values(model).values())
+    assert "BN021" not in {f.code for f in bnkit.check(model).findings}

@@ -353,3 +353,26 @@ def test_an_exported_graph_without_bn_is_checked_and_refused_like_one_with_bn():
     x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
     with pytest.raises(bnkit.BnkitError, match=r"torch\.export"):
         bnkit.tta(program.module(), x, "tent", batch_size=4, min_batch_size=2)
+
+
+def test_bn021_weights_loaded_without_the_bn_buffers():
+    """A checkpoint that lacks the BN buffers (or a loader that resets them after loading,
+    as transformers' _init_weights did for timm models, PR 43520): the statistics never
+    saw data while gamma/beta were trained."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    trained = torchvision.models.resnet18(weights=None, num_classes=4)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    x = torch.randn(8, 3, 32, 32)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(trained(x), torch.arange(8) % 4).backward()
+        opt.step()
+    assert "BN021" not in {f.code for f in bnkit.check(trained).findings}
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    weights = {k: v for k, v in trained.state_dict().items() if not k.endswith(buffers)}
+    loaded = torchvision.models.resnet18(weights=None, num_classes=4)
+    loaded.load_state_dict(weights, strict=False)
+    assert sum(f.code == "BN021" for f in bnkit.check(loaded).findings) == 20
+    bnkit.adapt(loaded, x.numpy())
+    assert "BN021" not in {f.code for f in bnkit.check(loaded).findings}

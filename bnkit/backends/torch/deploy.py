@@ -41,7 +41,7 @@ from bnkit.backends.torch.core import (
     walk,
 )
 from bnkit.errors import BnkitError
-from bnkit.records import BNFacts, Folded
+from bnkit.records import BNFacts, Folded, unestimated
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 DROPOUT = (
@@ -174,9 +174,20 @@ def bn_facts(model: Any, example: np.ndarray | None = None) -> list[BNFacts]:
                 nonfinite=int((~np.isfinite(mean)).sum() + (~np.isfinite(var)).sum()),
                 pinned=is_pinned(bn),
                 producer_trainable=any(p.requires_grad for p in own) if own else None,
+                unestimated=_unestimated(bn, mean, var),
             )
         )
     return facts
+
+
+def _unestimated(bn: Any, mean: np.ndarray, var: np.ndarray) -> bool:
+    counted = getattr(bn, "num_batches_tracked", None)
+    if counted is not None and int(counted) != 0:
+        return False
+    weights = [
+        None if t is None else t.detach().double().cpu().numpy() for t in (bn.weight, bn.bias)
+    ]
+    return unestimated(mean, var, *weights)
 
 
 def norm_layers(model: Any) -> dict[str, int]:
