@@ -220,6 +220,15 @@ def _timm_freeze(model: nn.Module) -> int:
     return n
 
 
+def _peft_lora(model: nn.Module) -> int:
+    """PEFT's LoRA on every 3x3 convolution, as its image-classification guides set it
+    up: the base frozen by requires_grad=False (the model is changed in place)."""
+    import peft
+
+    peft.get_peft_model(model, peft.LoraConfig(target_modules=["conv2"], r=4))
+    return 0
+
+
 def _torchvision_frozen_bn(model: nn.Module) -> int:
     """Every BatchNorm2d swapped for torchvision's FrozenBatchNorm2d holding its weights,
     as building with `norm_layer=FrozenBatchNorm2d` and loading the weights does."""
@@ -238,9 +247,9 @@ def _torchvision_frozen_bn(model: nn.Module) -> int:
 
 
 def trap_approaches() -> list[tuple[str, Callable[[Any], int]]]:
-    """The ways PyTorch users, guides, Lightning, timm and torchvision freeze BN, each
-    returning how many BN layers its code touched. Lightning's and timm's rows need
-    those packages."""
+    """The ways PyTorch users, guides, Lightning, timm, PEFT and torchvision freeze BN,
+    each returning how many BN layers its code touched. Lightning's, timm's and PEFT's
+    rows need those packages."""
     rows: list[tuple[str, Callable[[Any], int]]] = [
         ("requires_grad=False on every BN", _bn_requires_grad_off),
         ("bn.eval() on every BN, then model.train()", _bn_eval_then_train),
@@ -252,6 +261,8 @@ def trap_approaches() -> list[tuple[str, Callable[[Any], int]]]:
         )
     if importlib.util.find_spec("timm") is not None:
         rows.append(("timm.utils.freeze(backbone)", _timm_freeze))
+    if importlib.util.find_spec("peft") is not None:
+        rows.append(("peft.get_peft_model(model, LoraConfig(...))", _peft_lora))
     rows.append(("torchvision FrozenBatchNorm2d in place of BN", _torchvision_frozen_bn))
     return rows
 

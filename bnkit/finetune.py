@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bnkit.errors import BnkitError
-from bnkit.freeze import freeze
+from bnkit.freeze import built_plan, freeze
 from bnkit.policy import AllLayers, Mode, Plan, Rule, parse_mode
 from bnkit.watch import ACTIONS, Watch, WatchReport, act_on_problems, epoch_counts
 
@@ -68,12 +68,30 @@ class Schedule:
     def apply(self, root: Any) -> Plan:
         """Applies the plan (at the start of training)."""
         target = self.target(root)
-        if self.plan is not None:
+        built = built_plan(target)
+        if built is not None:
+            self.applied = self._keep(built)
+        elif self.plan is not None:
             self.applied = freeze(target, self.plan)
         else:
             self.applied = self._freeze(root, target, self.train_from, self.bn)
         self.reports = []
         return self.applied
+
+    def _keep(self, built: Plan) -> Plan:
+        """The plan of a model bnkit.peft built: its BN modes were set with the adapter
+        (and the BN layers they train saved with it), so they are kept and watched."""
+        if self.plan is not None or self.train_from is not None or self.rules:
+            raise BnkitError(
+                "this model was built by bnkit.peft.get_peft_model, which set its BN modes "
+                "with the adapter: give train_from, rules or bn there, not to the callback"
+            )
+        if self.unfreeze_at_epoch is not None:
+            raise BnkitError(
+                "unfreeze_at_epoch is not for a model bnkit.peft built: its trainable "
+                "part is the adapter's"
+            )
+        return built
 
     def epoch_started(self, root: Any, epoch: int, optimizer: Any) -> None:
         """Unfreezes at `unfreeze_at_epoch`, then starts watching the epoch."""

@@ -13,6 +13,7 @@ from bnkit.policy import LayerDecision, Mode, Plan, Policy, Rule, parse_rule, re
 from bnkit.records import LayerRecord, leaf_records
 
 _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
+_BUILT: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
 
 
 def freeze(
@@ -112,6 +113,17 @@ def recompile(model: Any) -> None:
 def last_plan(model: Any) -> Plan | None:
     """The plan of the last `freeze` on `model` in this process, if any."""
     return _PLANS.get(model)
+
+
+def keep_built(model: Any, plan: Plan) -> None:
+    """Records that an integration built `model` with `plan` pinned (bnkit.peft): the
+    training callbacks keep that plan rather than apply their own."""
+    _BUILT[model] = plan
+
+
+def built_plan(model: Any) -> Plan | None:
+    """The plan `keep_built` recorded for `model`, if any."""
+    return _BUILT.get(model)
 
 
 def _matching(plan: Plan, records: list[LayerRecord]) -> tuple[LayerDecision, ...]:

@@ -39,7 +39,9 @@ class BNFinetuning(pl.Callback):
     Trainer's logger and `callback_metrics` (`bn_layers`, `bn_stats_kept`,
     `bn_affine_kept`, `bn_problems`); a difference warns (`BnkitWarning`), stops the
     fit after the epoch, or raises `BNWatchError`, as `on_problem` says. `reports`
-    keeps every epoch's `WatchReport`.
+    keeps every epoch's `WatchReport`. On a model `bnkit.peft.get_peft_model` built, the
+    callback keeps the BN modes given there (and saved with the adapter) and watches
+    them: give it no `train_from`, `rules` or plan.
 
     Args:
         train_from: first trained module path (relative to `module`); None: all.

@@ -43,7 +43,9 @@ class BNFinetuning(TrainerCallback):
     the end of the epoch: `state.log_history`, and TensorBoard, W&B or any other
     `report_to` integration. A difference warns (`BnkitWarning`), stops training after
     the epoch (`control.should_training_stop`), or raises `BNWatchError`, as
-    `on_problem` says. Works with any `torch.nn.Module` the Trainer trains.
+    `on_problem` says. Works with any `torch.nn.Module` the Trainer trains. On a model
+    `bnkit.peft.get_peft_model` built, the callback keeps the BN modes given there (and
+    saved with the adapter) and watches them: give it no `train_from`, `rules` or plan.
 
     Args:
         train_from: first trained module path (relative to `module`, or a module of the

@@ -249,7 +249,8 @@ PURE_TORCH = ("test_torch_backend.py", "test_check_torch.py", "test_deploy_torch
               "test_cli_torch.py", "test_compare_torch.py", "test_lightning_callbacks.py",
               "test_demo_torch.py", "test_distributed.py", "test_ray.py",
               "test_transformers_callbacks.py", "test_ultralytics.py", "test_pruning_torch.py",
-              "lightning_callbacks.py", "transformers_callbacks.py")  # fmt: skip
+              "lightning_callbacks.py", "transformers_callbacks.py", "test_peft.py",
+              "peft.py")  # fmt: skip
 """Test files (and modules whose docstring examples) use no Keras (test_ray runs Keras
 only on torch): run once, in the torch-backend pass of `make test`."""
 ONE_KERAS_PASS = ("test_cli.py",)

@@ -18,13 +18,15 @@ from bnkit.pretrain import pretrained_digits
 def test_torch_traps_show_what_each_approach_does():
     result = seed_demo(steps=1, framework="torch")
     rows = {r.approach: r for r in result.rows}
-    assert len(rows) == 10 and all(r.bn_layers == 53 for r in result.rows)
+    assert len(rows) == 11 and all(r.bn_layers == 53 for r in result.rows)
     grad_off = rows["requires_grad=False on every BN"]
     assert (grad_off.stats_kept, grad_off.affine_kept, grad_off.batch_stats) == (0, 53, 53)
     assert rows["bn.eval() on every BN, then model.train()"].stats_kept == 0
     assert rows["requires_grad=False on the backbone"].stats_kept == 0
     lightning = rows["Lightning BaseFinetuning.freeze(backbone, train_bn=False)"]
     assert (lightning.stats_kept, lightning.batch_stats) == (53, 53)  # kept, yet batch stats
+    lora = rows["peft.get_peft_model(model, LoraConfig(...))"]  # the adapter will not hold them
+    assert (lora.targeted, lora.stats_kept, lora.affine_kept, lora.batch_stats) == (0, 0, 53, 53)
     for swap in ("timm.utils.freeze(backbone)", "torchvision FrozenBatchNorm2d in place of BN"):
         assert (rows[swap].stats_kept, rows[swap].batch_stats) == (53, 0)
     expected = {"frozen": (53, 53, 0), "affine": (53, 0, 0), "train": (0, 0, 53),

@@ -45,6 +45,7 @@ from bnkit.records import (
     EXPORTED_BATCH_STATS,
     FIXED_BN,
     NO_RUNNING_STATS,
+    PEFT_UNSAVED_STATS,
     QAT_STATS_UPDATE,
     STATS_WITHOUT_AFFINE,
     SYNC_WITHOUT_GROUP,
@@ -361,6 +362,34 @@ def _stats_notes(bn: Any) -> list[Note]:
     return notes
 
 
+PEFT_INACTIVE = "inactive"
+PEFT_UNSAVED = "unsaved"
+PEFT_UNSAVED_TEXT = (
+    "its running statistics update in training, but the PEFT adapter does not hold them "
+    "(not in modules_to_save): PeftModel.from_pretrained reloads the base model's "
+    "statistics, so the reloaded model is not the one trained and validated"
+)
+
+
+def _peft_role(node: _Node) -> str | None:
+    """Where a BN sits in a PEFT model (None outside one, PEFT imported or not):
+    `inactive` for the original PEFT keeps beside a `modules_to_save` copy (it runs only
+    with the adapter disabled), `saved` for a module the adapter holds, `unsaved` for any
+    other BN of the model."""
+    other = sys.modules.get("peft.utils.other")
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if other is None or tuners is None:
+        return None
+    wrapper = other.ModulesToSaveWrapper
+    if node.parents and isinstance(node.parents[-1], wrapper):
+        return PEFT_INACTIVE if node.path.endswith(".original_module") else "saved"
+    if any(isinstance(p, wrapper) for p in node.parents):
+        return "saved"
+    if any(isinstance(p, tuners.BaseTuner) for p in node.parents):
+        return PEFT_UNSAVED
+    return None
+
+
 def _process_group() -> bool:
     return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
 
@@ -438,6 +467,11 @@ class TorchBackend:
         elif isinstance(module, BN):
             state = _bn_state(module, node.parents)
             notes = _bn_notes(module, state, node.parents)
+            role = _peft_role(node)
+            if role == PEFT_INACTIVE:
+                notes = []
+            elif role == PEFT_UNSAVED and state.stats_update:
+                notes.append(Note(PEFT_UNSAVED_STATS, PEFT_UNSAVED_TEXT))
             momentum = None if module.momentum is None else 1.0 - float(module.momentum)
             bn_fields = dict(
                 is_bn=True,
