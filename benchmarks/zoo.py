@@ -1,13 +1,15 @@
 """The model zoo sweep: every torchvision classification model, timm models across
-families, and every `keras.applications` model, built with random weights, each put
-through what bnkit promises:
+families, every `keras.applications` model and KerasHub's image classifiers (one per
+backbone family with BN), built with random weights, each put through what bnkit
+promises:
 
 - `inspect` finds as many BN layers as a count made here (isinstance of the framework's
   BatchNorm classes, FrozenBatchNorm included, nested models recursed);
 - `frozen` keeps every BN statistic and gamma/beta bit-identical through 2 real training
   steps (SGD, `model.train()` / `fit`), `affine` keeps the statistics and moves gamma/beta;
 - `adapt` gives finite statistics;
-- `check` runs;
+- `check` runs, and finds no BN021 ("statistics never saw data") on the model as built
+  nor after `adapt`: the "BN021" column counts those false positives;
 - `export` folds, verifies (export vs original, one sample vs a batch, training vs
   inference) and reloads the written file (`.pt2` for PyTorch, `.keras` for Keras).
 
@@ -17,6 +19,7 @@ A model that fails any of these is a row with what failed; bnkit refusing in one
     .venv/bin/python benchmarks/zoo.py torchvision            # every torchvision model
     .venv/bin/python benchmarks/zoo.py timm
     KERAS_BACKEND=torch .venv/bin/python benchmarks/zoo.py keras
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/zoo.py kerashub   # any Keras backend
     .venv/bin/python benchmarks/zoo.py torchvision --models resnet18,googlenet --json out.json
 
 It prints a Markdown table (the one in benchmarks/README.md) and exits 1 when a row failed.
@@ -153,8 +156,17 @@ def _torch_checks(model: Any, size: int) -> dict[str, Any]:
             row["failed"].append(f"adapt left non-finite statistics in {bad[0]}")
     report = bnkit.check(model, batch_size=32, input_shape=(3, size, size))
     row["check"] = f"{len(report.errors)} errors, {len(report.findings)} findings"
+    row["bn021"] = _unestimated(report)
+    if own:
+        row["bn021"] += _unestimated(bnkit.check(adapted, input_shape=(3, size, size)))
     _export(row, model, adapted if own else None, "m.pt2", input_shape=(3, size, size))
     return row
+
+
+def _unestimated(report: Any) -> int:
+    """BN021 findings: on models with random weights (gamma/beta as initialised) and on
+    models whose statistics were estimated, each one is a false positive."""
+    return sum(f.code == "BN021" for f in report.findings)
 
 
 def _export(row: dict[str, Any], model: Any, adapted: Any, name: str, **kw: Any) -> None:
@@ -253,8 +265,6 @@ def _keras_bn_values(model: Any) -> dict[str, dict[str, np.ndarray]]:
 def _keras_checks(name: str) -> Any:
     import keras
 
-    import bnkit
-
     size = KERAS_SIZE.get(name, 32)
 
     def build() -> Any:
@@ -264,6 +274,15 @@ def _keras_checks(name: str) -> Any:
         )
         x = keras.layers.GlobalAveragePooling2D()(base.output)
         return keras.Model(base.input, keras.layers.Dense(3)(x), name=f"{name}_head")
+
+    return build, _keras_model_checks(build, size)
+
+
+def _keras_model_checks(build: Any, size: int) -> Any:
+    """The checks of one Keras model that `build()` makes anew for each of them."""
+    import keras
+
+    import bnkit
 
     def checks(model: Any) -> dict[str, Any]:
         row: dict[str, Any] = {"failed": []}
@@ -283,7 +302,7 @@ def _keras_checks(name: str) -> Any:
             for mode in ("frozen", "affine"):
                 m = build()
                 bnkit.freeze(m, bn=mode)
-                m.compile(keras.optimizers.SGD(0.05), "mse")
+                m.compile(keras.optimizers.SGD(0.05), "mse", metrics=[])  # KerasHub: no "auto"
                 before = _keras_bn_values(m)
                 m.fit(x, keras.utils.to_categorical(y, 3), batch_size=BATCH, epochs=1, verbose=0)
                 after = _keras_bn_values(m)
@@ -309,10 +328,11 @@ def _keras_checks(name: str) -> Any:
                 row["failed"].append("adapt left non-finite statistics")
         report = bnkit.check(model, batch_size=32)
         row["check"] = f"{len(report.errors)} errors, {len(report.findings)} findings"
+        row["bn021"] = _unestimated(report) + (_unestimated(bnkit.check(adapted)) if own else 0)
         _export(row, model, adapted if own else None, "m.keras", check_data=x)
         return row
 
-    return build, checks
+    return checks
 
 
 def sweep_keras(names: list[str]) -> list[dict[str, Any]]:
@@ -324,6 +344,81 @@ def sweep_keras(names: list[str]) -> list[dict[str, Any]]:
     row = _row(names[0], build, checks)
     print(_line(row), file=sys.stderr, flush=True)
     return [row]
+
+
+KERAS_HUB_SIZE = 32
+
+
+def keras_hub_models() -> dict[str, Any]:
+    """KerasHub's image classifiers, one per backbone family with BN, each built from a
+    small config of that family's backbone class with random weights (a preset cannot be
+    downloaded here): name -> a function that builds it."""
+    import keras_hub
+
+    m = keras_hub.models
+    shape = (KERAS_HUB_SIZE, KERAS_HUB_SIZE, 3)
+    resnet = dict(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 32],
+        stackwise_num_blocks=[1, 1],
+        stackwise_num_strides=[1, 2],
+        block_type="basic_block",
+        image_shape=shape,
+    )
+    backbones = {
+        "ResNet": lambda: (m.ResNetImageClassifier, m.ResNetBackbone(**resnet)),
+        "ResNetV2": lambda: (m.ResNetImageClassifier,
+                             m.ResNetBackbone(**resnet, use_pre_activation=True)),
+        "CSPNet": lambda: (m.CSPNetImageClassifier, m.CSPNetBackbone(
+            stem_filters=16, stem_kernel_size=3, stem_strides=1, stackwise_strides=2,
+            stackwise_depth=[1, 1], stackwise_num_filters=[16, 32], down_growth=True,
+            bottle_ratio=(0.5, 1.0), block_ratio=(1.0, 0.5), expand_ratio=(2.0, 1.0),
+            block_type="dark_block", stage_type="csp", stem_padding="same",
+            image_shape=shape)),
+        "MobileNetV3": lambda: (m.MobileNetImageClassifier, m.MobileNetBackbone(
+            stackwise_expansion=[[40, 56], [64, 144]], stackwise_num_blocks=[2, 2],
+            stackwise_num_filters=[[16, 16], [24, 24]], stackwise_kernel_size=[[3, 3], [5, 5]],
+            stackwise_num_strides=[[2, 1], [2, 1]], stackwise_se_ratio=[[None, None], [0.25, 0.25]],
+            stackwise_activation=[["relu", "relu"], ["hard_swish", "hard_swish"]],
+            stackwise_padding=[[1, 1], [2, 2]], output_num_filters=64, depthwise_filters=8,
+            depthwise_stride=2, depthwise_residual=False, last_layer_filter=64,
+            squeeze_and_excite=0.5, image_shape=shape)),
+        "EfficientNet": lambda: (m.EfficientNetImageClassifier, m.EfficientNetBackbone(
+            stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 1],
+            stackwise_input_filters=[16, 16], stackwise_output_filters=[16, 24],
+            stackwise_expansion_ratios=[1, 4], stackwise_squeeze_and_excite_ratios=[0.0, 0.25],
+            stackwise_strides=[1, 2], stackwise_block_types=["fused", "unfused"],
+            stackwise_force_input_filters=[0, 0], stackwise_nores_option=[False, False],
+            width_coefficient=1.0, depth_coefficient=1.0, image_shape=shape)),
+        "DenseNet": lambda: (m.DenseNetImageClassifier, m.DenseNetBackbone(
+            stackwise_num_repeats=[1, 1], growth_rate=8, image_shape=shape)),
+        "HGNetV2": lambda: (m.HGNetV2ImageClassifier, m.HGNetV2Backbone(
+            embedding_size=32, stem_channels=[3, 16, 32], hidden_act="relu",
+            use_learnable_affine_block=False, num_channels=3, image_shape=shape,
+            depths=[1, 1], hidden_sizes=[64, 128],
+            stackwise_stage_filters=[[32, 16, 64, 1, 1, 3], [64, 32, 128, 1, 1, 3]],
+            apply_downsample=[False, True], use_lightweight_conv_block=[False, False])),
+    }  # fmt: skip
+
+    def classifier(name: str) -> Any:
+        import keras
+
+        keras.utils.set_random_seed(0)
+        task, backbone = backbones[name]()
+        return task(backbone=backbone, num_classes=3, preprocessor=None)
+
+    return {name: (lambda name=name: classifier(name)) for name in backbones}
+
+
+def sweep_keras_hub(names: list[str] | None) -> list[dict[str, Any]]:
+    builders = keras_hub_models()
+    rows = []
+    for name in names or list(builders):
+        checks = _keras_model_checks(builders[name], KERAS_HUB_SIZE)
+        rows.append(_row(name, builders[name], checks))
+        print(_line(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 def _in_child(source: str, name: str) -> dict[str, Any]:
@@ -345,7 +440,9 @@ def _in_child(source: str, name: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- output
 
-COLUMNS = ("model", "params_m", "bn", "hold", "check", "fold", "export", "seconds", "status")
+COLUMNS = (
+    "model", "params_m", "bn", "hold", "check", "bn021", "fold", "export", "seconds", "status",
+)  # fmt: skip
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -354,21 +451,23 @@ def _line(row: dict[str, Any]) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| model | params (M) | BN | frozen/affine through 2 steps | check | folded "
-        "| export error | s | status |"
+        "| model | params (M) | BN | frozen/affine through 2 steps | check | BN021 false "
+        "positives | folded | export error | s | status |"
     )
     return "\n".join([head, "|" + "---|" * len(COLUMNS), *(_line(r) for r in rows)])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", choices=["torchvision", "timm", "keras"])
+    parser.add_argument("source", choices=["torchvision", "timm", "keras", "kerashub"])
     parser.add_argument("--models", help="comma-separated names (default: the whole zoo)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else None
     if args.source == "keras":
         rows = sweep_keras(names or keras_models())
+    elif args.source == "kerashub":
+        rows = sweep_keras_hub(names)
     else:
         if names is None and args.source == "torchvision":
             import torchvision
