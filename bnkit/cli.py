@@ -1229,8 +1229,8 @@ def _story(
     type=click.Choice(["keras", "torch"]),
     default="keras",
     show_default=True,
-    help="Keras 3's ResNet50V2, or torchvision's ResNet-50 with PyTorch's, Lightning's "
-    "and timm's ways.",
+    help="Keras 3's ResNet50V2, or torchvision's ResNet-50 with PyTorch's, Lightning's, "
+    "timm's and PEFT's ways.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def traps_cmd(steps: int, input_size: int, framework: str, as_json: bool) -> None:
