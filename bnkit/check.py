@@ -145,6 +145,7 @@ def check(
     *,
     example: Any = None,
     input_shape: tuple[int, ...] | None = None,
+    source: Any = None,
 ) -> CheckReport:
     """Finds the BN pitfalls in `model` as it would train in `fit` or run in deployment.
 
@@ -174,7 +175,9 @@ def check(
     BN019 error, a `torch.export` graph exported in training mode; BN020 error, a PEFT
     model whose BN statistics update in training but are not saved by its adapter;
     BN021 warning, BN statistics still at their initial values (mean 0, variance 1)
-    while gamma/beta were trained (the statistics never saw data).
+    while gamma/beta were trained (the statistics never saw data); BN022 error, with
+    `source`, a BN whose eps or momentum differs from the source model's (torchao's PT2E
+    resets them).
 
     Keras models are read from their graph. A PyTorch module has none: the module
     feeding each BN comes from a `torch.fx` trace where the model traces, and call
@@ -188,6 +191,8 @@ def check(
         select: a selector (or its CLI form) you plan to pick BN layers with.
         example: a batch of inputs (PyTorch), anything `bnkit.data.load` reads.
         input_shape: one sample's shape, for a random example (PyTorch).
+        source: the model `model` was made from (the module a `torch.export` graph or a
+            PT2E-prepared graph came from): each BN's eps and momentum are compared.
 
     Examples:
         >>> import keras, bnkit
@@ -222,6 +227,8 @@ def check(
     found += _ultralytics_freeze(type(model).__module__, bn)
     found += _partial(bn, facts, records, select)
     found += _stale(backend.compile_status(model), name)
+    if source is not None:
+        found += _against_source(deploy.source_differences(model, readable(source)))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return CheckReport(name, tuple(sorted(found, key=lambda f: (order[f.severity], f.code))))
 
@@ -276,7 +283,9 @@ _CODED = {
         "info",
         "for the last epochs of QAT freeze them, as PyTorch's QAT recipe does: "
         "model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats) (model.train() then "
-        "leaves them in eval); convert folds the statistics they hold then",
+        "leaves them in eval); convert folds the statistics they hold then. A PT2E QAT "
+        "graph: bnkit.pt2e.move_exported_model_to_eval(model) before inference (it keeps "
+        "each BN's momentum and eps, which torchao's resets)",
     ),
     PEFT_UNSAVED_STATS: (
         "BN020",
@@ -421,6 +430,20 @@ def _variance(facts: Any) -> Iterator[Finding]:
                 "changes explode (and overflow to inf/NaN in float16)",
                 "re-estimate the statistics on representative data (bnkit.adapt) or raise epsilon",
             )
+
+
+def _against_source(differences: list[tuple[str, str]]) -> Iterator[Finding]:
+    for path, what in differences:
+        yield Finding(
+            "BN022",
+            "error",
+            path,
+            f"BN differs from the source model: {what}; the model normalises (and, in "
+            "training, averages its statistics) otherwise than the one it was made from",
+            "torchao's PT2E (prepare_qat_pt2e, move_exported_model_to_eval/_train, "
+            "convert_pt2e) resets eps to 1e-5 and momentum to 0.1 (pytorch/ao#4107): use "
+            "the drop-ins of bnkit.pt2e, which keep them; else set them back by hand",
+        )
 
 
 def _unestimated(facts: Any) -> Iterator[Finding]:

@@ -234,10 +234,15 @@ def test_qat_fused_conv_bn_statistics_are_found_updating_until_frozen():
     assert record.bn_mode == "affine"
 
 
+def _exported_source() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))  # fmt: skip
+
+
 def _exported(mode: str):
     """A small CNN exported with torch.export in `mode`, batch size free (2 or more)."""
-    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                      nn.Flatten(), nn.Linear(8, 3))  # fmt: skip
+    m = _exported_source()
     getattr(m, mode)()
     batch = torch.export.Dim("batch", min=2)
     return torch.export.export(m, (torch.randn(4, 3, 8, 8),), dynamic_shapes=({0: batch},))
@@ -267,14 +272,13 @@ def test_an_exported_graph_in_training_mode_is_found_bn019():
     assert [r.bn_mode for r in bnkit.inspect(fixed).layers if r.is_bn] == ["affine"]
 
 
-@pytest.mark.parametrize("operation", ["freeze", "adapt", "tta", "compare"])
+@pytest.mark.parametrize("operation", ["freeze", "tta", "compare"])
 def test_an_exported_graph_is_refused_in_one_line_by_what_would_change_it(operation):
     program = _exported("eval")
     x = np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype("float32")
     y = np.arange(8) % 3
     run = {
         "freeze": lambda m: bnkit.freeze(m, bn="frozen"),
-        "adapt": lambda m: bnkit.adapt(m, x),
         "tta": lambda m: bnkit.tta(m, x, "tent", batch_size=4, min_batch_size=2),
         "compare": lambda m: bnkit.compare(m, (x, y), (x, y), ["frozen"], epochs=1),
     }[operation]
@@ -286,6 +290,31 @@ def test_an_exported_graph_is_refused_in_one_line_by_what_would_change_it(operat
     assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())
     with pytest.raises(bnkit.BackendError, match=r"ExportedProgram: bnkit\.check and"):
         run(program)
+
+
+def test_adapt_reestimates_the_bn_operators_of_an_exported_graph():
+    """A graph has no BN module to patch: adapt runs it node by node, and the statistics
+    it writes are those adapt gives the module the graph was exported from."""
+    program = _exported("eval")
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(20, 3, 8, 8)).astype("float32")
+    graph = program.module()
+    report = bnkit.adapt(graph, x, batch_size=8)  # batches of 8, 8 and 4
+    assert report.samples == 20 and [layer.path for layer in report.layers] == ["1"]
+    module = _exported_source()
+    bnkit.adapt(module, x, batch_size=20)
+    for name in ("running_mean", "running_var"):
+        np.testing.assert_allclose(
+            graph.get_buffer(f"1.{name}").numpy(), getattr(module[1], name).numpy(), rtol=1e-5
+        )
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            graph(torch.as_tensor(x[:8])).numpy(),
+            module.eval()(torch.as_tensor(x[:8])).numpy(),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    with pytest.raises(bnkit.BackendError, match=r"ExportedProgram: bnkit\.check and"):
+        bnkit.adapt(program, x)
 
 
 @pytest.mark.parametrize("batch", ["fixed", "dynamic"])

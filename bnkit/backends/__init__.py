@@ -37,9 +37,9 @@ def get_backend(model: Any) -> Backend:
             return torch_core.TorchBackend()
     if _exported_program(model):
         raise BackendError(
-            "got a torch.export ExportedProgram: bnkit.check and bnkit.inspect read it, "
-            "but its BN layers are fixed in the graph; freeze, re-estimate or fold the "
-            "module before exporting it"
+            "got a torch.export ExportedProgram: bnkit.check and bnkit.inspect read it; "
+            "adapt, shift and fold take its graph, program.module(); freeze, tta and "
+            "compare need the module it was exported from"
         )
     raise BackendError(
         f"expected a Keras 3 model or a torch.nn.Module, got "

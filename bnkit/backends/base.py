@@ -163,6 +163,12 @@ class Deployer(Protocol):
         """Loads what `write` wrote, as a user without bnkit would, and runs it on `x`."""
         ...
 
+    def source_differences(self, model: Any, source: Any) -> list[tuple[str, str]]:
+        """(layer path, what differs) for each BN of `model` whose epsilon or momentum is
+        not that of the BN of the same path in `source`, the model it was made from (a
+        `torch.export` graph and its module, a converted or quantized copy)."""
+        ...
+
 
 class TestTimeAdapter(Protocol):
     """What `tta` needs: TENT's entropy step on BN gamma/beta and resets."""

@@ -375,6 +375,29 @@ def run_written(path: Path, format: str, x: np.ndarray) -> np.ndarray:
     return run_onnx(path, x)
 
 
+def source_differences(model: Any, source: Any) -> list[tuple[str, str]]:
+    """See `Deployer.source_differences`: (path, what differs) for each BN layer whose
+    epsilon or momentum is not that of the layer of the same path in `source`."""
+    want = {n.path: n.layer for n in walk(source) if isinstance(n.layer, BN)}
+    out = []
+    for node in walk(model):
+        bn = node.layer
+        if not isinstance(bn, BN):
+            continue
+        src = want.get(node.path)
+        if src is None:
+            out.append((node.path, "no BatchNormalization layer of this path in the source"))
+            continue
+        parts = [
+            f"{name} {getattr(bn, name):g}, the source's {getattr(src, name):g}"
+            for name in ("epsilon", "momentum")
+            if not np.isclose(getattr(bn, name), getattr(src, name), rtol=1e-6, atol=0.0)
+        ]
+        if parts:
+            out.append((node.path, "; ".join(parts)))
+    return out
+
+
 class KerasDeployer:
     """The Deployer capability for Keras models (see `bnkit.backends.base.Deployer`)."""
 
@@ -386,3 +409,4 @@ class KerasDeployer:
     format_problem = staticmethod(format_problem)
     write = staticmethod(write)
     run_written = staticmethod(run_written)
+    source_differences = staticmethod(source_differences)

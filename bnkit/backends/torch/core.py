@@ -135,7 +135,8 @@ def refuse_exported(model: Any, what: str) -> None:
         raise BnkitError(
             f"this module is a graph torch.export produced: its layers are fixed in the "
             f"graph (its train() and eval() raise), so bnkit cannot {what} it; {what} the "
-            "module before exporting it (bnkit.check and inspect read the graph)"
+            "module before exporting it (bnkit.check, inspect, adapt, shift and fold take "
+            "the graph)"
         )
 
 
@@ -362,6 +363,18 @@ def _stats_notes(bn: Any) -> list[Note]:
     return notes
 
 
+PT2E_QAT_TEXT = (
+    "BN of a graph prepared for quantization-aware training (PT2E) in training mode: its "
+    "statistics update at every step and the fake-quantized weights are scaled with them"
+)
+
+
+def _fake_quantized(model: Any) -> bool:
+    """True when the model holds fake-quantize modules (prepared for QAT)."""
+    fakes, _ = _quantization_classes()
+    return any(isinstance(m, fakes) for m in model.modules())
+
+
 PEFT_INACTIVE = "inactive"
 PEFT_UNSAVED = "unsaved"
 PEFT_UNSAVED_TEXT = (
@@ -447,11 +460,15 @@ class TorchBackend:
 
     def records(self, model: Any) -> list[LayerRecord]:
         exported = exported_bn(model) or {}
-        return [self._record(n, exported.get(n.path)) for n in walk(model)]
+        qat = bool(exported) and _fake_quantized(model)
+        return [self._record(n, exported.get(n.path), qat) for n in walk(model)]
 
-    def _record(self, node: _Node, exported_batch: bool | None = None) -> LayerRecord:
+    def _record(
+        self, node: _Node, exported_batch: bool | None = None, qat: bool = False
+    ) -> LayerRecord:
         """`exported_batch`: the module holds the statistics of a BN operator of an
-        exported graph, which normalises with the batch's statistics (True) or not."""
+        exported graph, which normalises with the batch's statistics (True) or not; `qat`:
+        that graph is prepared for quantization-aware training (PT2E)."""
         module = node.module
         own = _own(module)
         n_train = sum(_numel(p) for _, p in own if p.requires_grad)
@@ -483,7 +500,9 @@ class TorchBackend:
             affine = any(p.requires_grad for _, p in own)
             state = BNState(affine, exported_batch, exported_batch)
             bn_fields = dict(is_bn=True, bn_mode=mode_of(state), bn_state=state)
-            if exported_batch:
+            if exported_batch and qat:
+                notes = [Note(QAT_STATS_UPDATE, PT2E_QAT_TEXT)]
+            elif exported_batch:
                 notes = [
                     Note(
                         EXPORTED_BATCH_STATS,
@@ -581,6 +600,7 @@ class TorchBackend:
         materialized(model)
         weights: dict[str, dict[str, np.ndarray]] = {}
         stats: dict[str, dict[str, np.ndarray]] = {}
+        graph_bn = exported_bn(model) or {}  # holders of an exported graph's BN statistics
         for node in walk(model):
             module = node.module
             own = (
@@ -588,7 +608,8 @@ class TorchBackend:
             )
             if own:
                 weights[node.path] = own
-            if is_bn(module) and module.running_mean is not None:
+            holds = is_bn(module) or node.path in graph_bn
+            if holds and getattr(module, "running_mean", None) is not None:
                 bn: Any = module
                 stats[node.path] = {
                     "mean": to_numpy(bn.running_mean),
@@ -608,8 +629,13 @@ class TorchBackend:
     def moments_pass(
         self, model: Any, paths: Sequence[str], *, normalize: str
     ) -> Iterator[MomentPass]:
-        refuse_exported(model, "re-estimate")
         materialized(model)
+        if exported_graph(model):  # BN is an operator of the graph: run it node by node
+            from bnkit.backends.torch import exported
+
+            with exported.moments_pass(model, paths, normalize=normalize) as run:
+                yield run
+            return
         modules = {n.path: n.module for n in walk(model)}
         layers = [modules[p] for p in paths]
         for path, layer in zip(paths, layers, strict=True):
@@ -964,13 +990,13 @@ def call(model: Any, x: np.ndarray) -> Any:
 def observers_held(model: Any) -> Iterator[None]:
     """Quantization observers record nothing while bnkit runs its own passes, in training
     mode or not: QAT's fake-quantize modules (`prepare_qat`) and PTQ's observers
-    (`prepare`, `prepare_fx`) would otherwise move their ranges, and with them the
-    quantization scales, to the data of a re-estimation. Fake quantization itself still
-    runs, so BN sees the inputs the quantized model gives it. Everything is put back."""
-    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
-
-    fakes = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
-    observers = [m for m in model.modules() if isinstance(m, ObserverBase)]
+    (`prepare`, `prepare_fx`), torch.ao's and torchao's PT2E ones, would otherwise move
+    their ranges, and with them the quantization scales, to the data of a re-estimation.
+    Fake quantization itself still runs, so BN sees the inputs the quantized model gives
+    it. Everything is put back."""
+    fake_classes, observer_classes = _quantization_classes()
+    fakes: list[Any] = [m for m in model.modules() if isinstance(m, fake_classes)]
+    observers: list[Any] = [m for m in model.modules() if isinstance(m, observer_classes)]
     enabled = [m.observer_enabled.clone() for m in fakes]
     try:
         for fake in fakes:
@@ -984,6 +1010,22 @@ def observers_held(model: Any) -> Iterator[None]:
         for observer in observers:
             if "forward" in vars(observer):
                 del observer.forward
+
+
+def _quantization_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The fake-quantize and observer base classes of torch.ao and, when the program
+    imported it, of torchao's PT2E (its own copies, not subclasses of torch.ao's)."""
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+    fakes: list[type] = [FakeQuantizeBase]
+    observers: list[type] = [ObserverBase]
+    ao_fake = sys.modules.get("torchao.quantization.pt2e.fake_quantize")
+    ao_observer = sys.modules.get("torchao.quantization.pt2e.observer")
+    if ao_fake is not None:
+        fakes.append(ao_fake.FakeQuantizeBase)
+    if ao_observer is not None:
+        observers.append(ao_observer.ObserverBase)
+    return tuple(fakes), tuple(observers)
 
 
 def _unobserved(x: Any) -> Any:

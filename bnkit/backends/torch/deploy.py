@@ -622,6 +622,18 @@ def run_written(path: Path, format: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {name: x.astype(np.float32)})[0], dtype=np.float64)
 
 
+def source_differences(model: Any, source: Any) -> list[tuple[str, str]]:
+    """See `Deployer.source_differences`."""
+    from bnkit.backends.torch import exported
+
+    if not isinstance(source, nn.Module):
+        raise BnkitError(
+            f"source must be the torch.nn.Module the graph was exported from, got "
+            f"{type(source).__name__}"
+        )
+    return exported.differences(model, source)
+
+
 class TorchDeployer:
     """The Deployer capability for PyTorch modules (see `bnkit.backends.base.Deployer`)."""
 
@@ -633,3 +645,4 @@ class TorchDeployer:
     format_problem = staticmethod(format_problem)
     write = staticmethod(write)
     run_written = staticmethod(run_written)
+    source_differences = staticmethod(source_differences)
