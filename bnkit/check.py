@@ -454,9 +454,11 @@ def _unestimated(facts: Any) -> Iterator[Finding]:
                 "warning",
                 f.path,
                 "running statistics at their initial values (mean 0, variance 1, no batch "
-                "counted) while gamma/beta were trained: the statistics never saw data, so "
-                "the layer normalises as if its inputs had mean 0 and variance 1 (weights "
-                "loaded without the BN buffers, or the buffers reset after loading)",
+                "counted) while gamma/beta differ by channel, as trained ones do: the "
+                "statistics never saw data, so the layer normalises as if its inputs had "
+                "mean 0 and variance 1 (weights loaded without the BN buffers, or the "
+                "buffers reset after loading; or a model built with random gamma/beta, as "
+                "timm's RepVGG, that was never run on data)",
                 "load the BN buffers with the weights (running_mean, running_var), or "
                 "re-estimate them on representative data: bnkit.adapt(model, data)",
             )

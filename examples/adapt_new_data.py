@@ -2,7 +2,7 @@
 from each BN layer's statistics (`shift`), re-estimate them (`adapt`), and see what it
 buys on the shifted digits.
 
-    python examples/adapt_new_data.py        # about 15 s on 2 cores
+    python examples/adapt_new_data.py
 """
 
 import keras

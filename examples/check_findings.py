@@ -2,15 +2,16 @@
 training starts, with the layer, the problem and the fix. Every code (BN001-BN016) is
 in the guide "Read check findings".
 
-    python examples/check_findings.py        # about 10 s on 2 cores
+    python examples/check_findings.py
 """
 
+# bnkit first: with TensorFlow and torch in one process it keeps torch 2.14's bundled
+# triton, which crashes when first imported after TensorFlow, from loading (see Install)
+import bnkit  # isort: skip
 import keras
 import rich
 import torch
 import torchvision
-
-import bnkit
 
 # Keras: the transfer-learning guide's pattern. BN001 says fit will update the
 # statistics of a base called with training=False once it is trainable.

@@ -2,7 +2,7 @@
 strategy and seed from the same weights, on your data, and says whether the winner's
 lead is beyond the noise (the spread over seeds and the validation set's size).
 
-    python examples/compare_strategies.py        # about 30 s on 2 cores
+    python examples/compare_strategies.py
 """
 
 import keras

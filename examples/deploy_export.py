@@ -3,7 +3,7 @@ were checked before anything was written (export vs original, one image alone vs
 batch, training mode vs inference). A model left with BN in training mode answers one
 image differently from a batch; the export cannot.
 
-    python examples/deploy_export.py        # about 15 s on 2 cores
+    python examples/deploy_export.py
 """
 
 import tempfile

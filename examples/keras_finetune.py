@@ -2,7 +2,7 @@
 really frozen: the guide calls the base with `training=False` and later sets
 `base.trainable = True`, and in Keras 3 `fit` then updates every BN statistic anyway.
 
-    python examples/keras_finetune.py        # about 20 s on 2 cores
+    python examples/keras_finetune.py
 """
 
 import keras

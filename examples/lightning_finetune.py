@@ -3,7 +3,7 @@ while the head trains, then its last block unfrozen with BN in mode affine. Ligh
 own `BaseFinetuning.freeze` leaves BN normalising with batch statistics in training;
 bnkit's callback pins the modes through every `model.train()` Lightning makes.
 
-    python examples/lightning_finetune.py        # about 20 s on 2 cores
+    python examples/lightning_finetune.py
 """
 
 import lightning.pytorch as pl

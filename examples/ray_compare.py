@@ -3,7 +3,7 @@ the same packed weights, with the numbers the sequential executor gives. Without
 `address`, bnkit starts a local Ray instance (and stops it);
 `address="ray://head:10001"` uses a cluster whose workers have bnkit and your code.
 
-    python examples/ray_compare.py        # about 40 s on 2 cores, Ray's start included
+    python examples/ray_compare.py
 """
 
 import numpy as np

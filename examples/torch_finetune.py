@@ -2,7 +2,7 @@
 real: `requires_grad=False` does not stop the running statistics, and `model.train()`
 undoes an earlier `bn.eval()`; a mode pinned by bnkit survives both.
 
-    python examples/torch_finetune.py        # about 30 s on 2 cores
+    python examples/torch_finetune.py
 """
 
 import numpy as np

@@ -4,7 +4,7 @@ Trainer calls `model.train()` before every step, so BN put in `eval()` or frozen
 freezing on a small `ResNetForImageClassification` (random weights, nothing
 downloaded) and prints the table of the guide.
 
-    python examples/transformers_finetune.py        # about 20 s on 2 cores
+    python examples/transformers_finetune.py
 """
 
 import tempfile

@@ -4,7 +4,7 @@ TENT collapses), and `robust` (the statistics of the stream so far, predictions
 corrected for label shift), against re-estimating the statistics on the whole stream
 first.
 
-    python examples/tta_stream.py        # about 30 s on 2 cores
+    python examples/tta_stream.py
 """
 
 import numpy as np

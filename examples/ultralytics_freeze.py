@@ -4,7 +4,7 @@ measures each way of freezing the first 10 blocks (33 BN layers): what the block
 statistics and gamma/beta did in the trained model, and in the EMA copy the trainer
 saves. Offline: YOLO_OFFLINE=1, plots=False, amp=False, a local dataset.
 
-    python examples/ultralytics_freeze.py        # about 40 s on 2 cores
+    python examples/ultralytics_freeze.py
 """
 
 import os
