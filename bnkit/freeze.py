@@ -34,9 +34,24 @@ def freeze(
     layers in mode `bn`; without `train_from`, `bn` sets every BN layer. Extra
     `rules` (Rule objects or `"SELECTOR=MODE"` strings) apply last.
 
-    BN modes are pinned: they survive `fit` and `parent.trainable = True` until
-    `freeze` or `unfreeze` is called again. On a compiled model the change
-    needs a recompile: pass `recompile=True` or call `bnkit.recompile(model)`.
+    BN modes are pinned: they survive `fit`, `parent.trainable = True` and
+    `model.train()` until `freeze` or `unfreeze` is called again. On a compiled
+    Keras model the change needs a recompile: pass `recompile=True` or call
+    `bnkit.recompile(model)`; in PyTorch, build the optimizer after `freeze`.
+
+    Args:
+        model: a Keras model or a PyTorch module, changed in place.
+        policy: a `Policy`, a list of rules (`Rule` objects or `"SELECTOR=MODE"`
+            strings), or a `Plan`; or None to use the shortcut below.
+        train_from: the first layer that trains (everything before it frozen, BN
+            `frozen`).
+        bn: the BN mode of the trained part (`frozen`, `affine`, `train`, `adapt`);
+            without `train_from`, of every BN layer.
+        rules: extra rules, applied last (later rules win).
+        recompile: recompile a compiled Keras model after the change.
+
+    Returns:
+        The `Plan`: one `LayerDecision` per leaf layer.
 
     Examples:
         >>> import keras, bnkit
@@ -45,6 +60,10 @@ def freeze(
         >>> plan = bnkit.freeze(base, train_from="conv5_block1_1_conv", bn="frozen")
         >>> plan.bn_counts()
         {'frozen': 49}
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(weights=None)
+        >>> bnkit.freeze(net, train_from="layer4", bn="affine").bn_counts()
+        {'frozen': 15, 'affine': 5}
     """
     backend = get_backend(model)
     records, infos = leaf_records(backend.records(model))
@@ -80,7 +99,11 @@ def unfreeze(model: Any) -> int:
     """Undoes `freeze`: BN layers become plain BatchNormalization again and every
     layer gets back the trainable flag it had before the first `freeze`.
 
-    Returns the number of BN layers released.
+    Args:
+        model: a model `freeze` changed, changed back in place.
+
+    Returns:
+        The number of BN layers released.
 
     Examples:
         >>> import keras, bnkit
@@ -89,6 +112,11 @@ def unfreeze(model: Any) -> int:
         >>> _ = bnkit.freeze(base, bn="frozen")
         >>> bnkit.unfreeze(base)
         52
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(weights=None)
+        >>> _ = bnkit.freeze(net, bn="frozen")
+        >>> bnkit.unfreeze(net), type(net.bn1).__name__
+        (20, 'BatchNorm2d')
     """
     released = get_backend(model).unfreeze(model)
     _PLANS.pop(model, None)

@@ -139,7 +139,15 @@ def inspect(model: Any) -> Report:
 
     Recurses into nested models. The BN mode is what Keras will really do,
     including the cases where the code seems to say otherwise (a base model
-    called with `training=False` and then unfrozen trains its BN).
+    called with `training=False` and then unfrozen trains its BN); for a PyTorch
+    module, what it does after `model.train()`.
+
+    Args:
+        model: a Keras model or a PyTorch module (or a `torch.export` program).
+
+    Returns:
+        A `Report`: one `LayerRecord` per layer, containers included, with the notes
+        (pitfalls) found on each.
 
     Examples:
         >>> import keras, bnkit
@@ -147,6 +155,9 @@ def inspect(model: Any) -> Report:
         ...                                      input_shape=(32, 32, 3))
         >>> bnkit.inspect(base).totals()["bn_layers"]
         49
+        >>> import torchvision
+        >>> bnkit.inspect(torchvision.models.resnet18(weights=None)).totals()["bn_layers"]
+        20
     """
     from bnkit.backends import get_backend, readable
 

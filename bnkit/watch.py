@@ -183,6 +183,14 @@ def watch(model: Any, plan: Plan | None = None) -> Iterator[Watch]:
     moved in a layer planned fixed, or nothing that moved where training was
     planned.
 
+    Args:
+        model: a Keras model or a PyTorch module.
+        plan: the plan to check against (default: the last `freeze` on `model`).
+
+    Yields:
+        A `Watch`, whose `report` (a `WatchReport`) is filled when the block exits:
+        `report.ok`, `report.problems()`, and `str(report)` saying what moved.
+
     Examples:
         >>> import keras, numpy as np, bnkit
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
@@ -193,6 +201,13 @@ def watch(model: Any, plan: Plan | None = None) -> Iterator[Watch]:
         ...     _ = m.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
         >>> w.report.ok
         True
+        >>> import torch, torchvision
+        >>> net = torchvision.models.resnet18(weights=None)
+        >>> _ = bnkit.freeze(net, bn="frozen")
+        >>> with bnkit.watch(net) as w:
+        ...     _ = net.train()(torch.randn(2, 3, 32, 32))  # model.train(): still frozen
+        >>> w.report.counts()["bn_stats_kept"]
+        20
     """
     handle = Watch(model, plan)
     handle.start()

@@ -4,17 +4,51 @@ section per command: what it does, its usage, every option, and its examples."""
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Any
 
 import click
 
 MARK = "<!-- bnkit-cli -->"
+CONSTANT = re.compile(r"^(DEFAULT_[A-Z_]+|WINDOW|MIN_BATCH_SIZE)$")
+"""Module constants that public signatures use as defaults: the reference shows values."""
+
+
+def on_config(config: Any) -> Any:
+    """bnkit's version on every page (the footer), read from the package."""
+    import bnkit
+
+    config["copyright"] = f"bnkit {bnkit.__version__}"
+    return config
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     if MARK not in markdown:
         return markdown
     return markdown.replace(MARK, cli_reference())
+
+
+def on_page_content(content: str, page: Any, config: Any, files: Any) -> str:
+    """On the reference pages, each constant a signature names as a default is shown as
+    its value (`batch_size: int = 32`, not `DEFAULT_BATCH_SIZE`)."""
+    if not page.file.src_uri.startswith("reference/"):
+        return content
+    values = _constants()
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, values)) + r")\b")
+    return pattern.sub(lambda m: html.escape(values[m.group(1)]), content)
+
+
+def _constants() -> dict[str, str]:
+    import importlib
+
+    found: dict[str, str] = {}
+    for name in ("bnkit.data", "bnkit.stats", "bnkit.compare", "bnkit.tta"):
+        module = importlib.import_module(name)
+        for key, value in vars(module).items():
+            if CONSTANT.match(key) and isinstance(value, (int, float, str, tuple)):
+                found[key] = repr(value)
+    return found
 
 
 def cli_reference() -> str:
@@ -24,6 +58,21 @@ def cli_reference() -> str:
     for name, command in cli.commands.items():
         parts += _command(name, command)
     return "\n".join(parts)
+
+
+def _default(param: click.Option, ctx: click.Context) -> str:
+    """The option's default as the reader meets it: a value, `off` for a flag,
+    `required`, or `none` (not given; what that means, its help says)."""
+    value = param.get_default(ctx, call=False)
+    if param.is_flag:
+        return "on" if value is True else "off"
+    if param.required:
+        return "required"
+    if value is None or value is getattr(click.core, "UNSET", None) or value == ():
+        return "none"
+    if callable(value):
+        return ""
+    return f"`{value}`"
 
 
 def _command(name: str, command: click.Command) -> list[str]:
@@ -36,14 +85,14 @@ def _command(name: str, command: click.Command) -> list[str]:
         if not isinstance(param, click.Option) or param.hidden:
             continue
         names = ", ".join(f"`{o}`" for o in param.opts)
-        if not param.is_flag:
-            names += f" `{param.make_metavar(ctx)}`".replace("|", "\\|")
-        default = ""
-        if param.show_default and param.default is not None:
-            default = f"`{param.default}`"
-        text = (param.help or "").replace("|", "\\|")
-        lines.append(f"| {names} | {default} | {text} |")
-    lines.append("| `-h`, `--help` | | Show the help and exit. |")
+        text = (param.help or "").replace("|", "&#124;")
+        if isinstance(param.type, click.Choice):
+            names += " `CHOICE`"
+            text += " One of " + ", ".join(f"`{c}`" for c in param.type.choices) + "."
+        elif not param.is_flag:
+            names += f" `{param.make_metavar(ctx)}`"
+        lines.append(f"| {names} | {_default(param, ctx)} | {text} |")
+    lines.append("| `-h`, `--help` | off | Show the help and exit. |")
     examples = [
         line.strip()
         for line in (command.epilog or "").splitlines()
