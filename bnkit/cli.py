@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -92,7 +93,28 @@ def _load(model: Path) -> Any:
     meta = click.get_current_context().meta
     _check_inputs(model)
     _framework_start(framework_of(model))
-    return load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+    loaded = load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+    _note_random_weights(model, meta)
+    return loaded
+
+
+def _note_random_weights(model: Path, meta: dict[str, Any]) -> None:
+    """One line on stderr when a torchvision or timm spec is built with random weights
+    (bnkit passes weights=None / pretrained=False: nothing is downloaded)."""
+    from bnkit.backends.torch import files as torch_files
+
+    if meta.get("bnkit.weights") is not None or not torch_files.is_spec(str(model)):
+        return
+    spec = torch_files.parse(str(model))
+    args = json.loads(meta.get("bnkit.factory_args") or "{}")
+    if spec.source not in ("torchvision", "timm") or args.get("weights") or args.get("pretrained"):
+        return
+    click.echo(
+        f"note: {model} has random weights (bnkit builds it with "
+        f"{'weights=None' if spec.source == 'torchvision' else 'pretrained=False'}); give "
+        "--weights FILE, a state_dict, for trained ones",
+        err=True,
+    )
 
 
 def _check_inputs(model: Path, *data: Path | None) -> None:

@@ -320,6 +320,11 @@ LABELS_THRESHOLD = 0.03
 (benchmarks/shift_corruptions.py), fine-tuning on 10 labelled images per class beat
 re-estimation alone by more than 5 points in 25 of the 30 settings from this shift on,
 and in 1 of the 15 below it."""
+UNSCALED_RATIO = 20.0
+"""At the first BN layer, data whose spread is this many times wider (or narrower) than
+the stored statistics say is not a domain shift: the inputs are scaled otherwise than in
+training (0-255 pixels for a model trained on 0-1 gives 255 there; the strongest
+corruptions of the calibration benchmark gave at most 4)."""
 VARIANCE_EPSILON = 1e-3
 """Added to both variances, as Keras BatchNormalization's default epsilon is."""
 
@@ -355,16 +360,23 @@ class ShiftReport:
     score: float
     """mean over layers of the mean channel divergence (nats)."""
     recommendation: str
-    """`frozen` (keep BN frozen), `adapt` (re-estimate statistics, no labels needed) or
-    `labels` (re-estimate now; collect labels and run `compare` to pick the BN mode)."""
+    """`frozen` (keep BN frozen), `adapt` (re-estimate statistics, no labels needed),
+    `labels` (re-estimate now; collect labels and run `compare` to pick the BN mode), or
+    `scale` (the inputs are scaled otherwise than in training: fix that first)."""
     off_path: tuple[str, ...] = ()
     """BN layers that no inference pass reaches (not measured)."""
 
     @property
     def advice(self) -> str:
         """The recommendation as a sentence with its reason."""
+        first = self.layers[0]
         return _ADVICE[self.recommendation].format(
-            score=self.score, adapt=ADAPT_THRESHOLD, labels=LABELS_THRESHOLD
+            score=self.score,
+            adapt=ADAPT_THRESHOLD,
+            labels=LABELS_THRESHOLD,
+            path=first.path,
+            ratio=first.std_ratio if first.std_ratio >= 1 else 1 / first.std_ratio,
+            wider="wider" if first.std_ratio >= 1 else "narrower",
         )
 
     @property
@@ -425,6 +437,11 @@ class ShiftReport:
 
 
 _ADVICE = {
+    "scale": "check the inputs' scale before anything else: at the first BN layer ({path}) "
+    "the data spreads {ratio:.0f}x {wider} than the model's statistics expect, beyond any "
+    "domain shift measured in calibration; images given as 0-255 to a model trained on "
+    "0-1 do this: add --scale 1/255 or the model's --preprocess (in Python, "
+    "bnkit.data.load(..., scale=1/255)) and measure again",
     "frozen": "keep BN frozen: shift {score:.3f} is below {adapt:g}, where re-estimating "
     "statistics stops paying",
     "adapt": "re-estimate BN statistics on this data, no labels needed (bnkit adapt, batches "
@@ -486,7 +503,10 @@ def shift(
     _check_finite_stats(measured)
     layers = tuple(_layer_shift(p, k, measured[p], stored[p]) for k, p in enumerate(seen))
     score = float(np.mean([x.kl_mean for x in layers]))
-    return ShiftReport(layers, n_samples, n_batches, score, recommend(score), off_path)
+    ratio = layers[0].std_ratio
+    unscaled = ratio > UNSCALED_RATIO or ratio < 1 / UNSCALED_RATIO
+    advice = "scale" if unscaled else recommend(score)
+    return ShiftReport(layers, n_samples, n_batches, score, advice, off_path)
 
 
 def recommend(score: float) -> str:

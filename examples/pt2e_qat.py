@@ -46,7 +46,9 @@ def qat(prepare, to_eval, convert) -> tuple[dict, float, list[str]]:
         get_default_x86_inductor_quantization_config(is_qat=True)
     )
     graph = prepare(graph, quantizer)
-    found = [f.code for f in bnkit.check(graph, source=source).findings if f.code == "BN022"]
+    found = [
+        f.code for f in bnkit.check(graph, source=source).findings if f.code == "BN022"
+    ]
     args = bnkit.pt2e.bn_args(graph)
     for step in range(3):
         graph(x[step * 16 : step * 16 + 16])
@@ -66,17 +68,22 @@ def qat(prepare, to_eval, convert) -> tuple[dict, float, list[str]]:
 
 
 flows = {
-    "torchao": (torchao.prepare_qat_pt2e, move_exported_model_to_eval, torchao.convert_pt2e),
+    "torchao": (
+        torchao.prepare_qat_pt2e,
+        move_exported_model_to_eval,
+        torchao.convert_pt2e,
+    ),
     "bnkit.pt2e": (
         bnkit.pt2e.prepare_qat_pt2e,
         bnkit.pt2e.move_exported_model_to_eval,
         bnkit.pt2e.convert_pt2e,
     ),
 }
-print("| flow | BN momentum, eps after prepare | check | int8 vs float (max, relative) |")
+print("| flow | BN momentum, eps after prepare | check | int8 vs float (max, rel.) |")
 print("|---|---|---|---|")
 for name, steps in flows.items():
     args, gap, found = qat(*steps)
     momentum, eps = args["1"]
-    print(f"| {name} | {momentum:g}, {eps:g} | {', '.join(found) or 'clean'} | {gap:.1%} |")
+    found_text = ", ".join(found) or "clean"
+    print(f"| {name} | {momentum:g}, {eps:g} | {found_text} | {gap:.1%} |")
 assert (momentum, eps) == (0.03, 1e-3) and np.isfinite(gap)

@@ -44,6 +44,12 @@ def build(classes=3):
 
 def broken():
     raise RuntimeError("out of coffee")
+
+
+def offline():
+    import urllib.error
+
+    raise urllib.error.URLError("[Errno -2] Name or service not known")
 """
 
 
@@ -167,6 +173,24 @@ def test_tent_on_a_stream_of_batches_too_small_is_an_error_and_writes_nothing(
                        "--batch-size", "16")  # fmt: skip
     assert code == 2 and "TENT adapted on no batch" in err and "12" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_torchvision_spec_without_weights_says_its_weights_are_random(capsys, tmp_path):
+    code, _, err = run(capsys, "inspect", "torchvision:resnet18")
+    assert code == 0 and "torchvision:resnet18 has random weights" in err
+    assert "--weights FILE" in err
+    torch.save(__import__("torchvision").models.resnet18().state_dict(), tmp_path / "w.pt")
+    code, _, err = run(
+        capsys, "inspect", "torchvision:resnet18", "--weights", str(tmp_path / "w.pt")
+    )
+    assert code == 0 and "random weights" not in err
+
+
+def test_a_factory_that_cannot_download_names_the_network(capsys, spec):
+    code, _, err = run(capsys, "inspect", spec.replace(":build", ":offline"))
+    line = _one_line(err)
+    assert code == 2 and "tried to download and the network failed" in line
+    assert "--weights FILE" in line and "check --args" not in line
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])

@@ -305,3 +305,16 @@ def test_all_constant_data_has_no_statistics(conv_model):
     x = np.zeros((8, *conv_model.input_shape[1:]), "float32")
     with pytest.raises(DataError, match=r"every input value in .* is 0"):
         bnkit.adapt(conv_model, x)
+
+
+def test_unscaled_inputs_are_named_before_any_advice(fw):
+    """Images given as 0-255 to a model whose statistics saw 0-1: no shift advice (the
+    score is thousands of nats), but the scale, with the option that fixes it."""
+    model = fw.build()
+    x = np.abs(fw.inputs(64, seed=3)) / 4.0  # in 0..1 (mostly)
+    bnkit.adapt(model, x)
+    assert bnkit.shift(model, x).recommendation == "frozen"
+    report = bnkit.shift(model, np.round(x * 255.0))
+    assert report.recommendation == "scale" and report.score > 100
+    assert "--scale 1/255" in report.advice and "wider" in report.advice
+    assert "check the inputs' scale" in str(report)

@@ -752,6 +752,13 @@ def _build(spec: Any, args: dict[str, Any]) -> Any:
         model = factory(**args)
     except (Exception, SystemExit) as err:  # the user's factory may raise anything
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if _network_error(err):
+            raise ModelFileError(
+                f"{spec}: the factory tried to download and the network failed "
+                f"({type(err).__name__}: {first}); bnkit downloads nothing: give --weights "
+                "FILE (a state_dict saved where the network is) instead of pretrained "
+                "weights in --args"
+            ) from None
         raise ModelFileError(
             f"{spec}: the factory raised {type(err).__name__} ({first}); check --args"
         ) from None
@@ -760,6 +767,13 @@ def _build(spec: Any, args: dict[str, Any]) -> Any:
             f"{spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+def _network_error(err: BaseException) -> bool:
+    """A download that failed: urllib's URLError/HTTPError, requests' and sockets' errors."""
+    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
+    known = {"URLError", "HTTPError", "ConnectionError", "gaierror", "SSLError", "Timeout"}
+    return bool(names & known) or isinstance(err, ConnectionError)
 
 
 def _factory(spec: Any) -> Any:
