@@ -401,7 +401,8 @@ def _batch(bn: list[Any], facts: dict[str, Any], batch_size: int | None) -> Iter
                 "BN004",
                 "warning",
                 r.path,
-                f"trains on batch statistics of only {batch_size} images: noisy statistics, "
+                f"trains on batch statistics of only {batch_size} "
+                f"{'image' if batch_size == 1 else 'images'}: noisy statistics, "
                 "and training and inference see different normalisations",
                 f"use a batch of {SMALL_BATCH} or more, or mode 'affine'/'frozen' for this BN",
             )

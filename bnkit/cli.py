@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -605,24 +606,46 @@ def tta_cmd(
         check_output(plot, *inputs, suffix=".png", overwrite=overwrite)
     m = _load(model)
     source = _open_data(m, data, batch_size, scale, preprocess, channels)
-    with _progress(f"{method} on the stream", _progress_total(source, max_batches)) as tick:
+    total = _progress_total(source, max_batches)
+    baseline = None
+    if method != "none" and _labelled(source):  # the model as it stands, for comparison
+        with _progress("without adaptation", total) as tick:
+            baseline = tta(
+                m, source, "none", batch_size=batch_size, max_batches=max_batches,
+                on_batch=lambda b: tick(b.index + 1),
+            ).accuracy  # fmt: skip
+    with _progress(f"{method} on the stream", total) as tick:
         result = tta(
             m, source, method, batch_size=batch_size, steps=tent_steps, lr=lr, episodic=episodic,
             guard=not no_guard, max_batches=max_batches, on_batch=lambda b: tick(b.index + 1),
         )  # fmt: skip
+    written = []
     if output is not None:
         save_model(m, output)
+        written.append(output)
     if report is not None:
         with atomic_path(report) as tmp:
             tmp.write_text(result.to_json())
+        written.append(report)
     if plot is not None:
         tta_plot(result, plot)
+        written.append(plot)
     if as_json:
         click.echo(result.to_json())
         return
     _out.print(str(result), highlight=False)
+    if baseline is not None:
+        _out.print(f"without adaptation: accuracy {baseline:.1%}", highlight=False)
     for k, why in result.resets:
         _out.print(f"reset after batch {k}: {why}", highlight=False)
+    for path in written:
+        _out.print(f"wrote {path}", highlight=False)
+
+
+def _labelled(source: Any) -> bool:
+    """Whether the data's first batch comes with labels."""
+    first = next(iter(source), None)
+    return first is not None and first[1] is not None
 
 
 @cli.command(
@@ -876,12 +899,15 @@ class _CompareProgress:
         self._overall = self._progress.add_task("runs", total=None)
         self._task: Any = None
         self._done = 0
+        self._total: int | None = None
+        self._start = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(*exc)  # type: ignore[arg-type]
 
     def run_started(self, label: str, steps: int, index: int, total: int) -> None:
+        self._total = total
         self._progress.update(self._overall, total=total, completed=index)
         if self._task is not None:
             self._progress.remove_task(self._task)
@@ -899,8 +925,18 @@ class _CompareProgress:
         if run.status != "ok":
             what = f"{run.status}" + (f": {run.error}" if run.error else "")
         self._progress.console.print(
-            f"{run.strategy} seed {run.seed}: {what} ({run.seconds:.0f} s)", highlight=False
+            f"{run.strategy} seed {run.seed}: {what} ({run.seconds:.0f} s){self._left()}",
+            highlight=False,
         )
+
+    def _left(self) -> str:
+        """'; run 3 of 12, about 25 min left' from the runs so far (also in a log file,
+        where the bars are not drawn)."""
+        if not self._total:
+            return ""
+        left = (time.monotonic() - self._start) / self._done * (self._total - self._done)
+        when = f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left"
+        return f"; run {self._done} of {self._total}, {when}" if left > 0 else ""
 
 
 @cli.command(
@@ -1359,6 +1395,10 @@ def main() -> None:
 
     release()  # Ctrl-C from here: KeyboardInterrupt, caught below
     terminate_cleanly()
+    with contextlib.suppress(AttributeError, ValueError):  # a replaced or closed stdout
+        # each line out at once: in a log of stdout and stderr together, progress and
+        # warnings (stderr) land in the section of stdout they belong to
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     args, notes = _renamed(sys.argv[1:])
     with warnings.catch_warnings(record=True) as caught:
         for note in notes:

@@ -161,7 +161,8 @@ class CompareResult:
         from rich.table import Table
 
         seeds = max(s.runs for s in self.summaries)
-        t = Table(title=f"final validation results, mean ± std over {seeds} seeds")
+        over = f"over {seeds} seeds" if seeds != 1 else "on one seed"
+        t = Table(title=f"final validation results, mean ± std {over}")
         t.add_column("strategy", no_wrap=True)
         failed = any(s.failed for s in self.summaries)
         for col in ("val accuracy", "val loss", "runs", "diverged", *(("failed",) * failed)):

@@ -93,13 +93,20 @@ def compare_plot(result: Any, out: str | Path) -> Path:
             ax.fill_between(
                 epochs, np.nanmin(grid, 0), np.nanmax(grid, 0), color=line.get_color(), alpha=0.15
             )
+    from matplotlib.ticker import MaxNLocator
+
     for ax, label in zip(axes, ("validation accuracy", "validation loss"), strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     seeds = max(s.runs for s in result.summaries)
-    fig.suptitle(f"BN strategies, mean and range over {seeds} seeds")
+    fig.suptitle(
+        f"BN strategies, mean and range over {seeds} seeds"
+        if seeds != 1
+        else "BN strategies, one seed"
+    )
     return _save(plt, fig, out)
 
 

@@ -409,7 +409,14 @@ class ShiftReport:
         """A rich table, one row per BN layer."""
         from rich.table import Table
 
-        t = Table(title=f"BN input shift on {self.samples} samples (KL data || stored, nats)")
+        t = Table(
+            title=f"BN input shift on {self.samples} samples (KL data || stored, nats)",
+            caption=f"KL mean, KL max: the divergence of each channel of this data from the "
+            f"stored statistics, mean and largest; > {CHANNEL_THRESHOLD:g}: the share of "
+            "channels beyond it; offset: |data mean - stored mean| in stored standard "
+            "deviations (mean over channels); std x: data / stored standard deviation "
+            "(median over channels)",
+        )
         t.add_column("#", justify="right")
         t.add_column("BN layer", no_wrap=True)
         for col in ("channels", "KL mean", "KL max", f"> {CHANNEL_THRESHOLD:g}", "offset", "std x"):

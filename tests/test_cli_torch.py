@@ -133,6 +133,18 @@ def test_tta_writes_the_adapted_model_a_report_and_a_plot(capsys, spec, tmp_path
     assert code == 0, err
     assert "tent: 40 samples in 3 batches, accuracy" in text
     assert "1 batch(es) smaller than 16 predicted without adapting" in text
+    from bnkit.files import load_model
+
+    as_built = load_model(Path(spec)).eval()
+    with torch.no_grad():
+        logits = as_built(torch.as_tensor(np.load(stream)["x"]))
+    alone = float((logits.argmax(1).numpy() == np.load(stream)["y"]).mean())
+    assert f"without adaptation: accuracy {alone:.1%}" in text
+    assert [line for line in text.splitlines() if line.startswith("wrote ")] == [
+        f"wrote {out}",
+        f"wrote {report}",
+        f"wrote {plot}",
+    ]
     doc = json.loads(report.read_text())
     assert doc["method"] == "tent" and [b["size"] for b in doc["batches"]] == [16, 16, 8]
     assert [b["adapted"] for b in doc["batches"]] == [True, True, False]
