@@ -26,6 +26,10 @@ MARKER = ".bnkit-output"
 a later run may replace the folder's bnkit files."""
 _TEMP_PREFIX = ".bnkit-tmp-"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_SOFTWARE = "bnkit"
+"""The `Software` text of every PNG bnkit writes: how `--overwrite` tells a figure bnkit
+wrote from the user's own image."""
+_PNG_MARK = b"Software\x00" + PNG_SOFTWARE.encode()
 
 
 def check_model_file(path: Path) -> Path:
@@ -156,12 +160,21 @@ def same_kind(path: Path, suffix: str, json_kind: str | None = None) -> bool:
     if suffix == ".pt":
         return _is_torch_archive(path)
     if suffix == ".png":
-        return head == _PNG_MAGIC
+        return head == _PNG_MAGIC and _marked_png(path)
     if suffix.endswith(".json"):
         return _is_json_kind(path, json_kind)
     if suffix == ".onnx":
         return head[:1] == b"\x08"  # a ModelProto starts with its ir_version field
     return False
+
+
+def _marked_png(path: Path) -> bool:
+    """A PNG whose text chunks (before the image data) say bnkit wrote it."""
+    try:
+        with path.open("rb") as f:
+            return _PNG_MARK in f.read(4096)
+    except OSError:
+        return False
 
 
 def _is_torch_archive(path: Path) -> bool:
@@ -262,6 +275,7 @@ def check_output(
                 f"{out}: output is the input file; bnkit never overwrites its input, "
                 "choose another -o path"
             )
+    _outside_inputs(out, target, inputs)
     if suffix is not None and not out.name.endswith(suffix):
         raise BnkitError(f"{out}: output must end in '{suffix}'")
     _check_name(out)
@@ -280,6 +294,21 @@ def check_output(
         if _fs_flags(out) & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
             raise BnkitError(f"{out}: exists and is immutable (chattr); bnkit cannot replace it")
     return out
+
+
+def _outside_inputs(out: Path, target: Path, inputs: Sequence[Path]) -> None:
+    """Refuses an output inside a folder the command reads (a folder of images, of
+    classes): the next run would read bnkit's files as data, and `--overwrite` could
+    replace one of the user's images."""
+    for inp in inputs:
+        if not _is_dir(inp):
+            continue
+        folder = _resolve(inp)
+        if target != folder and folder in target.parents:
+            raise BnkitError(
+                f"{out}: is inside {inp}, a folder this command reads; write outputs "
+                "outside the input folders"
+            )
 
 
 def _check_parent(out: Path) -> None:
@@ -307,6 +336,7 @@ def check_out_dir(
     for inp in inputs:
         if _exists(inp) and target == _resolve(inp):
             raise BnkitError(f"{out_dir}: output folder is an input; choose another")
+    _outside_inputs(out_dir, target, inputs)
     _check_name(out_dir)
     if _exists(out_dir) and not _is_dir(out_dir):
         raise BnkitError(f"{out_dir}: exists and is not a directory; give a folder")

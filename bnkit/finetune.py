@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bnkit.errors import BnkitError
-from bnkit.freeze import built_plan, freeze
+from bnkit.errors import BnkitError, check_int, check_rate, check_str
+from bnkit.freeze import as_rules, built_plan, freeze
 from bnkit.policy import AllLayers, Mode, Plan, Rule, parse_mode
 from bnkit.watch import ACTIONS, Watch, WatchReport, act_on_problems, epoch_counts
 
@@ -37,11 +37,22 @@ class Schedule:
     ) -> None:
         if on_problem not in ACTIONS:
             raise BnkitError(f"on_problem must be one of {', '.join(ACTIONS)}, got {on_problem!r}")
+        rules = as_rules(rules)
         if plan is not None and (train_from is not None or rules):
             raise BnkitError("give either plan= or train_from/bn/rules, not both")
-        if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
-            raise BnkitError(f"unfreeze_at_epoch must be 0 or more, got {unfreeze_at_epoch}")
-        self.train_from, self.bn, self.rules, self.plan = train_from, bn, tuple(rules), plan
+        if plan is not None and not isinstance(plan, Plan):
+            raise BnkitError(f"plan must be a bnkit.Plan, got {type(plan).__name__}")
+        for name, value in (("train_from", train_from), ("unfreeze_from", unfreeze_from)):
+            if value is not None:
+                check_str(value, name, "layer4")
+        for mode in (bn, unfreeze_bn):
+            if mode is not None:
+                parse_mode(mode)
+        if unfreeze_at_epoch is not None:
+            check_int(unfreeze_at_epoch, "unfreeze_at_epoch", minimum=0)
+        if unfreeze_lr is not None:
+            check_rate(unfreeze_lr, "unfreeze_lr")
+        self.train_from, self.bn, self.rules, self.plan = train_from, bn, rules, plan
         self.module = module
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.unfreeze_from = unfreeze_from
@@ -129,7 +140,12 @@ class Schedule:
         if optimizer is None:
             raise BnkitError("unfreeze_at_epoch needs an optimizer: the trainer gave none")
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self.applied = self._freeze(root, target, self.unfreeze_from, self.unfreeze_bn)
+        if self.unfreeze_from is None:  # everything trains from here, BN in its mode
+            mode = None if self.unfreeze_bn is None else parse_mode(self.unfreeze_bn)
+            rule = Rule(AllLayers(), trainable=True, bn=mode)
+            self.applied = freeze(target, rules=(rule, *self.rules))
+        else:
+            self.applied = self._freeze(root, target, self.unfreeze_from, self.unfreeze_bn)
         new = [p for p in target.parameters() if p.requires_grad and id(p) not in known]
         if not new:
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from bnkit.backends import get_backend
@@ -184,7 +184,7 @@ def _as_policy(
 ) -> Policy:
     if train_from is not None:
         check_str(train_from, "train_from", "layer4")
-    parsed = _rules(rules)
+    parsed = as_rules(rules)
     if policy is None:
         if train_from is None and bn is None and not parsed:
             raise BnkitError("freeze needs a policy, or train_from=, bn= or rules=")
@@ -198,11 +198,19 @@ def _as_policy(
             f"policy must be a Policy, a Plan or a list of rules, got {type(policy).__name__}"
             ' (for one rule: ["bn=frozen"])'
         )
-    return Policy(_rules(policy))
+    return Policy(as_rules(policy))
 
 
-def _rules(rules: Any) -> tuple[Rule, ...]:
-    """Rule objects and 'SELECTOR=MODE' strings as rules; anything else refused."""
+def as_rules(rules: Any) -> tuple[Rule, ...]:
+    """Rule objects and 'SELECTOR=MODE' strings as rules (one string is one rule);
+    anything else refused."""
+    if isinstance(rules, (str, Rule)):
+        rules = (rules,)
+    if not isinstance(rules, Iterable):
+        raise BnkitError(
+            f"rules must be a list of rules ('SELECTOR=MODE' strings or bnkit.Rule), got "
+            f"{rules!r} ({type(rules).__name__})"
+        )
     out = []
     for r in rules:
         if isinstance(r, str):

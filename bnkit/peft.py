@@ -35,7 +35,7 @@ from bnkit.backends import get_backend
 from bnkit.backends.torch.core import TorchBackend
 from bnkit.data import DEFAULT_BATCH_SIZE
 from bnkit.errors import BackendError, BnkitError
-from bnkit.freeze import built_plan, freeze, keep_built
+from bnkit.freeze import as_rules, built_plan, freeze, keep_built
 from bnkit.policy import AllBN, LayerDecision, Mode, Plan, Policy, Regex, Rule, resolve
 from bnkit.records import FIXED_BN, leaf_records
 from bnkit.stats import adapt
@@ -200,10 +200,8 @@ def _bn_modes(
 ) -> dict[str, Mode]:
     """Each BN layer's path in `model` and its mode: every BN `frozen`, then the usual
     fine-tune policy for BN."""
-    from bnkit.freeze import _rules
-
     records, infos = leaf_records(get_backend(model).records(model))
-    user = Policy.build(train_from=train_from, bn=bn, rules=_rules(rules))
+    user = Policy.build(train_from=train_from, bn=bn, rules=as_rules(rules))
     policy = Policy((Rule(AllBN(), bn=Mode.FROZEN), *user.rules))
     current = [(r.effective_trainable, r.bn_mode) for r in records]
     fixed = {r.path for r in records if any(n.code == FIXED_BN for n in r.notes)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnkit.files import atomic_path
+from bnkit.files import PNG_SOFTWARE, atomic_path
 
 DPI = 120
 
@@ -24,7 +24,7 @@ def _save(plt: Any, fig: Any, out: str | Path) -> Path:
     out = Path(out)
     fig.tight_layout()
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
+        fig.savefig(tmp, dpi=DPI, format="png", metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     return out
 

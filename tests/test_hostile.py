@@ -187,6 +187,7 @@ def ws(tmp_path_factory) -> Path:
         ):
             for _ in range(300):
                 f.write(b"\0" * 2**20)
+    shutil.copy(root / "folder_ab" / "a" / "0.png", root / "photo.png")  # the user's own
     (root / "afile").write_text("a file, not a folder")
     (root / "victim").mkdir()
     (root / "victim" / "keep.txt").write_text("the user's")
@@ -231,6 +232,15 @@ def case(id: str, *args: str, message: str, **env: str) -> Case:
 
 K, S = "model.keras", "nets.py:build"
 CASES = [
+    # --- outputs inside input folders, the user's own images (issue 33)
+    case("shift-plot-over-an-input-image", "shift", K, "folder_ab", "--plot",
+         "folder_ab/a/0.png", "--overwrite", message="a folder this command reads"),
+    case("tta-plot-over-an-input-image", "tta", K, "folder_ab", "--plot",
+         "folder_ab/b/0.png", "--overwrite", message="a folder this command reads"),
+    case("compare-output-in-a-class-folder", "compare", K, "folder_ab", "--val", "good.npz",
+         "-o", "folder_ab/a", message="a folder this command reads"),
+    case("shift-plot-over-the-users-png", "shift", K, "good.npz", "--plot", "photo.png",
+         "--overwrite", message="is not a '.png' file bnkit writes"),
     # --- something of the user's replaced or destroyed (issue 24)
     case("overwrite-users-text-as-pt", "freeze", S, "-o", "notes.pt", "--bn", "frozen",
          "--overwrite", message="is not a '.pt' file bnkit writes"),

@@ -150,6 +150,47 @@ def test_base_finetuning_freeze_leaves_batch_statistics_and_bnkit_pins_them(tmp_
     assert torch.allclose(pinned_train, model(x).detach(), atol=1e-6)
 
 
+def test_unfreeze_from_none_unfreezes_the_whole_module(tmp_path):
+    """unfreeze_from=None means the whole module (it unfroze nothing before)."""
+    model = Classifier(only_trainable=True)
+    start = state(model.backbone)
+    callback = BNFinetuning(train_from="head", bn="frozen", module="backbone",
+                            unfreeze_at_epoch=1, unfreeze_bn="affine",
+                            on_problem="raise")  # fmt: skip
+    trainer = fit(model, callback, tmp_path, epochs=2)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    end = state(model.backbone)
+    assert not np.array_equal(end["stem.0.weight"], start["stem.0.weight"])
+    assert not np.array_equal(end["block.1.weight"], start["block.1.weight"])  # affine
+    assert np.array_equal(end["block.1.running_mean"], start["block.1.running_mean"])
+    assert len(trainer.optimizers[0].param_groups) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"on_problem": "panic"}, "on_problem must be one of"),
+        ({"train_from": ["head"]}, "train_from must be a string"),
+        ({"unfreeze_at_epoch": "2"}, "unfreeze_at_epoch must be a whole number"),
+        ({"unfreeze_at_epoch": 1.5}, "unfreeze_at_epoch must be a whole number"),
+        ({"unfreeze_at_epoch": -1}, "unfreeze_at_epoch must be at least 0"),
+        ({"unfreeze_lr": float("nan")}, "unfreeze_lr must be a positive number"),
+        ({"unfreeze_lr": -0.1}, "unfreeze_lr must be a positive number"),
+        ({"unfreeze_lr": "0.1"}, "unfreeze_lr must be a number"),
+        ({"bn": "frozn"}, "frozn"),
+        ({"rules": 42}, "rule"),
+    ],
+)
+def test_bad_arguments_are_refused_when_the_callback_is_made(kwargs, message):
+    with pytest.raises(bnkit.BnkitError, match=message):
+        BNFinetuning(**kwargs)
+
+
+def test_one_rule_may_be_given_as_a_string():
+    callback = BNFinetuning(rules="bn=affine")
+    assert len(callback.schedule.rules) == 1 and callback.schedule.rules[0].bn.value == "affine"
+
+
 def test_bad_arguments_get_one_clear_error():
     with pytest.raises(bnkit.BnkitError, match="on_problem must be one of"):
         BNFinetuning(on_problem="panic")

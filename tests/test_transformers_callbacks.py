@@ -170,3 +170,35 @@ def test_unfreeze_at_an_epoch_honours_the_new_bn_mode(tmp_path):
     n_bn = first["bn_layers"]
     assert first["bn_affine_kept"] == n_bn and second["bn_affine_kept"] < n_bn
     assert first["bn_stats_kept"] == second["bn_stats_kept"] == n_bn
+
+
+def test_unfreeze_from_none_unfreezes_the_whole_model_through_the_trainer(tmp_path):
+    """unfreeze_at_epoch with unfreeze_from=None trains everything from that epoch (it
+    unfroze nothing before): requires_grad and moved weights."""
+    model = resnet()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = BNFinetuning(train_from="classifier", bn="frozen", unfreeze_at_epoch=1,
+                            unfreeze_bn="affine", on_problem="raise")  # fmt: skip
+    train(model, [callback], epochs=2, tmp_path=tmp_path)
+    assert all(p.requires_grad for p in model.parameters())
+    end = model.state_dict()
+    conv = "resnet.embedder.embedder.convolution.weight"
+    assert not torch.equal(start[conv], end[conv])
+    bn = "resnet.embedder.embedder.normalization"
+    assert not torch.equal(start[f"{bn}.weight"], end[f"{bn}.weight"])
+    assert torch.equal(start[f"{bn}.running_mean"], end[f"{bn}.running_mean"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"train_from": ["head"]}, "train_from must be a string"),
+        ({"unfreeze_at_epoch": "2"}, "unfreeze_at_epoch must be a whole number"),
+        ({"unfreeze_at_epoch": 1.5}, "unfreeze_at_epoch must be a whole number"),
+        ({"unfreeze_lr": float("nan")}, "unfreeze_lr must be a positive number"),
+        ({"unfreeze_lr": "fast"}, "unfreeze_lr must be a number"),
+    ],
+)
+def test_bad_arguments_are_refused_when_the_callback_is_made(kwargs, message):
+    with pytest.raises(bnkit.BnkitError, match=message):
+        BNFinetuning(**kwargs)
