@@ -266,6 +266,13 @@ def _epilog(*examples: str, model: bool = True) -> str:
     return f"{text}\n\n{MODEL_HELP}" if model else text
 
 
+MAX_TENT_STEPS = 1000
+"""TENT takes one step a batch; a thousand is already beyond any published setting."""
+MAX_EPOCHS = 10_000
+MAX_SEEDS = 1000
+MAX_DIGITS_SIZE = 1024
+"""The embedded digits are 8x8 images: beyond this side they only cost memory."""
+
 MODEL_HELP = (
     "MODEL is a '.keras' file or a PyTorch model spec: torchvision:NAME, timm:NAME, "
     "package.module:factory or path/to/file.py:factory. A spec runs Python code, as "
@@ -559,7 +566,7 @@ def adapt_cmd(
     "--tent-steps",
     default=1,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_TENT_STEPS),
     help="TENT's optimizer steps on each batch.",
 )
 @click.option("--lr", default=1e-3, show_default=True, help="TENT's learning rate.")
@@ -747,13 +754,17 @@ def _progress(label: str, total: int | None) -> Iterator[Any]:
     "'preact:bn=train;re:preact_bn$=frozen'.",
 )
 @click.option(
-    "--epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Epochs per run."
+    "--epochs",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, MAX_EPOCHS),
+    help="Epochs per run.",
 )
 @click.option(
     "--seeds",
     default=3,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_SEEDS),
     help="How many seeds: each strategy runs with seeds 0..N-1.",
 )
 @click.option("--train-from", metavar="NAME", help="First trained layer (default: all).")
@@ -1117,7 +1128,7 @@ def export_cmd(
     "size",
     default=32,
     show_default=True,
-    type=click.IntRange(min=8),
+    type=click.IntRange(8, MAX_DIGITS_SIZE),
     help="Image side in pixels.",
 )
 @click.option(
@@ -1167,13 +1178,17 @@ def digits_cmd(folder: Path, seed: int, size: int, overwrite: bool) -> None:
     help="Labelled target images per class for the fine-tunes.",
 )
 @click.option(
-    "--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Epochs per run."
+    "--epochs",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, MAX_EPOCHS),
+    help="Epochs per run.",
 )
 @click.option(
     "--seeds",
     default=3,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_SEEDS),
     help="How many seeds: each strategy runs with seeds 0..N-1.",
 )
 @click.option("--skip-traps", is_flag=True, help="Leave out the traps tables.")
@@ -1271,7 +1286,7 @@ def _story(
     "steps",
     default=2,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_EPOCHS),
     help="Training steps per approach.",
 )
 @click.option(

@@ -629,8 +629,16 @@ class _FolderSource:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for i in range(0, len(self.files), self.batch_size):
             chunk = self.files[i : i + self.batch_size]
-            x = np.stack([self._read(p) for p, _ in chunk])
-            yield x, np.array([c for _, c in chunk], dtype=np.int64)
+            images = [self._read(p) for p, _ in chunk]
+            odd = next((k for k, a in enumerate(images) if a.shape != images[0].shape), None)
+            if odd is not None:
+                sizes = [f"{a.shape[1]}x{a.shape[0]}" for a in (images[0], images[odd])]
+                raise DataError(
+                    f"{chunk[odd][0]}: is {sizes[1]} where {chunk[0][0]} is {sizes[0]}, "
+                    "and the model declares no input size to resize them to: give "
+                    "--image-size N (in Python: image_size=(N, N))"
+                )
+            yield np.stack(images), np.array([c for _, c in chunk], dtype=np.int64)
 
     def _read(self, path: Path) -> np.ndarray:
         from PIL import Image

@@ -12,7 +12,8 @@ In Ultralytics 8.4 the trainer's own `freeze=N` puts the frozen blocks' BatchNor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from bnkit.errors import BnkitError
@@ -25,17 +26,22 @@ __all__ = ["FreezeCallbacks", "freeze", "frozen_blocks"]
 
 def frozen_blocks(freeze: int | Sequence[int]) -> tuple[int, ...]:
     """The block indices `freeze` names, as Ultralytics reads it: N means blocks 0..N-1,
-    a list names the blocks."""
-    if isinstance(freeze, bool):
-        raise BnkitError(f"freeze must be a number of blocks or a list of indices, got {freeze!r}")
-    if isinstance(freeze, int):
-        if freeze < 0:
+    a list names the blocks (NumPy integers count as integers, as in Ultralytics)."""
+    wrong = (
+        f"freeze must be a number of blocks or a list of block indices (0, 1, ...), got "
+        f"{freeze!r} ({type(freeze).__name__})"
+    )
+    if isinstance(freeze, numbers.Integral) and not isinstance(freeze, bool):
+        if int(freeze) < 0:
             raise BnkitError(f"freeze must be 0 or more, got {freeze}")
-        return tuple(range(freeze))
+        return tuple(range(int(freeze)))
+    if isinstance(freeze, (str, bytes)) or not isinstance(freeze, Iterable):
+        raise BnkitError(wrong)
     blocks = tuple(freeze)
-    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
-        raise BnkitError(f"freeze must list block indices (0, 1, ...), got {list(blocks)!r}")
-    return blocks
+    whole = [b for b in blocks if isinstance(b, numbers.Integral) and not isinstance(b, bool)]
+    if len(whole) != len(blocks) or any(int(b) < 0 for b in whole):
+        raise BnkitError(wrong)
+    return tuple(int(b) for b in whole)
 
 
 class FreezeCallbacks:

@@ -405,3 +405,15 @@ def test_bn021_weights_loaded_without_the_bn_buffers():
     assert sum(f.code == "BN021" for f in bnkit.check(loaded).findings) == 20
     bnkit.adapt(loaded, x.numpy())
     assert "BN021" not in {f.code for f in bnkit.check(loaded).findings}
+
+
+def test_tta_without_adaptation_runs_an_exported_graph_as_exported():
+    """`tta(..., "none")` predicts with the model as it stands: a graph runs as exported
+    (its eval() raises), the methods that change it refuse it in one line."""
+    graph = _exported("eval").module()
+    x = np.random.default_rng(0).normal(size=(12, 3, 8, 8)).astype("float32")
+    y = np.arange(12) % 3
+    report = bnkit.tta(graph, (x, y), "none", batch_size=4)
+    with torch.no_grad():
+        want = (graph(torch.as_tensor(x)).argmax(1).numpy() == y).mean()
+    assert report.accuracy == pytest.approx(want)

@@ -132,6 +132,7 @@ def ws(tmp_path_factory) -> Path:
     torch.save({i: v for i, v in enumerate(good.values())}, root / "intkeys.pt")
     torch.save({**good, "head.weight": good["head.weight"].to_sparse()}, root / "sparse.pt")
     torch.save({k: v.to("meta") for k, v in good.items()}, root / "meta.pt")
+    torch.save({**good, "head.weight": good["head.weight"].to(torch.complex64)}, root / "cx.pt")
     torch.save({"w" + k: v for k, v in good.items()}, root / "wrongkeys.pt")
     torch.save(nets.build(classes=5).state_dict(), root / "wrongshape.pt")
     torch.save(nets.build(), root / "module.pt")
@@ -188,6 +189,10 @@ def ws(tmp_path_factory) -> Path:
             for _ in range(300):
                 f.write(b"\0" * 2**20)
     shutil.copy(root / "folder_ab" / "a" / "0.png", root / "photo.png")  # the user's own
+    _folder(root / "folder_mixed", {"a": "RGB", "b": "RGB"})
+    from PIL import Image
+
+    Image.new("RGB", (9, 7)).save(root / "folder_mixed" / "a" / "1.png")
     (root / "afile").write_text("a file, not a folder")
     (root / "victim").mkdir()
     (root / "victim" / "keep.txt").write_text("the user's")
@@ -241,6 +246,20 @@ CASES = [
          "-o", "folder_ab/a", message="a folder this command reads"),
     case("shift-plot-over-the-users-png", "shift", K, "good.npz", "--plot", "photo.png",
          "--overwrite", message="is not a '.png' file bnkit writes"),
+    case("tent-on-images-of-mixed-sizes", "tta", S, "folder_mixed", "--method", "tent",
+         "--batch-size", "16", "--scale", "1/255", message="give --image-size N"),
+    case("tent-steps-that-never-end", "tta", K, "good.npz", "--method", "tent",
+         "--tent-steps", "1000000000000", message="--tent-steps"),
+    case("epochs-that-never-end", "compare", K, "good.npz", "--val", "good.npz", "-o", "cmp",
+         "--epochs", "100000000000000000000", message="--epochs"),
+    case("seeds-beyond-any-integer", "compare", K, "good.npz", "--val", "good.npz", "-o",
+         "cmp", "--seeds", "100000000000000000000", message="--seeds"),
+    case("digits-of-65-tib", "digits", "-o", "dd", "--image-size", "100000",
+         message="--image-size"),
+    case("complex-weights-freeze", "freeze", S, "--weights", "cx.pt", "-o", "cx-out.pt",
+         "--bn", "frozen", message="holds complex numbers"),
+    case("complex-weights-adapt", "adapt", S, "--weights", "cx.pt", "nchw.npz", "-o",
+         "cx-out.pt", message="holds complex numbers"),
     # --- something of the user's replaced or destroyed (issue 24)
     case("overwrite-users-text-as-pt", "freeze", S, "-o", "notes.pt", "--bn", "frozen",
          "--overwrite", message="is not a '.pt' file bnkit writes"),

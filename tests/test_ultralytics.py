@@ -166,8 +166,11 @@ def test_a_pinned_yolo_model_fuses_and_inspect_check_watch_work():
 
 def test_bad_arguments_are_refused():
     yolo = YOLO("yolo11n.yaml")
-    with pytest.raises(bnkit.BnkitError, match="freeze must list block indices"):
-        bnkit.ultralytics.freeze(yolo, freeze=["a"])
+    for bad in (["a"], 1.5, None, "3", [True], [-1]):
+        with pytest.raises(bnkit.BnkitError, match="freeze must be"):
+            bnkit.ultralytics.freeze(yolo, freeze=bad)
+    assert bnkit.ultralytics.freeze(yolo, freeze=np.int64(3)).blocks == (0, 1, 2)  # as 3
+    assert bnkit.ultralytics.freeze(yolo, freeze=[np.int64(0), 2]).blocks == (0, 2)
     with pytest.raises(bnkit.BnkitError, match="give frozen, affine or adapt"):
         bnkit.ultralytics.freeze(yolo, bn="train")
     with pytest.raises(bnkit.BnkitError, match="expected an ultralytics YOLO object"):

@@ -926,6 +926,11 @@ def _check_tensors(state: dict[Any, Any], path: Path) -> None:
                 f"{path}: has a key {key!r} of type {type(key).__name__}; a state_dict maps "
                 "parameter names to tensors (save with torch.save(model.state_dict(), path))"
             )
+        if value.is_complex():
+            raise ModelFileError(
+                f"{path}: {key!r} holds complex numbers ({value.dtype}); a model's weights "
+                "are real: save the real-valued state_dict"
+            )
         if value.layout != torch.strided or value.is_meta:
             kind = "on the meta device (no data)" if value.is_meta else f"{value.layout}"
             raise ModelFileError(

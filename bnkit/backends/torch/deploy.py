@@ -104,7 +104,11 @@ def _trace(model: Any) -> tuple[_Graph | None, str]:
 
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:
-    """Inference mode for one pass, every module's flag put back afterwards."""
+    """Inference mode for one pass, every module's flag put back afterwards; a
+    `torch.export` graph has no modes (its eval() raises) and runs as exported."""
+    if exported_graph(model):
+        yield
+        return
     flags = [m.training for m in model.modules()]
     model.eval()
     try:
