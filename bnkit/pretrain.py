@@ -73,12 +73,14 @@ def pretrained_digits(
     folder = cache if cache is not None else cache_dir()
     name = f"digits-resnet-v{RECIPE_VERSION}-{size}px-seed{seed}-{epochs}ep"
     path = folder / f"{name}-{k.backend_name()}{k.MODEL_SUFFIX}"
-    if path.exists():
-        return Pretrained(k.load(path), path, cached=True)
+    cached = _cached(k, path, on_status)
+    if cached is not None:
+        return Pretrained(cached, path, cached=True)
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(path.with_name(path.name + ".lock")):  # another process may be training it
-        if path.exists():
-            return Pretrained(k.load(path), path, cached=True)
+        cached = _cached(k, path, on_status)
+        if cached is not None:
+            return Pretrained(cached, path, cached=True)
         if on_status is not None:
             on_status(f"pretraining on the source digits ({epochs} epochs, cached in {folder})")
         data = digits("source", size=size, seed=seed)
@@ -90,6 +92,21 @@ def pretrained_digits(
         adapt(model, k.images(data.train[0]))
         save_model(model, path)
     return Pretrained(model, path, cached=False)
+
+
+def _cached(k: Any, path: Path, on_status: Callable[[str], None] | None) -> Any | None:
+    """The model cached at `path`; None when there is none, or when the entry cannot be
+    read (a truncated or corrupt file in bnkit's own cache): it is trained again and the
+    entry replaced."""
+    if not path.exists():
+        return None
+    try:
+        return k.load(path)
+    except Exception as err:  # a corrupt entry raises whatever its reader raises
+        if on_status is not None:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            on_status(f"the cached model {path} cannot be read ({first}): training it again")
+        return None
 
 
 @contextlib.contextmanager

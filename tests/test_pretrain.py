@@ -53,3 +53,20 @@ def test_target_shift_is_large_and_adapt_recovers_accuracy(pretrained):
     # TensorFlow, +0.6 on JAX at seed 0; +6.4 +- 3.5 over seeds): it is positive
     assert after > before, (before, after)
     assert bnkit.shift(model, target.test[0]).score < on_target.score / 5
+
+
+@pytest.mark.parametrize("framework", ["keras", "torch"])
+def test_a_corrupt_cache_entry_is_trained_again(tmp_path, framework):
+    """A truncated or corrupt file in bnkit's cache (a crash while writing it, a full
+    disk) is not a traceback: the model is trained again and the entry replaced."""
+    if framework == "torch" and keras.backend.backend() != "torch":
+        pytest.skip("the PyTorch model: once, in the torch pass")
+    first = pretrained_digits(size=16, epochs=1, cache=tmp_path, framework=framework)
+    first.path.write_bytes(first.path.read_bytes()[:100])  # truncated
+    said: list[str] = []
+    again = pretrained_digits(
+        size=16, epochs=1, cache=tmp_path, framework=framework, on_status=said.append
+    )
+    assert not again.cached and again.path == first.path
+    assert any("cannot be read" in s and "training it again" in s for s in said)
+    assert pretrained_digits(size=16, epochs=1, cache=tmp_path, framework=framework).cached
