@@ -1400,6 +1400,18 @@ def _fail(message: str, caught: list[warnings.WarningMessage], code: int = EXIT_
     sys.exit(code)
 
 
+def _reconfigure_streams() -> None:
+    """stdout line-buffered: in a log of stdout and stderr together, progress and
+    warnings (stderr) land in the section of stdout they belong to. Both streams write
+    what their encoding lacks as backslash escapes (a file named 'sortie ü.keras' under
+    PYTHONIOENCODING=ascii or LANG=C), never a UnicodeEncodeError."""
+    for stream, line_buffering in ((sys.stdout, True), (sys.stderr, None)):
+        with contextlib.suppress(AttributeError, ValueError):  # replaced or closed
+            stream.reconfigure(  # type: ignore[union-attr]
+                errors="backslashreplace", line_buffering=line_buffering
+            )
+
+
 def main() -> None:
     """Entry point: runs the CLI and turns bnkit errors into one line and exit status 2.
 
@@ -1410,10 +1422,7 @@ def main() -> None:
 
     release()  # Ctrl-C from here: KeyboardInterrupt, caught below
     terminate_cleanly()
-    with contextlib.suppress(AttributeError, ValueError):  # a replaced or closed stdout
-        # each line out at once: in a log of stdout and stderr together, progress and
-        # warnings (stderr) land in the section of stdout they belong to
-        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    _reconfigure_streams()
     args, notes = _renamed(sys.argv[1:])
     with warnings.catch_warnings(record=True) as caught:
         for note in notes:

@@ -545,3 +545,17 @@ def test_rules_selectors_and_options_are_refused_before_any_framework_starts(ws)
             [sys.executable, "-c", code, *args], cwd=ws, env=env, capture_output=True, text=True
         )
         assert proc.stdout.split("\n")[0] == "2 []", (args, proc.stdout, proc.stderr)
+
+
+def test_non_ascii_names_under_an_ascii_terminal_are_escaped_not_a_traceback(ws, tmp_path):
+    """PYTHONIOENCODING=ascii (or LANG=C where Python falls back to ASCII): a file named
+    'modèle é.keras' is read and 'sortie ü.keras' written; the lines printed escape what
+    ASCII lacks."""
+    src = tmp_path / "modèle é.keras"
+    shutil.copy(ws / "model.keras", src)
+    out = tmp_path / "sortie ü.keras"
+    proc = _run(ws, ("freeze", str(src), "-o", str(out), "--bn", "frozen"),
+                {"PYTHONIOENCODING": "ascii"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and out.exists()
+    assert "wrote " in proc.stdout and "sortie \\xfc.keras" in proc.stdout
