@@ -46,6 +46,10 @@ def broken():
     raise RuntimeError("out of coffee")
 
 
+def truncated():
+    return torch.export.load(__file__.replace("models.py", "truncated.pt2")).module()
+
+
 def offline():
     import urllib.error
 
@@ -196,6 +200,18 @@ def test_a_torchvision_spec_without_weights_says_its_weights_are_random(capsys, 
         capsys, "inspect", "torchvision:resnet18", "--weights", str(tmp_path / "w.pt")
     )
     assert code == 0 and "random weights" not in err
+
+
+def test_a_factory_that_loads_a_truncated_file_says_so(capsys, spec, tmp_path):
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    program = torch.export.export(module, (torch.randn(2, 3, 8, 8),))
+    torch.export.save(program, tmp_path / "full.pt2")
+    data = (tmp_path / "full.pt2").read_bytes()
+    (tmp_path / "truncated.pt2").write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "check", spec.replace(":build", ":truncated"))
+    line = _one_line(err)
+    assert code == 2 and "could not read a file it loads" in line and "truncated" in line
+    assert "check --args" not in line
 
 
 def test_a_factory_that_cannot_download_names_the_network(capsys, spec):

@@ -749,9 +749,19 @@ def _build(spec: Any, args: dict[str, Any]) -> Any:
 
     factory = _factory(spec)
     try:
-        model = factory(**args)
+        with _stderr_held() as held:
+            model = factory(**args)
+        held.release()  # the factory worked: what it or torch wrote meanwhile is shown
     except (Exception, SystemExit) as err:  # the user's factory may raise anything
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if _unreadable_file(err):
+            name = getattr(err, "filename", None)
+            where = f" {name}" if name else ""
+            raise ModelFileError(
+                f"{spec}: the factory could not read a file it loads{where} "
+                f"({type(err).__name__}: {first}): a truncated or corrupt file? check the "
+                "files the factory reads"
+            ) from None
         if _network_error(err):
             raise ModelFileError(
                 f"{spec}: the factory tried to download and the network failed "
@@ -767,6 +777,35 @@ def _build(spec: Any, args: dict[str, Any]) -> Any:
             f"{spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[Any]:
+    """While open, what is written to stderr (torch logs a warning with a traceback when
+    `torch.export.load` meets a truncated file) is held back: a factory that fails gets
+    bnkit's one line alone; one that works has it written after (`.release()`)."""
+    import io
+
+    held = io.StringIO()
+    real = sys.stderr
+
+    def release() -> None:
+        real.write(held.getvalue())
+
+    held.release = release  # type: ignore[attr-defined]
+    with contextlib.redirect_stderr(held):
+        yield held
+
+
+def _unreadable_file(err: BaseException) -> bool:
+    """A file the factory loads is truncated or corrupt: a zip archive (`torch.load`,
+    `torch.export.load`) or pickle stream cut short, torch's stream reader failing."""
+    import pickle
+    import zipfile
+
+    if isinstance(err, (zipfile.BadZipFile, EOFError, pickle.UnpicklingError)):
+        return True
+    return isinstance(err, RuntimeError) and "PytorchStreamReader failed" in str(err)
 
 
 def _network_error(err: BaseException) -> bool:
