@@ -527,12 +527,17 @@ def check_finite_model(backend: Any, model: Any) -> None:
                     )
 
 
+class Terminated(SystemExit):
+    """SIGTERM, as bnkit's handler raises it: a signal, never the fault of the code it
+    interrupted (a model factory, a data reader)."""
+
+
 def terminate_cleanly() -> None:
     """Turns SIGTERM into SystemExit, so that temporary outputs are removed on the way out
     (the default action kills the process before any `finally` runs)."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
 
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGTERM, handler)

@@ -73,6 +73,15 @@ def nobn():
     return nn.Sequential(nn.Conv2d(3, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.LazyLinear(3))
 
 
+def sleeper():
+    import pathlib
+    import time
+
+    pathlib.Path("factory-started").touch()
+    time.sleep(120)
+    return build()
+
+
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
@@ -465,6 +474,25 @@ def test_sigterm_during_a_rendezvous_ends_the_process(ws):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) in (-signal.SIGTERM, 143)
     assert not (ws / "o.pt").exists()
+
+
+def test_sigterm_while_a_factory_runs_exits_143_not_a_factory_error(ws, tmp_path):
+    """A signal is not the factory's fault: exit 143, not 'the factory raised SystemExit'."""
+    import signal
+    import time
+
+    shutil.copy(ws / "nets.py", tmp_path / "nets.py")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnkit.cli", "inspect", "nets.py:sleeper"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "factory-started").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert "factory raised" not in proc.stderr.read()
 
 
 @pytest.mark.parametrize("flag", ["+a", "+i"])

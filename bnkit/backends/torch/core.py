@@ -37,6 +37,7 @@ from bnkit.backends.base import (
 )
 from bnkit.data import DataError
 from bnkit.errors import BnkitError, BnkitWarning
+from bnkit.files import Terminated
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.records import (
     BATCH_STATS_AT_TRAINING_ONLY,
@@ -753,6 +754,8 @@ def _build(spec: Any, args: dict[str, Any]) -> Any:
             model = factory(**args)
         held.release()  # the factory worked: what it or torch wrote meanwhile is shown
     except (Exception, SystemExit) as err:  # the user's factory may raise anything
+        if isinstance(err, Terminated):  # SIGTERM, bnkit's own: not the factory's
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         if _unreadable_file(err):
             name = getattr(err, "filename", None)
@@ -857,6 +860,8 @@ def _factory(spec: Any) -> Any:
         else:
             module = importlib.import_module(spec.source)
     except (Exception, SystemExit) as err:  # importing user code may raise anything
+        if isinstance(err, Terminated):
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ModelFileError(
             f"{spec}: cannot import {spec.source!r} ({type(err).__name__}: {first})"
