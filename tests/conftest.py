@@ -251,7 +251,7 @@ PURE_TORCH = ("test_torch_backend.py", "test_check_torch.py", "test_deploy_torch
               "test_transformers_callbacks.py", "test_ultralytics.py", "test_pruning_torch.py",
               "lightning_callbacks.py", "transformers_callbacks.py", "test_peft.py",
               "peft.py", "test_pt2e.py", "pt2e.py",
-              "test_nncf.py")  # fmt: skip
+              "test_nncf.py", "test_corruptions.py")  # fmt: skip
 """Test files (and modules whose docstring examples) use no Keras (test_ray runs Keras
 only on torch): run once, in the torch-backend pass of `make test`."""
 ONE_KERAS_PASS = ("test_cli.py",)
