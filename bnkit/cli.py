@@ -183,8 +183,13 @@ def _ranks(model: Any) -> Iterator[tuple[int, int]]:
     if world < 2:
         yield 0, 1
         return
-    with get_backend(model).launched_job(world) as ranks:
+    with get_backend(model).launched_job(world, on_wait=_say) as ranks:
         yield ranks
+
+
+def _say(line: str) -> None:
+    """One line on stderr."""
+    _err.print(line, highlight=False, soft_wrap=True)
 
 
 LAUNCH_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -439,14 +439,18 @@ def test_hostile_input_gets_one_line_exit_2_and_changes_nothing(ws, c):
     assert not (ws / "pwned").exists()
 
 
-def test_a_rendezvous_without_peers_times_out_in_one_line(ws):
+def test_a_rendezvous_without_peers_says_how_long_it_waits_then_times_out(ws):
+    """One line while it waits (how long, and the variable that sets it: a user who
+    started one rank by mistake knows what is happening), one line when it gives up."""
     env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port()), "BNKIT_RENDEZVOUS_TIMEOUT": "3"}  # fmt: skip
     before = _snapshot(ws)
     proc = _run(ws, ("adapt", S, "nchw.npz", "-o", "o.pt"), env)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert "did not all join" in lines[0] and "within 3 s" in lines[0]
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr[-3000:]
+    assert "rank 0 of 2: waiting up to 3 s" in lines[0]
+    assert "BNKIT_RENDEZVOUS_TIMEOUT" in lines[0]
+    assert "did not all join" in lines[1] and "within 3 s" in lines[1]
     assert _snapshot(ws) == before
 
 

@@ -304,9 +304,12 @@ class Backend(Protocol):
         """The distributed job this process is one rank of (None: it runs alone)."""
         ...
 
-    def launched_job(self, world: int) -> AbstractContextManager[tuple[int, int]]:
+    def launched_job(
+        self, world: int, on_wait: Callable[[str], None] | None = None
+    ) -> AbstractContextManager[tuple[int, int]]:
         """While open, this process is one rank of the job a launcher (torchrun) started
         with `world` processes, its process group joined: yields (rank, world).
+        `on_wait` gets one line before the wait for the other ranks (how long at most).
         BackendError when this framework's models are not combined across processes."""
         ...
 

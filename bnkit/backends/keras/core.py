@@ -17,7 +17,7 @@ import contextlib
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +286,9 @@ class KerasBackend:
         """Keras runs alone here: a Keras model's statistics are combined over one process."""
         return None
 
-    def launched_job(self, world: int) -> AbstractContextManager[tuple[int, int]]:
+    def launched_job(
+        self, world: int, on_wait: Callable[[str], None] | None = None
+    ) -> AbstractContextManager[tuple[int, int]]:
         raise BackendError(
             f"this is one of {world} processes (WORLD_SIZE), but a Keras model's statistics "
             "are combined in one process: run the command without torchrun"

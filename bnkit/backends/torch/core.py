@@ -17,7 +17,7 @@ import contextlib
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -443,14 +443,16 @@ class TorchBackend:
         return TorchCollective(dist.get_rank(), dist.get_world_size())
 
     @contextlib.contextmanager
-    def launched_job(self, world: int) -> Iterator[tuple[int, int]]:
+    def launched_job(
+        self, world: int, on_wait: Callable[[str], None] | None = None
+    ) -> Iterator[tuple[int, int]]:
         """Joins the default process group from torchrun's environment (NCCL on a GPU,
         else gloo) unless it is joined already, and leaves it at the end."""
         import torch.distributed as dist
 
         started = not dist.is_initialized()
         if started:
-            _join_group(dist, world)
+            _join_group(dist, world, on_wait)
         try:
             yield dist.get_rank(), dist.get_world_size()
         finally:
@@ -686,7 +688,7 @@ RENDEZVOUS_SECONDS = 300
 torch's own default is 30 minutes."""
 
 
-def _join_group(dist: Any, world: int) -> None:
+def _join_group(dist: Any, world: int, on_wait: Callable[[str], None] | None = None) -> None:
     """`init_process_group` from torchrun's environment, with a timeout, and SIGTERM left
     to kill the process while it waits (the wait is in C++, where Python's handler never
     runs); one line when the other ranks do not come."""
@@ -700,6 +702,12 @@ def _join_group(dist: Any, world: int) -> None:
         seconds = float(os.environ.get("BNKIT_RENDEZVOUS_TIMEOUT", RENDEZVOUS_SECONDS))
     except ValueError:
         seconds = RENDEZVOUS_SECONDS
+    if on_wait is not None:
+        address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        on_wait(
+            f"rank {os.environ.get('RANK')} of {world}: waiting up to {seconds:g} s at "
+            f"{address} for the other ranks to join (BNKIT_RENDEZVOUS_TIMEOUT sets the wait)"
+        )
     try:
         previous: Any = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     except ValueError:  # not the main thread: signals are the main thread's business
