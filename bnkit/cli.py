@@ -81,6 +81,15 @@ def _model_options(fn: Any) -> Any:
             callback=_remember,
             help="PyTorch spec: a state_dict file to load (read with weights_only=True).",
         ),
+        click.option(
+            "--timeout",
+            "factory_timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            expose_value=False,
+            callback=_remember,
+            help="PyTorch spec: give up when the factory has not returned after this long.",
+        ),
     ]
     return _with_options(fn, options)
 
@@ -94,9 +103,31 @@ def _load(model: Path) -> Any:
     meta = click.get_current_context().meta
     _check_inputs(model)
     _framework_start(framework_of(model))
-    loaded = load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
+    with _deadline(meta.get("bnkit.factory_timeout"), f"{model}: the factory"):
+        loaded = load_model(model, meta.get("bnkit.factory_args"), meta.get("bnkit.weights"))
     _note_random_weights(model, meta)
     return loaded
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """Gives up on the block after `seconds` (none: waits as long as it takes), in one
+    line naming `what` and --timeout."""
+    if seconds is None:
+        yield
+        return
+    import signal
+
+    def expired(signum: int, frame: Any) -> None:
+        raise BnkitError(f"{what} did not return within {seconds:g} s (--timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _note_random_weights(model: Path, meta: dict[str, Any]) -> None:
@@ -283,7 +314,7 @@ MODEL_HELP = (
     "package.module:factory or path/to/file.py:factory. A spec runs Python code, as "
     "`python -c` does (the module is imported and the factory called with --args): give "
     "only specs you trust. A factory that never returns keeps bnkit waiting: stop it with "
-    "Ctrl-C."
+    "Ctrl-C, or give --timeout SECONDS."
 )
 
 

@@ -82,6 +82,12 @@ def sleeper():
     return build()
 
 
+def stuck():
+    import time
+
+    time.sleep(600)
+
+
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
@@ -255,6 +261,8 @@ CASES = [
          "-o", "folder_ab/a", message="a folder this command reads"),
     case("shift-plot-over-the-users-png", "shift", K, "good.npz", "--plot", "photo.png",
          "--overwrite", message="is not a '.png' file bnkit writes"),
+    case("a-factory-that-never-returns-with-timeout", "inspect", "nets.py:stuck", "--timeout",
+         "2", message="did not return within 2 s (--timeout)"),
     case("tent-on-images-of-mixed-sizes", "tta", S, "folder_mixed", "--method", "tent",
          "--batch-size", "16", "--scale", "1/255", message="give --image-size N"),
     case("tent-steps-that-never-end", "tta", K, "good.npz", "--method", "tent",

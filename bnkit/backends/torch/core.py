@@ -762,7 +762,7 @@ def _build(spec: Any, args: dict[str, Any]) -> Any:
             model = factory(**args)
         held.release()  # the factory worked: what it or torch wrote meanwhile is shown
     except (Exception, SystemExit) as err:  # the user's factory may raise anything
-        if isinstance(err, Terminated):  # SIGTERM, bnkit's own: not the factory's
+        if isinstance(err, (Terminated, BnkitError)):  # a signal, or bnkit's own --timeout
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         if _unreadable_file(err):
@@ -868,7 +868,7 @@ def _factory(spec: Any) -> Any:
         else:
             module = importlib.import_module(spec.source)
     except (Exception, SystemExit) as err:  # importing user code may raise anything
-        if isinstance(err, Terminated):
+        if isinstance(err, (Terminated, BnkitError)):
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ModelFileError(
