@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click
 from rich.console import Console
 
-from bnkit._launch import EXIT_INTERRUPTED, INTERRUPTED, release
+from bnkit._launch import EXIT_INTERRUPTED, INTERRUPTED, release, started_as_command
 from bnkit.errors import BnkitError, BnkitWarning
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
@@ -1436,6 +1436,17 @@ def _fail(message: str, caught: list[warnings.WarningMessage], code: int = EXIT_
     sys.exit(code)
 
 
+def _exit_interrupted() -> None:
+    """Exit 130 after Ctrl-C. The command (not a program calling `main`) leaves at once,
+    its outputs already removed: tearing down an interpreter that Ray's core worker
+    threads ran in after a Ctrl-C crashed it (segmentation fault after the line)."""
+    if started_as_command(sys.argv, getattr(sys, "orig_argv", [])):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def _reconfigure_streams() -> None:
     """stdout line-buffered: in a log of stdout and stderr together, progress and
     warnings (stderr) land in the section of stdout they belong to. Both streams write
@@ -1467,7 +1478,7 @@ def main() -> None:
             cli.main(args, prog_name="bnkit", standalone_mode=False)
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo(INTERRUPTED, err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            _exit_interrupted()
         except click.ClickException as err:
             _fail(f"{err.format_message()} (see bnkit --help)", caught)
         except BnkitError as err:

@@ -9,6 +9,7 @@ that raises, comes back as that run failing; the others are kept.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Sequence
@@ -78,7 +79,7 @@ def ray_runs(
                      logging_level="ERROR",
                      runtime_env=_runtime_env(trainer) if address is None else None)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C while Ray starts: stop what it started
-            ray.shutdown()
+            _shutdown(ray)
             raise
         except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError
             where = f"at {address}" if address else "locally"
@@ -111,7 +112,30 @@ def ray_runs(
         return [done[key] for key in order]
     finally:
         if started:
-            ray.shutdown()
+            _shutdown(ray)
+
+
+SHUTDOWN_GRACE = 10.0
+"""Seconds the processes a local Ray started get to end after `ray.shutdown()` before
+they are killed."""
+
+
+def _shutdown(ray: Any) -> None:
+    """`ray.shutdown()`, then every process this one started for it (the local Ray's
+    servers and its workers, `ray::_run_task`) waited for and killed if still there: a
+    worker whose raylet went away can outlive the command by seconds, or for good when
+    Ctrl-C came while Ray was starting."""
+    import psutil
+
+    started = psutil.Process().children(recursive=True)
+    try:
+        ray.shutdown()
+    finally:
+        _, alive = psutil.wait_procs(started, timeout=SHUTDOWN_GRACE)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=SHUTDOWN_GRACE)
 
 
 def failed_run(strategy: str, seed: int, why: str) -> Any:

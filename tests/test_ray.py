@@ -137,3 +137,57 @@ def test_compare_command_with_the_ray_executor(local_ray, capsys, tmp_path):
     code, _, err = run(capsys, "compare", spec, str(tmp_path / "d.npz"), "--val",
                        str(tmp_path / "d.npz"), "--address", "auto")  # fmt: skip
     assert code == 2 and "--address names a Ray cluster: give it with --executor ray" in err
+
+
+def _ours(mark: str) -> list:
+    """Every process whose environment carries `mark` (the command and all it started)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("BNKIT_TEST_MARK") == mark:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("when", ["ray-starting", "running"] * 2)
+def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, when):
+    """Ctrl-C while the local Ray starts or while its tasks run: exit 130, and no process
+    the command started (Ray's servers, its `ray::_run_task` workers) is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from test_cli_torch import FACTORY
+
+    (tmp_path / "models.py").write_text(FACTORY)
+    (x, y), _ = splits((3, 6, 6))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    mark = uuid.uuid4().hex
+    env = {**os.environ, "BNKIT_TEST_MARK": mark, "PYTHONFAULTHANDLER": "1"}
+    env.pop("KERAS_BACKEND", None)
+    data = str(tmp_path / "d.npz")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnkit.cli", "compare", f"{tmp_path / 'models.py'}:build", data,
+         "--val", data, "--strategies", "frozen,train", "--epochs", "50", "--seeds", "3",
+         "--executor", "ray", "-o", str(tmp_path / "out")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Ray is starting once its first server runs
+        started = [p for p in _ours(mark) if p.pid != proc.pid]
+        workers = [p for p in started if "ray::" in " ".join(p.cmdline())]
+        if (when == "ray-starting" and started) or (when == "running" and workers):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    left = [p for p in _ours(mark) if p.is_running()]
+    assert not left, [" ".join(p.cmdline())[:80] for p in left]
+    assert not (tmp_path / "out").exists()
