@@ -48,11 +48,46 @@ def test_every_example_runs_as_written(script, tmp_path):
         command = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script)]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    printed = [_shape(line) for line in proc.stdout.splitlines()]
+    shown = _what_it_prints(script) if BACKEND == "torch" else []  # as the pages show it
+    for page, block in shown:
+        missing = [line for line in block if not any(_pattern(line).fullmatch(p) for p in printed)]
+        assert not missing, f"{page}: the block the page says {script.name} prints has {missing}"
     made = OUTPUTS.get(script.name)
     if script.name == "distributed_adapt.py":
         made = "adapted.pt"
     if made is not None:
         assert (tmp_path / made).stat().st_size > 0
+
+
+PRINTS = re.compile(
+    r'--8<-- "(examples/[^"]+)"\n```\n\nWhat it prints[^\n]*\n\n```\n(.*?)```', re.S
+)
+"""An included example, then the block its page says it prints."""
+NUMBER = re.compile(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?")
+
+
+def _what_it_prints(script: Path) -> list[tuple[str, list[str]]]:
+    """(page, lines) for each page that includes `script` and shows what it prints."""
+    found = []
+    for page in PAGES:
+        for name, block in PRINTS.findall(page.read_text()):
+            if ROOT / name == script:
+                lines = [line for line in block.splitlines() if line.strip()]
+                found.append((str(page.relative_to(ROOT)), lines))
+    return found
+
+
+def _shape(line: str) -> str:
+    """A printed line with every number as N: what a page shows must have the shape of
+    a line the script prints (numbers move with the machine and the backend)."""
+    return NUMBER.sub("N", line.strip())
+
+
+def _pattern(shown: str) -> re.Pattern[str]:
+    """A line a page shows, as the lines it stands for: numbers as N, '...' for what the
+    page leaves out."""
+    return re.compile(".*".join(re.escape(part) for part in _shape(shown).split("...")))
 
 
 def test_every_python_block_in_the_docs_is_an_included_example():
