@@ -379,6 +379,15 @@ def test_compare_command_prints_table_and_writes_json_and_plot(capsys, model_fil
     assert (out_dir / "notes.txt").read_text() == "the user's"
 
 
+def foreground() -> None:
+    """In the child: Ctrl-C as in a terminal's foreground job, whatever this process
+    inherited (a test process started with SIGINT ignored passes that on, as a shell's
+    background jobs do: then Ctrl-C rightly does nothing)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _imported(line: str) -> str:
     """The module a `-X importtime` line names ("" for any other line)."""
     return line.rsplit("|", 1)[-1].strip() if line.startswith("import time:") else ""
@@ -409,7 +418,8 @@ def test_interrupted_by_ctrl_c_exits_130_and_leaves_nothing(model_file, tmp_path
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     env["PYTHONPROFILEIMPORTTIME"] = "1"  # one stderr line per import, as each one ends
     proc = subprocess.Popen([*command, "freeze", str(model_file), "-o", str(out), "--bn",
-                             "frozen"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             "frozen"], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=foreground)  # fmt: skip
     assert proc.stderr is not None
     before = []
     for line in proc.stderr:

@@ -163,6 +163,7 @@ def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, when):
     import time
     import uuid
 
+    from test_cli import foreground
     from test_cli_torch import FACTORY
 
     (tmp_path / "models.py").write_text(FACTORY)
@@ -177,6 +178,7 @@ def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, when):
          "--val", data, "--strategies", "frozen,train", "--epochs", "50", "--seeds", "3",
          "--executor", "ray", "-o", str(tmp_path / "out")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=foreground,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Ray is starting once its first server runs
