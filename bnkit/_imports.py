@@ -73,3 +73,14 @@ def install() -> None:
         importlib.import_module("bnkit.backends.keras.core")
     elif not any(isinstance(f, _RegisterAfterKerasImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterKerasImport())
+
+
+def installed(package: str) -> bool:
+    """Whether `package` can be imported, known without importing it (a package blocked
+    with `sys.modules[name] = None` counts as missing)."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False

@@ -97,8 +97,7 @@ def _model_options(fn: Any) -> Any:
 def _load(model: Path) -> Any:
     """The model MODEL names: a '.keras' file, or a PyTorch spec built with --args and
     its --weights loaded."""
-    from bnkit.backends import framework_of
-    from bnkit.files import load_model
+    from bnkit.backends import framework_of, load_model
 
     meta = click.get_current_context().meta
     _check_inputs(model)
@@ -632,9 +631,9 @@ def tta_cmd(
 ) -> None:
     """Adapt MODEL to the unlabelled stream DATA batch by batch, without labels (labels
     in DATA only score the predictions)."""
-    from bnkit.backends import model_suffix
+    from bnkit.backends import model_suffix, save_model
     from bnkit.data import parse_scaling
-    from bnkit.files import atomic_path, check_output, save_model
+    from bnkit.files import atomic_path, check_output
     from bnkit.plots import tta_plot
     from bnkit.tta import tta
 
@@ -1173,7 +1172,8 @@ def export_cmd(
 def digits_cmd(folder: Path, seed: int, size: int, overwrite: bool) -> None:
     """Write the embedded digits (source and MNIST-M-style target, train/val/test .npz) and
     the model pretrained on the source into FOLDER; print the shift and AdaBN evidence."""
-    from bnkit.files import atomic_files, check_out_dir, save_model
+    from bnkit.backends import save_model
+    from bnkit.files import atomic_files, check_out_dir
     from bnkit.pretrain import DIGITS_FILES, adabn_evidence, pretrained_digits, write_digits
 
     model_name = "digits-resnet.keras"
@@ -1365,7 +1365,7 @@ def _save_and_render(
 ) -> None:
     """Writes the model (and its sidecar files) atomically, then prints the result (JSON or
     text)."""
-    from bnkit.files import save_model
+    from bnkit.backends import save_model
 
     save_model(model, output, sidecars)
     if as_json:

@@ -329,7 +329,7 @@ def compare(
             from bnkit.ray_executor import ray_runs
 
             runs = ray_runs(trainer, work, plans, seed_list, (x, y), (xv, yv), settings,
-                            progress, address)  # fmt: skip
+                            progress, address, _one_run, failed_run)  # fmt: skip
         else:
             start = trainer.save_state(work)
             total = len(seed_list) * len(plans)
@@ -452,6 +452,13 @@ def _labelled(data: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     if len(x) != len(y):
         raise DataError(f"{what} has {len(x)} inputs but {len(y)} labels")
     return x, y.astype(np.int64)
+
+
+def failed_run(strategy: str, seed: int, why: str) -> Run:
+    """The record of a run that did not come back (its worker died, its task failed)."""
+    return Run(strategy=strategy, seed=seed, epochs=(), status="failed",
+               final_val_loss=float("nan"), final_val_accuracy=float("nan"), seconds=0.0,
+               cached_prefix=False, error=why[:300])  # fmt: skip
 
 
 def _one_run(

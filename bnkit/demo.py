@@ -21,24 +21,10 @@ from rich.table import Table
 from bnkit.errors import BnkitError
 from bnkit.freeze import freeze
 from bnkit.policy import Mode
+from bnkit.pretrain import kit
 from bnkit.watch import watch
 
 DEMO_CLASSES = 3
-FRAMEWORKS = ("keras", "torch")
-
-
-def kit(framework: str) -> Any:
-    """The demo set-ups of `framework` (`keras` or `torch`): `bnkit.demo_keras` or
-    `bnkit.demo_torch`."""
-    if framework == "keras":
-        from bnkit import demo_keras
-
-        return demo_keras
-    if framework == "torch":
-        from bnkit import demo_torch
-
-        return demo_torch
-    raise BnkitError(f"unknown framework {framework!r}: use one of {', '.join(FRAMEWORKS)}")
 
 
 @dataclass(frozen=True)

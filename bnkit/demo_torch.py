@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnkit.backends.torch.core import BN, as_input, load_weights
 from bnkit.backends.torch.deploy import _eval_mode
+from bnkit.backends.torch.loading import load_weights
+from bnkit.backends.torch.modules import BN, as_input
 from bnkit.policy import Mode
 
 WIDTHS = (16, 32, 64)

@@ -32,21 +32,6 @@ wrote from the user's own image."""
 _PNG_MARK = b"Software\x00" + PNG_SOFTWARE.encode()
 
 
-def check_model_file(path: Path) -> Path:
-    """Checks a model file, without importing any framework; raises ModelFileError."""
-    from bnkit.backends import check_model_file as check
-
-    return check(path)
-
-
-def load_model(path: Path, args: str | None = None, weights: Path | None = None) -> Any:
-    """Checks and loads a model file (or builds a PyTorch model spec with `args`, a JSON
-    object, and `weights`, a state_dict file) with the backend for its type."""
-    from bnkit.backends import load_model as load
-
-    return load(path, args, weights)
-
-
 # ---------------------------------------------------------------------- output checks
 
 
@@ -492,39 +477,6 @@ def atomic_files(out_dir: Path, names: Sequence[str]) -> Iterator[dict[str, Path
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     shutil.rmtree(staged, ignore_errors=True)
-
-
-def save_model(model: Any, out: Path, sidecars: dict[Path, str] | None = None) -> None:
-    """Saves `model` to `out` atomically with its backend, after checking that every
-    weight and statistic is finite (bnkit never writes a model holding NaN or inf).
-    `sidecars` (path: text, such as a plan beside a state_dict) are written with it: all
-    of them are in place, or none."""
-    from bnkit.backends import get_backend
-
-    backend = get_backend(model)
-    check_finite_model(backend, model)
-    with contextlib.ExitStack() as stack:
-        staged = {path: stack.enter_context(atomic_path(path)) for path in sidecars or {}}
-        for path, text in (sidecars or {}).items():
-            staged[path].write_text(text)
-        with atomic_path(out) as tmp:
-            backend.save(model, tmp)
-
-
-def check_finite_model(backend: Any, model: Any) -> None:
-    """Raises BnkitError naming the first layer holding a NaN or inf weight or statistic."""
-    import numpy as np
-
-    snap = backend.snapshot(model)
-    for group in (snap.weights, snap.stats):
-        for path, values in group.items():
-            for name, value in values.items():
-                if not np.isfinite(value).all():
-                    raise BnkitError(
-                        f"{path}: {name} holds {int((~np.isfinite(value)).sum())} NaN or inf "
-                        "values; bnkit will not write this model (check the data's scale and "
-                        "the learning rate)"
-                    )
 
 
 class Terminated(SystemExit):

@@ -287,7 +287,7 @@ def _pin(
 
 
 def _is_bn(module: Any) -> bool:
-    from bnkit.backends.torch.core import is_bn
+    from bnkit.backends.torch.modules import is_bn
 
     return is_bn(module)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bnkit.data import digits
+from bnkit.errors import BnkitError
 
 CACHE_ENV = "BNKIT_CACHE_DIR"
 RECIPE_VERSION = 1
@@ -19,6 +20,23 @@ RECIPE_VERSION = 1
 EPOCHS = 20
 BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
+
+
+FRAMEWORKS = ("keras", "torch")
+
+
+def kit(framework: str) -> Any:
+    """The demo set-ups of `framework` (`keras` or `torch`): `bnkit.demo_keras` or
+    `bnkit.demo_torch`."""
+    if framework == "keras":
+        from bnkit import demo_keras
+
+        return demo_keras
+    if framework == "torch":
+        from bnkit import demo_torch
+
+        return demo_torch
+    raise BnkitError(f"unknown framework {framework!r}: use one of {', '.join(FRAMEWORKS)}")
 
 
 @dataclass(frozen=True)
@@ -65,8 +83,7 @@ def pretrained_digits(
         >>> net.model.output_shape  # doctest: +SKIP
         (None, 10)
     """
-    from bnkit.demo import kit
-    from bnkit.files import save_model
+    from bnkit.backends import save_model
     from bnkit.stats import adapt
 
     k = kit(framework)
@@ -158,7 +175,6 @@ def adabn_evidence(
         >>> ev.accuracy_adapted > ev.accuracy_target  # doctest: +SKIP
         True
     """
-    from bnkit.demo import kit
     from bnkit.stats import adapt, shift
 
     k = kit(framework)

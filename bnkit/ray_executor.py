@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,8 +68,12 @@ def ray_runs(
     settings: dict[str, Any],
     progress: Any,
     address: str | None,
+    one_run: Callable[..., Any],
+    failed: Callable[[str, int, str], Any],
 ) -> list[Any]:
-    """Every (strategy, seed) run as a Ray task; the runs in the sequential order."""
+    """Every (strategy, seed) run as a Ray task, each `one_run` (compare's, shipped to the
+    workers by reference); the runs in the sequential order, a run whose task gave no
+    result as `failed(strategy, seed, why)`."""
     ray = ray_module()
     started = not ray.is_initialized()
     if started:
@@ -86,7 +90,9 @@ def ray_runs(
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise BnkitError(f"cannot start or reach Ray {where}: {first}") from None
     try:
-        payload = ray.put((type(trainer).__module__, trainer.worker_env(), trainer.packed(model)))
+        payload = ray.put(
+            (type(trainer).__module__, trainer.worker_env(), trainer.packed(model), one_run)
+        )
         train_ref, val_ref = ray.put(train), ray.put(val)
         task = ray.remote(num_cpus=1, max_retries=0)(_run_task)
         pending = {}
@@ -105,7 +111,7 @@ def ray_runs(
             try:
                 run = ray.get(ready[0])
             except ray.exceptions.RayError as err:
-                run = failed_run(strategy.name, seed, _why(ray, err))
+                run = failed(strategy.name, seed, _why(ray, err))
             done[strategy.name, seed] = run
             if progress is not None:
                 progress.run_finished(run)
@@ -138,15 +144,6 @@ def _shutdown(ray: Any) -> None:
         psutil.wait_procs(alive, timeout=SHUTDOWN_GRACE)
 
 
-def failed_run(strategy: str, seed: int, why: str) -> Any:
-    """The record of a run that did not come back."""
-    from bnkit.compare import Run
-
-    return Run(strategy=strategy, seed=seed, epochs=(), status="failed",
-               final_val_loss=float("nan"), final_val_accuracy=float("nan"), seconds=0.0,
-               cached_prefix=False, error=why[:300])  # fmt: skip
-
-
 def _why(ray: Any, err: BaseException) -> str:
     """One line on why a Ray task gave no run: its worker or node died, or its last
     error line (with the fix when the workers cannot import the model's code)."""
@@ -175,19 +172,18 @@ def _runtime_env(trainer: Any) -> dict[str, Any]:
 
 
 def _run_task(
-    payload: tuple[str, dict[str, str], Any],
+    payload: tuple[str, dict[str, str], Any, Callable[..., Any]],
     strategy: Any,
     seed: int,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     settings: dict[str, Any],
 ) -> Any:
-    """One run in a Ray worker: the start model unpacked, then `compare._one_run`."""
-    module, env, packed = payload
+    """One run in a Ray worker: the start model unpacked, then the run function."""
+    module, env, packed, one_run = payload
     for name, value in env.items():  # before the framework is imported here
         os.environ.setdefault(name, value)
     from bnkit.backends import get_backend
-    from bnkit.compare import _one_run
 
     model = importlib.import_module(module).unpacked(packed)
     backend = get_backend(model)
@@ -196,5 +192,5 @@ def _run_task(
     # the object store hands out read-only arrays; training code may write to its inputs
     train = (np.array(train[0]), np.array(train[1]))
     val = (np.array(val[0]), np.array(val[1]))
-    return _one_run(backend, trainer, model, start, strategy, seed, train, val,
-                    progress=None, run_index=(0, 1), features={}, **settings)  # fmt: skip
+    return one_run(backend, trainer, model, start, strategy, seed, train, val,
+                   progress=None, run_index=(0, 1), features={}, **settings)  # fmt: skip

@@ -720,7 +720,7 @@ def test_a_model_compiled_on_torch_is_written_loadable_on_every_backend(tmp_path
     model, _ = build_transfer()
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     bnkit.freeze(model, bn="frozen")
-    from bnkit.files import save_model
+    from bnkit.backends import save_model
 
     save_model(model, tmp_path / "out.keras")
     with zipfile.ZipFile(tmp_path / "out.keras") as z:

@@ -137,7 +137,7 @@ def test_tta_writes_the_adapted_model_a_report_and_a_plot(capsys, spec, tmp_path
     assert code == 0, err
     assert "tent: 40 samples in 3 batches, accuracy" in text
     assert "1 batch(es) smaller than 16 predicted without adapting" in text
-    from bnkit.files import load_model
+    from bnkit.backends import load_model
 
     as_built = load_model(Path(spec)).eval()
     with torch.no_grad():

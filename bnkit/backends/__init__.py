@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
+from bnkit._imports import installed
 from bnkit.backends.base import Backend
 from bnkit.backends.torch import files as torch_files
-from bnkit.errors import BackendError, ModelFileError
+from bnkit.errors import BackendError, BnkitError, ModelFileError
+from bnkit.files import atomic_path
 
 _FILE_FORMATS = {".keras": "keras"}
 """Model-file suffix -> the backend package that reads it."""
@@ -26,15 +31,17 @@ def get_backend(model: Any) -> Backend:
     a torch.nn.Module.
     """
     if "keras" in sys.modules:
-        from bnkit.backends.keras import core as keras_core
+        from bnkit.backends.keras import backend as keras_backend
+        from bnkit.backends.keras.core import is_model as is_keras_model
 
-        if keras_core.is_model(model):
-            return keras_core.KerasBackend()
+        if is_keras_model(model):
+            return keras_backend.backend()
     if "torch" in sys.modules:
-        from bnkit.backends.torch import core as torch_core
+        from bnkit.backends.torch import backend as torch_backend
+        from bnkit.backends.torch.modules import is_model
 
-        if torch_core.is_model(model):
-            return torch_core.TorchBackend()
+        if is_model(model):
+            return torch_backend.backend()
     if _exported_program(model):
         raise BackendError(
             "got a torch.export ExportedProgram: bnkit.check and bnkit.inspect read it; "
@@ -90,19 +97,6 @@ def framework_of(path: Path) -> str:
 KERAS_BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy"}
 """Keras backends bnkit can run on, and the package each needs."""
 _PIP = {"tensorflow": "tensorflow", "jax": "'jax[cpu]'", "torch": "torch", "keras": "keras"}
-
-
-def installed(package: str) -> bool:
-    """Whether `package` can be imported, known without importing it (a package blocked
-    with `sys.modules[name] = None` counts as missing)."""
-    import importlib.util
-
-    if package in sys.modules:
-        return sys.modules[package] is not None
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def keras_backend_choice() -> tuple[str, str]:
@@ -176,8 +170,8 @@ def model_suffix(path: Path) -> str:
 
 def backend_for_file(path: Path) -> Backend:
     """The backend that reads model files with `path`'s suffix (imports its framework)."""
-    core = importlib.import_module(f"bnkit.backends.{framework_of(path)}.core")
-    return core.backend()  # type: ignore[no-any-return]
+    module = importlib.import_module(f"bnkit.backends.{framework_of(path)}.backend")
+    return module.backend()  # type: ignore[no-any-return]
 
 
 def check_model(
@@ -207,3 +201,32 @@ def load_model(path: Path, args: str | None = None, weights: Path | None = None)
     if kwargs is None:
         return backend_for_file(path).load(path)
     return backend_for_file(path).load(path, kwargs, weights)  # type: ignore[call-arg]
+
+
+def save_model(model: Any, out: Path, sidecars: dict[Path, str] | None = None) -> None:
+    """Saves `model` to `out` atomically with its backend, after checking that every
+    weight and statistic is finite (bnkit never writes a model holding NaN or inf).
+    `sidecars` (path: text, such as a plan beside a state_dict) are written with it: all
+    of them are in place, or none."""
+    backend = get_backend(model)
+    check_finite_model(backend, model)
+    with contextlib.ExitStack() as stack:
+        staged = {path: stack.enter_context(atomic_path(path)) for path in sidecars or {}}
+        for path, text in (sidecars or {}).items():
+            staged[path].write_text(text)
+        with atomic_path(out) as tmp:
+            backend.save(model, tmp)
+
+
+def check_finite_model(backend: Any, model: Any) -> None:
+    """Raises BnkitError naming the first layer holding a NaN or inf weight or statistic."""
+    snap = backend.snapshot(model)
+    for group in (snap.weights, snap.stats):
+        for path, values in group.items():
+            for name, value in values.items():
+                if not np.isfinite(value).all():
+                    raise BnkitError(
+                        f"{path}: {name} holds {int((~np.isfinite(value)).sum())} NaN or inf "
+                        "values; bnkit will not write this model (check the data's scale and "
+                        "the learning rate)"
+                    )

@@ -33,6 +33,7 @@ from bnkit.backends.base import (
     Snapshot,
     TestTimeAdapter,
     Trainer,
+    missing,
 )
 from bnkit.errors import BackendError, BnkitError, ModelFileError
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
@@ -268,19 +269,13 @@ class KerasBackend:
         self.name = f"keras {keras.__version__} ({keras.backend.backend()})"
 
     def trainer(self) -> Trainer:
-        from bnkit.backends.keras.train import KerasTrainer
-
-        return KerasTrainer()
+        raise missing("trainer", "compare", self.name)
 
     def deployer(self) -> Deployer:
-        from bnkit.backends.keras.deploy import KerasDeployer
-
-        return KerasDeployer()
+        raise missing("deployer", "check and export", self.name)
 
     def test_time(self) -> TestTimeAdapter:
-        from bnkit.backends.keras.tta import KerasTestTime
-
-        return KerasTestTime()
+        raise missing("test_time", "tta", self.name)
 
     def collective(self) -> None:
         """Keras runs alone here: a Keras model's statistics are combined over one process."""
@@ -801,8 +796,3 @@ def _stat_variables(layer: Any) -> dict[str, Any]:
 
 def _copy(v: Any) -> np.ndarray:
     return np.array(keras.ops.convert_to_numpy(v), copy=True)
-
-
-def backend() -> KerasBackend:
-    """This module's backend object."""
-    return KerasBackend()

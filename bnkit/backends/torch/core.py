@@ -34,10 +34,39 @@ from bnkit.backends.base import (
     Snapshot,
     TestTimeAdapter,
     Trainer,
+    missing,
 )
-from bnkit.data import DataError
+from bnkit.backends.torch.exported import (
+    exported_bn,
+    exported_example_shape,
+    exported_graph,
+    refuse_exported,
+)
+from bnkit.backends.torch.exported import moments_pass as graph_moments_pass
+from bnkit.backends.torch.loading import build_model, load_weights
+from bnkit.backends.torch.modules import (
+    BN,
+    FIXED_STATE,
+    FIXED_TEXT,
+    Node,
+    call,
+    carried,
+    fake_quantized,
+    initialised,
+    is_bn,
+    is_fixed_bn,
+    is_pinned,
+    materialized,
+    numel,
+    observers_held,
+    own_parameters,
+    pinned_class,
+    to_numpy,
+    unpin_class,
+    unwrapped,
+    walk,
+)
 from bnkit.errors import BnkitError, BnkitWarning
-from bnkit.files import Terminated
 from bnkit.policy import MODE_STATES, BNState, LayerDecision, Mode, mode_of
 from bnkit.records import (
     BATCH_STATS_AT_TRAINING_ONLY,
@@ -55,196 +84,10 @@ from bnkit.records import (
     Note,
 )
 
-BN = nn.modules.batchnorm._BatchNorm
-FIXED_STATE = BNState(affine_trained=False, stats_update=False, batch_stats=False)
-FIXED_TEXT = "torchvision's FrozenBatchNorm2d keeps gamma, beta and statistics as buffers"
 # module -> the requires_grad of each of its own parameters before bnkit first touched it
 _ORIGINAL: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
 # parameter-free module -> the trainable flag a plan gave it (torch has none to set)
 _FLAGS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-
-FIXED_BN_CLASSES = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
-
-
-def is_fixed_bn(module: Any) -> bool:
-    """torchvision's FrozenBatchNorm2d or timm's FrozenBatchNormAct2d (found by name,
-    without importing either): BN whose gamma, beta and statistics are buffers, always
-    normalising with the statistics."""
-    return type(module).__name__ in FIXED_BN_CLASSES and hasattr(module, "running_var")
-
-
-def is_bn(module: Any) -> bool:
-    """A BatchNorm module: torch's (and subclasses: timm's, SyncBatchNorm) or a fixed one."""
-    return isinstance(module, BN) or is_fixed_bn(module)
-
-
-def is_model(obj: Any) -> bool:
-    """True for a torch.nn.Module."""
-    return isinstance(obj, nn.Module)
-
-
-def exported_example_shape(model: Any) -> tuple[int | None, ...] | None:
-    """For the module of a `torch.export` program (`ExportedProgram.module()`): the shape
-    of the input it was exported with, None where a dimension is dynamic; None for any
-    other module (only export leaves example values on a graph's inputs)."""
-    if not isinstance(model, torch.fx.GraphModule):
-        return None
-    for node in model.graph.nodes:
-        if node.op == "placeholder" and "val" in node.meta:
-            shape = getattr(node.meta["val"], "shape", ())
-            return tuple(d if isinstance(d, int) else None for d in shape)
-    return None
-
-
-def exported_graph(model: Any) -> bool:
-    """True for the module of a `torch.export` program."""
-    return exported_example_shape(model) is not None
-
-
-def exported_bn_nodes(graph: Any) -> Iterator[tuple[Any, str]]:
-    """Each BN operator of an exported graph with its module path (the owner of its
-    running statistics)."""
-    for node in graph.nodes:
-        if node.op != "call_function" or "batch_norm" not in str(node.target):
-            continue
-        stats = node.args[3] if len(node.args) > 3 else None
-        if isinstance(stats, torch.fx.Node) and stats.op == "get_attr":
-            yield node, str(stats.target).rpartition(".")[0]
-
-
-def exported_bn(model: Any) -> dict[str, bool] | None:
-    """For the module of a `torch.export` program, where BN is an operator of the graph
-    rather than a module: each BN's module path and whether the graph normalises it with
-    the batch's statistics (exported in training mode); None for any other module or a
-    graph without BN."""
-    if not exported_graph(model):
-        return None
-    found: dict[str, bool] = {}
-    for node, path in exported_bn_nodes(model.graph):
-        args = node.args
-        batch = "no_training" not in str(node.target) and len(args) > 5 and bool(args[5])
-        found[path] = found.get(path, False) or batch
-    return found or None
-
-
-def refuse_exported(model: Any, what: str) -> None:
-    """BnkitError when `model` is a `torch.export` graph: its layers are operators fixed in
-    the graph (its `train()` and `eval()` raise), so bnkit reads and checks it but does
-    not `what` it."""
-    if exported_graph(model):
-        raise BnkitError(
-            f"this module is a graph torch.export produced: its layers are fixed in the "
-            f"graph (its train() and eval() raise), so bnkit cannot {what} it; {what} the "
-            "module before exporting it (bnkit.check, inspect, adapt, shift and fold take "
-            "the graph)"
-        )
-
-
-class _TorchPin:
-    """Mixin of the pinned BN classes: outside mode `train`, always the running statistics."""
-
-    _bnkit_mode: str = "frozen"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._bnkit_mode == Mode.TRAIN.value:
-            return super().forward(x)  # type: ignore[misc]
-        bn: Any = self
-        bn._check_input_dim(x)
-        out = F.batch_norm(
-            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
-        )
-        return carried(bn, out)
-
-
-def carried(bn: Any, out: torch.Tensor) -> torch.Tensor:
-    """What a BN module applies after normalising: timm's BatchNormAct2d carries a drop and
-    an activation inside (in that order); plain BN nothing."""
-    for name in ("drop", "act"):
-        step = getattr(bn, name, None)
-        if isinstance(step, nn.Module):
-            out = step(out)
-    return out
-
-
-class PinnedBatchNorm1d(_TorchPin, nn.BatchNorm1d):
-    """A BatchNorm1d whose mode bnkit pinned."""
-
-
-class PinnedBatchNorm2d(_TorchPin, nn.BatchNorm2d):
-    """A BatchNorm2d whose mode bnkit pinned."""
-
-
-class PinnedBatchNorm3d(_TorchPin, nn.BatchNorm3d):
-    """A BatchNorm3d whose mode bnkit pinned."""
-
-
-_PINNED: dict[type, type] = {
-    nn.BatchNorm1d: PinnedBatchNorm1d,
-    nn.BatchNorm2d: PinnedBatchNorm2d,
-    nn.BatchNorm3d: PinnedBatchNorm3d,
-}
-_PLAIN: dict[type, type] = {v: k for k, v in _PINNED.items()}
-
-
-def pinned_class(cls: type) -> type:
-    """The pinned variant of a BN class: made on first use for subclasses (timm's
-    BatchNormAct2d, SyncBatchNorm, a user's own), keeping their forward in mode `train`."""
-    cls = unpin_class(cls)
-    if cls not in _PINNED:
-        made = type(f"Pinned{cls.__name__}", (_TorchPin, cls), {"__module__": __name__})
-        _PINNED[cls] = made
-        _PLAIN[made] = cls
-    return _PINNED[cls]
-
-
-def unpin_class(cls: type) -> type:
-    """The plain BN class of a pinned one (the class itself otherwise)."""
-    return _PLAIN.get(cls, cls)
-
-
-@dataclass(frozen=True)
-class _Node:
-    path: str
-    module: Any
-    children: bool
-    parents: tuple[Any, ...]
-
-
-def walk(model: Any) -> list[_Node]:
-    """Every submodule in registration order, with its dotted path and its parents."""
-    nodes: list[_Node] = []
-
-    def visit(module: Any, prefix: str, parents: tuple[Any, ...]) -> None:
-        for name, child in module.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            if is_bn(child):  # one layer, with what it carries inside (timm)
-                nodes.append(_Node(path, child, False, parents))
-                continue
-            kids = list(child.children())
-            nodes.append(_Node(path, child, bool(kids), parents))
-            visit(child, path, (*parents, child))
-
-    visit(model, "", (model,))
-    return nodes
-
-
-def is_pinned(module: Any) -> bool:
-    return isinstance(module, _TorchPin)
-
-
-def _own(module: Any) -> list[tuple[str, Any]]:
-    return list(module.named_parameters(recurse=False))
-
-
-def _initialised(t: Any) -> bool:
-    """False for a lazy module's parameter or buffer before its first forward."""
-    return not isinstance(t, nn.parameter.UninitializedTensorMixin)  # type: ignore[attr-defined]
-
-
-def _numel(t: Any) -> int:
-    """The size of a parameter or buffer; 0 for a lazy module's, not yet initialised."""
-    return int(t.numel()) if _initialised(t) else 0
 
 
 def _qat_fused(module: Any) -> bool:
@@ -261,7 +104,7 @@ def _held_in_eval(parents: tuple[Any, ...]) -> bool:
 
 
 def _bn_state(bn: Any, parents: tuple[Any, ...] = ()) -> BNState:
-    affine = any(p.requires_grad for _, p in _own(bn))
+    affine = any(p.requires_grad for _, p in own_parameters(bn))
     if _held_in_eval(parents) and not bn.training:
         return BNState(affine, False, False)
     if is_pinned(bn):
@@ -370,12 +213,6 @@ PT2E_QAT_TEXT = (
 )
 
 
-def _fake_quantized(model: Any) -> bool:
-    """True when the model holds fake-quantize modules (prepared for QAT)."""
-    fakes, _ = _quantization_classes()
-    return any(isinstance(m, fakes) for m in model.modules())
-
-
 PEFT_INACTIVE = "inactive"
 PEFT_UNSAVED = "unsaved"
 PEFT_UNSAVED_TEXT = (
@@ -385,7 +222,7 @@ PEFT_UNSAVED_TEXT = (
 )
 
 
-def _peft_role(node: _Node) -> str | None:
+def _peft_role(node: Node) -> str | None:
     """Where a BN sits in a PEFT model (None outside one, PEFT imported or not):
     `inactive` for the original PEFT keeps beside a `modules_to_save` copy (it runs only
     with the adapter disabled), `saved` for a module the adapter holds, `unsaved` for any
@@ -419,19 +256,13 @@ class TorchBackend:
         self.name = f"torch {torch.__version__}"
 
     def trainer(self) -> Trainer:
-        from bnkit.backends.torch.train import TorchTrainer
-
-        return TorchTrainer()
+        raise missing("trainer", "compare", self.name)
 
     def deployer(self) -> Deployer:
-        from bnkit.backends.torch.deploy import TorchDeployer
-
-        return TorchDeployer()
+        raise missing("deployer", "check and export", self.name)
 
     def test_time(self) -> TestTimeAdapter:
-        from bnkit.backends.torch.tta import TorchTestTime
-
-        return TorchTestTime()
+        raise missing("test_time", "tta", self.name)
 
     def collective(self) -> TorchCollective | None:
         """The default process group of an initialised `torch.distributed` job with more
@@ -463,20 +294,20 @@ class TorchBackend:
 
     def records(self, model: Any) -> list[LayerRecord]:
         exported = exported_bn(model) or {}
-        qat = bool(exported) and _fake_quantized(model)
+        qat = bool(exported) and fake_quantized(model)
         return [self._record(n, exported.get(n.path), qat) for n in walk(model)]
 
     def _record(
-        self, node: _Node, exported_batch: bool | None = None, qat: bool = False
+        self, node: Node, exported_batch: bool | None = None, qat: bool = False
     ) -> LayerRecord:
         """`exported_batch`: the module holds the statistics of a BN operator of an
         exported graph, which normalises with the batch's statistics (True) or not; `qat`:
         that graph is prepared for quantization-aware training (PT2E)."""
         module = node.module
-        own = _own(module)
-        n_train = sum(_numel(p) for _, p in own if p.requires_grad)
-        n_fixed = sum(_numel(p) for _, p in own if not p.requires_grad)
-        n_fixed += sum(_numel(b) for b in module.buffers(recurse=False) if b.is_floating_point())
+        own = own_parameters(module)
+        n_train = sum(numel(p) for _, p in own if p.requires_grad)
+        n_fixed = sum(numel(p) for _, p in own if not p.requires_grad)
+        n_fixed += sum(numel(b) for b in module.buffers(recurse=False) if b.is_floating_point())
         sub = [p for p in module.parameters()]
         trainable = any(p.requires_grad for p in sub) if sub else _FLAGS.get(module, True)
         bn_fields: dict[str, Any] = {}
@@ -544,15 +375,17 @@ class TorchBackend:
         if len(leaves) != len(decisions):
             raise BnkitError("the plan does not match this model's modules: run freeze again")
         for node, d in zip(leaves, decisions, strict=True):
-            _ORIGINAL.setdefault(node.module, {n: p.requires_grad for n, p in _own(node.module)})
+            _ORIGINAL.setdefault(
+                node.module, {n: p.requires_grad for n, p in own_parameters(node.module)}
+            )
             if d.rule is None:
                 continue
             if d.is_bn and d.bn_mode is not None:
                 self.set_bn_mode(node.module, Mode(d.bn_mode))
-            elif not _own(node.module):
+            elif not own_parameters(node.module):
                 _FLAGS[node.module] = d.trainable
             else:
-                for _, p in _own(node.module):
+                for _, p in own_parameters(node.module):
                     p.requires_grad_(d.trainable)
 
     def set_bn_mode(self, layer: Any, mode: Mode) -> None:
@@ -570,10 +403,10 @@ class TorchBackend:
                 f"{type(layer).__name__} is not a BatchNorm module: bnkit cannot pin it"
             )
         bn: Any = layer
-        _ORIGINAL.setdefault(bn, {n: p.requires_grad for n, p in _own(bn)})
+        _ORIGINAL.setdefault(bn, {n: p.requires_grad for n, p in own_parameters(bn)})
         bn.__class__ = pinned_class(type(bn))
         bn._bnkit_mode = mode.value
-        for _, p in _own(bn):
+        for _, p in own_parameters(bn):
             p.requires_grad_(MODE_STATES[mode].affine_trained)
 
     def unfreeze(self, model: Any) -> int:
@@ -581,13 +414,13 @@ class TorchBackend:
         for node in walk(model):
             module = node.module
             if is_pinned(module):
-                module.__class__ = _PLAIN[type(module)]
+                module.__class__ = unpin_class(type(module))
                 del module._bnkit_mode
                 released += 1
             _FLAGS.pop(module, None)
             original = _ORIGINAL.pop(module, None)
             if original is not None:
-                for name, p in _own(module):
+                for name, p in own_parameters(module):
                     p.requires_grad_(original.get(name, p.requires_grad))
         return released
 
@@ -607,7 +440,9 @@ class TorchBackend:
         for node in walk(model):
             module = node.module
             own = (
-                {n: to_numpy(p) for n, p in _own(module) if _initialised(p)} if weights_too else {}
+                {n: to_numpy(p) for n, p in own_parameters(module) if initialised(p)}
+                if weights_too
+                else {}
             )
             if own:
                 weights[node.path] = own
@@ -634,9 +469,7 @@ class TorchBackend:
     ) -> Iterator[MomentPass]:
         materialized(model)
         if exported_graph(model):  # BN is an operator of the graph: run it node by node
-            from bnkit.backends.torch import exported
-
-            with exported.moments_pass(model, paths, normalize=normalize) as run:
+            with graph_moments_pass(model, paths, normalize=normalize) as run:
                 yield run
             return
         modules = {n.path: n.module for n in walk(model)}
@@ -673,7 +506,7 @@ class TorchBackend:
         from bnkit.backends.torch.files import parse
 
         spec = parse(str(path))
-        model = _build(spec, args or {})
+        model = build_model(spec, args or {})
         if weights is not None:
             load_weights(model, weights, str(spec))
         return model
@@ -730,379 +563,6 @@ def _join_group(dist: Any, world: int, on_wait: Callable[[str], None] | None = N
             signal.signal(signal.SIGTERM, previous)
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A copy of a tensor's values in NumPy (bfloat16, which NumPy lacks, as float32)."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy().copy()
-
-
-def materialized(model: Any) -> None:
-    """Raises BackendError when the module's weights are on the meta device: it has a
-    structure but no values to measure, adapt or export."""
-    from bnkit.errors import BackendError
-
-    meta = next(
-        (n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None
-    )
-    if meta is not None:
-        raise BackendError(
-            f"the module's weights are on the meta device ({meta!r} has no values): load "
-            "them first (model.to_empty(device='cpu'), then load_state_dict)"
-        )
-
-
-def _build(spec: Any, args: dict[str, Any]) -> Any:
-    from bnkit.errors import ModelFileError
-
-    factory = _factory(spec)
-    try:
-        with _stderr_held() as held:
-            model = factory(**args)
-        held.release()  # the factory worked: what it or torch wrote meanwhile is shown
-    except (Exception, SystemExit) as err:  # the user's factory may raise anything
-        if isinstance(err, (Terminated, BnkitError)):  # a signal, or bnkit's own --timeout
-            raise
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        if _unreadable_file(err):
-            name = getattr(err, "filename", None)
-            where = f" {name}" if name else ""
-            raise ModelFileError(
-                f"{spec}: the factory could not read a file it loads{where} "
-                f"({type(err).__name__}: {first}): a truncated or corrupt file? check the "
-                "files the factory reads"
-            ) from None
-        if _network_error(err):
-            raise ModelFileError(
-                f"{spec}: the factory tried to download and the network failed "
-                f"({type(err).__name__}: {first}); bnkit downloads nothing: give --weights "
-                "FILE (a state_dict saved where the network is) instead of pretrained "
-                "weights in --args"
-            ) from None
-        raise ModelFileError(
-            f"{spec}: the factory raised {type(err).__name__} ({first}); check --args"
-        ) from None
-    if not isinstance(model, nn.Module):
-        raise ModelFileError(
-            f"{spec}: the factory returned {type(model).__name__}, not a torch.nn.Module"
-        )
-    return model
-
-
-@contextlib.contextmanager
-def _stderr_held() -> Iterator[Any]:
-    """While open, what is written to stderr (torch logs a warning with a traceback when
-    `torch.export.load` meets a truncated file) is held back: a factory that fails gets
-    bnkit's one line alone; one that works has it written after (`.release()`)."""
-    import io
-
-    held = io.StringIO()
-    real = sys.stderr
-
-    def release() -> None:
-        real.write(held.getvalue())
-
-    held.release = release  # type: ignore[attr-defined]
-    with contextlib.redirect_stderr(held):
-        yield held
-
-
-def _unreadable_file(err: BaseException) -> bool:
-    """A file the factory loads is truncated or corrupt: a zip archive (`torch.load`,
-    `torch.export.load`) or pickle stream cut short, torch's stream reader failing."""
-    import pickle
-    import zipfile
-
-    if isinstance(err, (zipfile.BadZipFile, EOFError, pickle.UnpicklingError)):
-        return True
-    return isinstance(err, RuntimeError) and "PytorchStreamReader failed" in str(err)
-
-
-def _network_error(err: BaseException) -> bool:
-    """A download that failed: urllib's URLError/HTTPError, requests' and sockets' errors."""
-    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
-    known = {"URLError", "HTTPError", "ConnectionError", "gaierror", "SSLError", "Timeout"}
-    return bool(names & known) or isinstance(err, ConnectionError)
-
-
-def _factory(spec: Any) -> Any:
-    import importlib
-    import importlib.util
-
-    from bnkit.backends import installed
-    from bnkit.errors import ModelFileError, closest
-
-    if spec.source in ("torchvision", "timm") and not installed(spec.source):
-        raise ModelFileError(
-            f"{spec}: {spec.source} is not installed: pip install {spec.source} (with the "
-            "torch it was built for, e.g. torch==2.14.1 torchvision==0.29.1 timm==1.0.31)"
-        )
-    if spec.source == "torchvision":
-        import torchvision
-
-        names = torchvision.models.list_models()
-        if spec.factory not in names:
-            hint = closest(spec.factory, names)
-            raise ModelFileError(
-                f"{spec}: torchvision has no model {spec.factory!r}"
-                + (f" ({hint})" if hint else "")
-            )
-        return lambda **kw: torchvision.models.get_model(spec.factory, **{"weights": None, **kw})
-    if spec.source == "timm":
-        import timm
-
-        if not timm.is_model(spec.factory):
-            hint = closest(spec.factory, timm.list_models())
-            raise ModelFileError(
-                f"{spec}: timm has no model {spec.factory!r}" + (f" ({hint})" if hint else "")
-            )
-        return lambda **kw: timm.create_model(spec.factory, **{"pretrained": False, **kw})
-    try:
-        if spec.is_file:
-            loader = importlib.util.spec_from_file_location("bnkit_user_model", spec.source)
-            if loader is None or loader.loader is None:
-                raise ImportError(spec.source)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(spec.source)
-    except (Exception, SystemExit) as err:  # importing user code may raise anything
-        if isinstance(err, (Terminated, BnkitError)):
-            raise
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ModelFileError(
-            f"{spec}: cannot import {spec.source!r} ({type(err).__name__}: {first})"
-        ) from None
-    factory = getattr(module, spec.factory, None)
-    if not callable(factory):
-        names = [n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n])]
-        hint = closest(spec.factory, names)
-        raise ModelFileError(
-            f"{spec}: {spec.source} has no factory {spec.factory!r}"
-            + (f" ({hint})" if hint else "")
-        )
-    _check_factory(spec, factory)
-    return factory
-
-
-def _check_factory(spec: Any, factory: Any) -> None:
-    """A factory is a class or a function defined outside the standard library: a name
-    that reaches `os.remove` or `shutil.rmtree` through a module is refused, not called
-    with the user's --args."""
-    import inspect
-    import sys
-
-    from bnkit.errors import ModelFileError
-
-    if not (inspect.isclass(factory) or inspect.isfunction(factory)):
-        raise ModelFileError(
-            f"{spec}: {spec.factory!r} is a {type(factory).__name__}, not a class or function "
-            "that builds a model"
-        )
-    home = str(getattr(factory, "__module__", "") or "").split(".")[0]
-    if home in sys.stdlib_module_names or home == "builtins":
-        raise ModelFileError(
-            f"{spec}: {spec.factory!r} is {home}.{factory.__qualname__} from Python's standard "
-            "library, not a model factory; name a class or function that builds a "
-            "torch.nn.Module"
-        )
-
-
-STATE_KEYS = ("state_dict", "model", "model_state_dict", "module")
-"""Where Lightning, timm and common training scripts keep the weights in a checkpoint."""
-MISMATCH_LISTED = 3
-
-
-def load_weights(model: Any, path: Path, what: str) -> None:
-    """Loads a state_dict file into `model` with `torch.load(weights_only=True)` (bnkit
-    never unpickles a file): the dict itself, or one under `state_dict`/`model`; a
-    prefix such as `model.` (Lightning) or `module.` (DDP) is removed when that makes
-    the keys fit."""
-    import pickle
-
-    from bnkit.errors import ModelFileError
-
-    try:
-        with warnings.catch_warnings():  # torch's note on the pickle protocol it met
-            warnings.filterwarnings("ignore", "Detected pickle protocol")
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if not _saved_by_torch_or_pickle(path):
-            raise ModelFileError(
-                f"{path}: not a weights file (neither a torch.save archive nor a pickle: "
-                "text, or another format?); save with torch.save(model.state_dict(), path)"
-            ) from None
-        raise ModelFileError(
-            f"{path}: holds pickled Python objects (a whole module?), which bnkit never "
-            "unpickles; save the weights with torch.save(model.state_dict(), path)"
-        ) from None
-    except Exception as err:  # a corrupt file raises various types
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ModelFileError(f"{path}: cannot read this weights file ({first})") from None
-    state = _state_dict(loaded, path)
-    _check_tensors(state, path)
-    want = model.state_dict()
-    state = _strip_prefix(state, set(want))
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    shapes = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:MISMATCH_LISTED])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:MISMATCH_LISTED])}")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{k} is {tuple(state[k].shape)}, the model's {tuple(want[k].shape)}")
-        raise ModelFileError(
-            f"{path}: these weights do not fit {what} ({'; '.join(parts)}): another "
-            "architecture, or other --args?"
-        )
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ModelFileError(f"{path}: these weights do not load into {what} ({first})") from None
-
-
-def _check_tensors(state: dict[Any, Any], path: Path) -> None:
-    """Keys are names; values are dense tensors holding data (not sparse, not on the meta
-    device, where a state_dict loads nothing)."""
-    from bnkit.errors import ModelFileError
-
-    for key, value in state.items():
-        if not isinstance(key, str):
-            raise ModelFileError(
-                f"{path}: has a key {key!r} of type {type(key).__name__}; a state_dict maps "
-                "parameter names to tensors (save with torch.save(model.state_dict(), path))"
-            )
-        if value.is_complex():
-            raise ModelFileError(
-                f"{path}: {key!r} holds complex numbers ({value.dtype}); a model's weights "
-                "are real: save the real-valued state_dict"
-            )
-        if value.layout != torch.strided or value.is_meta:
-            kind = "on the meta device (no data)" if value.is_meta else f"{value.layout}"
-            raise ModelFileError(
-                f"{path}: {key!r} is a tensor {kind}; give dense tensors with their values "
-                "(torch.save(model.state_dict(), path))"
-            )
-
-
-def _saved_by_torch_or_pickle(path: Path) -> bool:
-    """A zip archive (torch.save's format) or a pickle stream (protocol 2 and up)."""
-    import zipfile
-
-    with path.open("rb") as f:
-        head = f.read(2)
-    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and head[1] >= 2)
-
-
-def _state_dict(loaded: Any, path: Path) -> dict[str, Any]:
-    from bnkit.errors import ModelFileError
-
-    if isinstance(loaded, dict):
-        for key in STATE_KEYS:
-            inner = loaded.get(key)
-            if (
-                isinstance(inner, dict)
-                and inner
-                and all(torch.is_tensor(v) for v in inner.values())
-            ):
-                return inner
-        if loaded and all(torch.is_tensor(v) for v in loaded.values()):
-            return loaded
-    raise ModelFileError(
-        f"{path}: not a state_dict (a dict of tensors, or one under "
-        f"{', '.join(STATE_KEYS)}); save with torch.save(model.state_dict(), path)"
-    )
-
-
-def _strip_prefix(state: dict[str, Any], want: set[str]) -> dict[str, Any]:
-    if set(state) & want:
-        return state
-    for prefix in ("model.", "module.", "net.", "backbone."):
-        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if set(stripped) & want:
-            return stripped
-    return state
-
-
-def as_input(model: Any, x: np.ndarray) -> torch.Tensor:
-    """A NumPy batch as a tensor of the model's floating dtype, on its device."""
-    t = torch.as_tensor(np.ascontiguousarray(x))
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if p is not None and t.is_floating_point():
-        t = t.to(device=p.device, dtype=p.dtype)
-    return t
-
-
-def call(model: Any, x: np.ndarray) -> Any:
-    """Runs `model` on a NumPy batch; a model that rejects the batch raises DataError
-    naming the shape and, for channels-last images, the transpose that fixes them."""
-    materialized(model)
-    try:
-        return model(as_input(model, x))
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        hint = ""
-        if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
-            hint = (
-                "; PyTorch modules take channels-first images (N, C, H, W): x.transpose(0, 3, 1, 2)"
-            )
-        raise DataError(
-            f"the model cannot take a batch of shape {tuple(x.shape)} ({first}){hint}"
-        ) from None
-
-
-@contextlib.contextmanager
-def observers_held(model: Any) -> Iterator[None]:
-    """Quantization observers record nothing while bnkit runs its own passes, in training
-    mode or not: QAT's fake-quantize modules (`prepare_qat`) and PTQ's observers
-    (`prepare`, `prepare_fx`), torch.ao's and torchao's PT2E ones, would otherwise move
-    their ranges, and with them the quantization scales, to the data of a re-estimation.
-    Fake quantization itself still runs, so BN sees the inputs the quantized model gives
-    it. Everything is put back."""
-    fake_classes, observer_classes = _quantization_classes()
-    fakes: list[Any] = [m for m in model.modules() if isinstance(m, fake_classes)]
-    observers: list[Any] = [m for m in model.modules() if isinstance(m, observer_classes)]
-    enabled = [m.observer_enabled.clone() for m in fakes]
-    try:
-        for fake in fakes:
-            fake.disable_observer()
-        for observer in observers:
-            observer.forward = _unobserved  # type: ignore[method-assign]
-        yield
-    finally:
-        for fake, flag in zip(fakes, enabled, strict=True):
-            fake.observer_enabled.copy_(flag)
-        for observer in observers:
-            if "forward" in vars(observer):
-                del observer.forward
-
-
-def _quantization_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """The fake-quantize and observer base classes of torch.ao and, when the program
-    imported it, of torchao's PT2E (its own copies, not subclasses of torch.ao's)."""
-    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
-
-    fakes: list[type] = [FakeQuantizeBase]
-    observers: list[type] = [ObserverBase]
-    ao_fake = sys.modules.get("torchao.quantization.pt2e.fake_quantize")
-    ao_observer = sys.modules.get("torchao.quantization.pt2e.observer")
-    if ao_fake is not None:
-        fakes.append(ao_fake.FakeQuantizeBase)
-    if ao_observer is not None:
-        observers.append(ao_observer.ObserverBase)
-    return tuple(fakes), tuple(observers)
-
-
-def _unobserved(x: Any) -> Any:
-    return x
-
-
 def _moment_forward(
     layer: Any, path: str, captured: dict[str, tuple[Any, Any, Any]], batch_stats: bool
 ) -> Any:
@@ -1151,13 +611,6 @@ class TorchCollective:
         return [t.cpu().numpy() for t in out]
 
 
-def unwrapped(model: Any) -> Any:
-    """The module inside DistributedDataParallel or DataParallel (whose own forward would
-    broadcast buffers, a collective call every rank must make alike), else `model`."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
-
 def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
     inner = unwrapped(model)
 
@@ -1168,8 +621,3 @@ def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
         return {p: (m.cpu().numpy(), v.cpu().numpy(), int(n)) for p, (m, v, n) in captured.items()}
 
     return run
-
-
-def backend() -> TorchBackend:
-    """This module's backend object."""
-    return TorchBackend()

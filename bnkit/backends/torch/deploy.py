@@ -27,13 +27,16 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import fusion
 
-from bnkit.backends.torch.core import (
-    as_input,
-    call,
+from bnkit.backends.torch.exported import (
+    differences,
     exported_bn,
     exported_bn_nodes,
     exported_example_shape,
     exported_graph,
+)
+from bnkit.backends.torch.modules import (
+    as_input,
+    call,
     is_bn,
     is_pinned,
     materialized,
@@ -628,14 +631,13 @@ def run_written(path: Path, format: str, x: np.ndarray) -> np.ndarray:
 
 def source_differences(model: Any, source: Any) -> list[tuple[str, str]]:
     """See `Deployer.source_differences`."""
-    from bnkit.backends.torch import exported
 
     if not isinstance(source, nn.Module):
         raise BnkitError(
             f"source must be the torch.nn.Module the graph was exported from, got "
             f"{type(source).__name__}"
         )
-    return exported.differences(model, source)
+    return differences(model, source)
 
 
 class TorchDeployer:

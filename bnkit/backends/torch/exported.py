@@ -14,16 +14,66 @@ import torch
 from torch.nn import functional as F
 
 from bnkit.backends.base import MomentPass
-from bnkit.backends.torch.core import (
-    BN,
-    as_input,
-    exported_bn_nodes,
-    exported_example_shape,
-    exported_graph,
-    observers_held,
-    walk,
-)
+from bnkit.backends.torch.modules import BN, as_input, observers_held, walk
 from bnkit.errors import BnkitError
+
+
+def exported_example_shape(model: Any) -> tuple[int | None, ...] | None:
+    """For the module of a `torch.export` program (`ExportedProgram.module()`): the shape
+    of the input it was exported with, None where a dimension is dynamic; None for any
+    other module (only export leaves example values on a graph's inputs)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return None
+    for node in model.graph.nodes:
+        if node.op == "placeholder" and "val" in node.meta:
+            shape = getattr(node.meta["val"], "shape", ())
+            return tuple(d if isinstance(d, int) else None for d in shape)
+    return None
+
+
+def exported_graph(model: Any) -> bool:
+    """True for the module of a `torch.export` program."""
+    return exported_example_shape(model) is not None
+
+
+def exported_bn_nodes(graph: Any) -> Iterator[tuple[Any, str]]:
+    """Each BN operator of an exported graph with its module path (the owner of its
+    running statistics)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or "batch_norm" not in str(node.target):
+            continue
+        stats = node.args[3] if len(node.args) > 3 else None
+        if isinstance(stats, torch.fx.Node) and stats.op == "get_attr":
+            yield node, str(stats.target).rpartition(".")[0]
+
+
+def exported_bn(model: Any) -> dict[str, bool] | None:
+    """For the module of a `torch.export` program, where BN is an operator of the graph
+    rather than a module: each BN's module path and whether the graph normalises it with
+    the batch's statistics (exported in training mode); None for any other module or a
+    graph without BN."""
+    if not exported_graph(model):
+        return None
+    found: dict[str, bool] = {}
+    for node, path in exported_bn_nodes(model.graph):
+        args = node.args
+        batch = "no_training" not in str(node.target) and len(args) > 5 and bool(args[5])
+        found[path] = found.get(path, False) or batch
+    return found or None
+
+
+def refuse_exported(model: Any, what: str) -> None:
+    """BnkitError when `model` is a `torch.export` graph: its layers are operators fixed in
+    the graph (its `train()` and `eval()` raise), so bnkit reads and checks it but does
+    not `what` it."""
+    if exported_graph(model):
+        raise BnkitError(
+            f"this module is a graph torch.export produced: its layers are fixed in the "
+            f"graph (its train() and eval() raise), so bnkit cannot {what} it; {what} the "
+            "module before exporting it (bnkit.check, inspect, adapt, shift and fold take "
+            "the graph)"
+        )
+
 
 BNArgs = tuple[float, float]
 """(momentum, eps) of a BN, in PyTorch's convention (momentum: the new batch's share)."""

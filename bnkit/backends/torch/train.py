@@ -20,21 +20,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnkit.backends.base import batch_slices, sample_order
-from bnkit.backends.torch.core import (
-    BN,
-    as_input,
-    call,
-    is_pinned,
-    observers_held,
-    refuse_exported,
-    walk,
-)
 from bnkit.backends.torch.deploy import (
     _BNLeafTracer,
     _eval_mode,
     _set_child,
     identity_at_inference,
 )
+from bnkit.backends.torch.exported import refuse_exported
+from bnkit.backends.torch.modules import BN, as_input, call, is_pinned, observers_held, walk
 from bnkit.errors import BnkitError
 from bnkit.policy import Mode
 from bnkit.records import Diverged, EpochLog, Split

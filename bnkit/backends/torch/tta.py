@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnkit.backends.torch.core import BN, as_input, refuse_exported, walk
+from bnkit.backends.torch.exported import refuse_exported
+from bnkit.backends.torch.modules import BN, as_input, walk
 from bnkit.backends.torch.train import from_logits, predict, restore_state, save_state
 
 ADAM_BETAS = (0.9, 0.999)
