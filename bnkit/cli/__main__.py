@@ -1,0 +1,5 @@
+"""`python -m bnkit.cli`: the `bnkit` command."""
+
+from bnkit.cli import main
+
+main()
