@@ -1,5 +1,7 @@
 """The layout DESIGN.md promises: features import no framework and no framework-specific
-backend module, and no module imports (at load time) one that imports it back."""
+backend module; no module imports one that imports it back, counting the imports made
+inside functions; the ground (errors, policy, records, files, data) imports nothing
+above it; no module is longer than 1,000 lines."""
 
 from __future__ import annotations
 
@@ -44,24 +46,80 @@ def test_features_import_no_framework_and_no_framework_backend():
         assert not bad, f"bnkit/{name}.py imports {sorted(bad)}"
 
 
-def test_no_import_cycle_at_load_time():
+GROUND = ("bnkit.errors", "bnkit.policy", "bnkit.records", "bnkit.files", "bnkit.data",
+          "bnkit._imports", "bnkit._launch")  # fmt: skip
+"""What everything stands on: it imports only itself."""
+MAX_LINES = 1000
+
+
+def _graph(top_level_only: bool) -> dict[str, set[str]]:
+    """Each bnkit module -> the bnkit modules it imports (a name imported from a module
+    counts as that module)."""
     modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {
-        m: {i for i in _imports(p, top_level_only=True) if i in modules and i != m}
-        for m, p in modules.items()
-    }
+
+    def owner(name: str) -> str | None:
+        parts = name.split(".")
+        for k in range(len(parts), 0, -1):
+            if ".".join(parts[:k]) in modules:
+                return ".".join(parts[:k])
+        return None
+
+    graph = {}
+    for m, p in modules.items():
+        found = {owner(i) for i in _imports(p, top_level_only)} - {None, m}
+        graph[m] = {o for o in found if o is not None}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """An import cycle, as a path of module names, or None."""
     state: dict[str, int] = {}
 
-    def visit(m: str, trail: list[str]) -> None:
+    def visit(m: str, trail: list[str]) -> list[str] | None:
         state[m] = 1
-        for n in graph[m]:
-            assert state.get(n) != 1, "import cycle: " + " -> ".join([*trail, m, n])
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return [*trail, m, n]
             if n not in state:
-                visit(n, [*trail, m])
+                found = visit(n, [*trail, m])
+                if found:
+                    return found
         state[m] = 2
+        return None
 
-    for m in modules:
+    for m in sorted(graph):
         if m not in state:
-            visit(m, [])
-    assert "bnkit.report" not in graph["bnkit.records"]
-    assert not any(m.startswith("bnkit.backends") for m in graph["bnkit.records"])
+            found = visit(m, [])
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_at_load_time():
+    assert _cycle(_graph(top_level_only=True)) is None
+
+
+def test_no_import_cycle_at_all_counting_imports_inside_functions():
+    cycle = _cycle(_graph(top_level_only=False))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_ground_imports_nothing_above_it():
+    graph = _graph(top_level_only=False)
+    for module in GROUND:
+        above = sorted(graph[module] - set(GROUND))
+        assert not above, f"{module} imports {above}: pass it in, or move the function up"
+
+
+def test_a_cycle_is_found():
+    """The check itself: a made-up circle of three modules is reported."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_module_is_over_a_thousand_lines():
+    long = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
