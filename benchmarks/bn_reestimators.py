@@ -117,10 +117,14 @@ def bnkit_adapt(model: nn.Module, loader: list) -> None:
 
 
 def nncf_adaptation(model: nn.Module, loader: list) -> None:
+    import contextlib
+    import io
+
     import nncf
 
     dataset = nncf.Dataset(loader, lambda batch: batch[0])
-    nncf.batch_norm_adaptation(model, dataset, num_iterations=len(loader))
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bar, on stdout
+        nncf.batch_norm_adaptation(model, dataset, num_iterations=len(loader))
 
 
 def aimet_reestimation(model: nn.Module, loader: list) -> None:
@@ -230,9 +234,13 @@ def measure(start: nn.Module, loader: list, test: tuple, runs: int, methods: dic
             model = copy.deepcopy(start)
             before = quantizer_state(model)
             t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                run(model, loader)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    run(model, loader)
+            except Exception as err:  # a peer that cannot run on this model: its error
+                result[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+                continue
             times[name].append(time.perf_counter() - t0)
             if name == "forward pass":
                 continue
@@ -245,7 +253,8 @@ def measure(start: nn.Module, loader: list, test: tuple, runs: int, methods: dic
             }
     floor = statistics.median(times["forward pass"])
     for name in methods:
-        result[name]["time"] = statistics.median(times[name]) / floor
+        if times[name]:
+            result[name]["time"] = statistics.median(times[name]) / floor
     return result
 
 
@@ -295,6 +304,9 @@ def qat_digits(k: object, seed: int) -> tuple[nn.Module, tuple, tuple]:
 
 def row(label: str, loader: str, results: list[dict], method: str) -> str:
     values = [r[method] for r in results]
+    errors_seen = [v["error"] for v in values if "error" in v]
+    if errors_seen:
+        return f"| {label} | {loader} | {method} | could not run: {errors_seen[0]} ||||| |"
     mean_err = max(v["errors"][0] for v in values)
     var_err = max(v["errors"][1] for v in values)
     acc = np.mean([v["accuracy"] for v in values])
@@ -343,7 +355,10 @@ def main() -> None:
         for loader_name, loader in loaders(*calib, args.seed).items():
             r = measure(start, loader, test, args.runs, methods)
             results.setdefault((group, loader_name), []).append(r)
-            cells = "  ".join(f"{m} {v['accuracy']:.1%} {v['time']:.2f}x" for m, v in r.items())
+            cells = "  ".join(
+                f"{m} {v['accuracy']:.1%} {v['time']:.2f}x" if "error" not in v else f"{m} error"
+                for m, v in r.items()
+            )
             print(f"{label:32s} {loader_name:8s} {cells}", file=sys.stderr, flush=True)
     print(f"torch {torch.__version__}; seed {args.seed}; {args.runs} interleaved runs")
     print("| model | batches | method | mean error | var error | accuracy | time (passes) "
