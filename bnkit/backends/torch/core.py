@@ -567,25 +567,39 @@ def _moment_forward(
     layer: Any, path: str, captured: dict[str, tuple[Any, Any, Any]], batch_stats: bool
 ) -> Any:
     original = type(layer).forward
+    buffers: dict[tuple[int, Any], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         n = x.numel() // x.shape[1]
         if not batch_stats and n == 1:  # one value per channel: the kernel refuses it
-            captured[path] = (xf.reshape(-1), torch.zeros_like(xf.reshape(-1)), n)
+            captured[path] = (xf.reshape(-1), torch.ones_like(xf.reshape(-1)), n)
             return original(layer, x)
         # one fused kernel normalises with the batch moments and, with momentum 1, leaves
-        # them in the buffers given: the mean, and the variance with Bessel's correction
-        mean = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
-        var = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+        # them in the buffers given (overwritten, so reused from batch to batch): the
+        # mean, and the variance with Bessel's correction (taken off when read)
+        key = (x.shape[1], x.device)
+        if key not in buffers:
+            buffers[key] = (
+                torch.zeros(x.shape[1], dtype=torch.float32, device=x.device),
+                torch.ones(x.shape[1], dtype=torch.float32, device=x.device),
+            )
+        mean, var = buffers[key]
         weight, bias = (_float(layer.weight), _float(layer.bias)) if batch_stats else (None, None)
         out = F.batch_norm(xf, mean, var, weight, bias, True, 1.0, layer.eps)
-        captured[path] = (mean, var * ((n - 1) / n) if n > 1 else var * 0.0, n)
+        captured[path] = (mean, var, n)
         if not batch_stats:  # the moments only (a third of var_mean's time on CPU)
             return original(layer, x)
         return carried(layer, out.to(x.dtype))
 
     return forward
+
+
+def _moments(mean: torch.Tensor, var: torch.Tensor, n: int) -> tuple[Any, Any, int]:
+    """Copies of a layer's captured mean and variance, the variance without Bessel's
+    correction (the population variance; 0 for one value per channel)."""
+    population = (n - 1) / n if n > 1 else 0.0
+    return mean.cpu().numpy().copy(), var.cpu().numpy() * population, n
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -617,7 +631,7 @@ def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         captured.clear()
         with torch.no_grad():
-            call(inner, x)
-        return {p: (m.cpu().numpy(), v.cpu().numpy(), int(n)) for p, (m, v, n) in captured.items()}
+            call(inner, x, checked=True)  # moments_pass checked it
+        return {p: _moments(m, v, int(n)) for p, (m, v, n) in captured.items()}
 
     return run

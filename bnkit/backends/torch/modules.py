@@ -194,10 +194,12 @@ def as_input(model: Any, x: np.ndarray) -> torch.Tensor:
     return t
 
 
-def call(model: Any, x: np.ndarray) -> Any:
+def call(model: Any, x: np.ndarray, checked: bool = False) -> Any:
     """Runs `model` on a NumPy batch; a model that rejects the batch raises DataError
-    naming the shape and, for channels-last images, the transpose that fixes them."""
-    materialized(model)
+    naming the shape and, for channels-last images, the transpose that fixes them.
+    `checked`: the caller has checked the model holds values (`materialized`)."""
+    if not checked:
+        materialized(model)
     try:
         return model(as_input(model, x))
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
