@@ -40,6 +40,7 @@ from bnkit.backends.torch.modules import (
     is_bn,
     is_pinned,
     materialized,
+    observers_held,
     unpin_class,
     walk,
 )
@@ -321,9 +322,12 @@ def inference_copy(model: Any, fold: bool = True, example: np.ndarray | None = N
     for node in walk(dup):
         if is_pinned(node.module):
             node.module.__class__ = unpin_class(type(node.module))
+    folded, kept, dropped, reasons = [], [], [], []
+    with torch.no_grad():
+        if fold:
+            folded += _fold_fused_qat(dup)
     modules = {n.path: n.module for n in walk(dup)}
     pairs = fold_pairs(dup, graph) if fold and graph is not None else {}
-    folded, kept, dropped, reasons = [], [], [], []
     with torch.no_grad():
         for bn_path, conv_path in pairs.items():
             _fold(modules[conv_path], modules[bn_path])
@@ -458,6 +462,65 @@ def _functional_dropout_off(model: nn.Module) -> list[str]:
     return changed
 
 
+def _fused_qat_targets() -> dict[type, Any]:
+    """torch.ao's fused QAT Conv+BN and Linear+BN classes (`prepare_qat` after
+    `fuse_modules_qat`, and `prepare_qat_fx`) -> the QAT class computing the same
+    in inference once BN is folded."""
+    import torch.ao.nn.intrinsic.qat as nniqat
+    import torch.ao.nn.qat as nnqat
+
+    return {
+        nniqat.ConvBn1d: nnqat.Conv1d, nniqat.ConvBn2d: nnqat.Conv2d,
+        nniqat.ConvBn3d: nnqat.Conv3d, nniqat.ConvBnReLU1d: nniqat.ConvReLU1d,
+        nniqat.ConvBnReLU2d: nniqat.ConvReLU2d, nniqat.ConvBnReLU3d: nniqat.ConvReLU3d,
+        nniqat.LinearBn1d: nnqat.Linear,
+    }  # fmt: skip
+
+
+def _fold_fused_qat(model: nn.Module) -> list[str]:
+    """Folds the BN of each fused QAT module in place, the way its inference pass
+    computes it (the weight scaled by gamma / std, then fake-quantized; the bias shifted):
+    the module becomes the unfused QAT Conv (with its ReLU) or Linear, holding the folded
+    weight and bias, the same weight fake-quantizer, and the output observer and hooks
+    `prepare_qat` gave it, so torch.ao's `convert` still takes the copy. Returns the
+    paths of the BN modules folded."""
+    targets = _fused_qat_targets()
+    folded = []
+    for path, module in list(model.named_modules()):
+        target = targets.get(type(module))
+        if target is None or module.bn.running_var is None:
+            continue
+        bn = module.bn
+        new: Any
+        if issubclass(target, nn.Linear):
+            new = target(module.in_features, module.out_features, True, qconfig=module.qconfig)
+            w, b = fusion.fuse_linear_bn_weights(
+                module.weight, module.bias, bn.running_mean, bn.running_var, bn.eps,
+                bn.weight, bn.bias,
+            )  # fmt: skip
+        else:
+            new = target(
+                module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                module.padding, module.dilation, module.groups, True, module.padding_mode,
+                qconfig=module.qconfig,
+            )  # fmt: skip
+            w, b = fusion.fuse_conv_bn_weights(
+                module.weight, module.bias, bn.running_mean, bn.running_var, bn.eps,
+                bn.weight, bn.bias,
+            )  # fmt: skip
+        new.weight, new.bias = w, b
+        new.weight_fake_quant = module.weight_fake_quant
+        for name, child in module.named_children():
+            if name not in ("bn", "weight_fake_quant"):
+                new.add_module(name, child)
+        new._forward_pre_hooks.update(module._forward_pre_hooks)
+        new._forward_hooks.update(module._forward_hooks)
+        new.train(module.training)
+        _set_child(model, path, new)
+        folded.append(f"{path}.bn" if path else "bn")
+    return folded
+
+
 def _with_activation(bn: Any, replacement: nn.Module) -> nn.Module:
     """`replacement`, followed by the activation a BN module carries inside (timm's
     BatchNormAct2d: BN, then `drop`, then `act`); the drop is the identity in inference."""
@@ -496,7 +559,7 @@ def outputs(model: Any, x: np.ndarray, training: bool = False) -> np.ndarray:
     flags = [m.training for m in model.modules()]
     model.train(training)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), observers_held(model):
             out = call(model, x)
     finally:
         for m, flag in zip(model.modules(), flags, strict=True):
@@ -555,6 +618,7 @@ def write(model: Any, path: Path, format: str, example: np.ndarray) -> None:
             "it with bnkit.fold(program) and save the result yourself "
             "(torch.export.save(torch.export.export(result.model, args), 'model.pt2'))"
         )
+    model = _quantization_fixed(model, elementary=format == "pt2")
     if format == "pt2":
         torch.export.save(_program(model, example), str(path))
         return
@@ -593,6 +657,81 @@ def write(model: Any, path: Path, format: str, example: np.ndarray) -> None:
         ) from None
 
 
+class _FixedFakeQuant(nn.Module):
+    """A torch.ao fake-quantize module as it computes with its observer off: the scale
+    and zero point it holds, fixed. For ONNX, torch's fake-quantize operator (written as
+    QuantizeLinear/DequantizeLinear); for torch.export, which has no kernel for that
+    operator, the same arithmetic in elementary operators (round half to even, as torch
+    does). The fused observer operator QAT uses has no ONNX form and updates its ranges
+    on every call."""
+
+    def __init__(self, fake: Any, elementary: bool) -> None:
+        super().__init__()
+        self.axis = int(fake.ch_axis) if _per_channel(fake) else None
+        self.register_buffer("scale", fake.scale.detach().clone().float())
+        self.register_buffer("zero_point", fake.zero_point.detach().clone().int())
+        self.quant_min, self.quant_max = int(fake.quant_min), int(fake.quant_max)
+        self.tensor_scale = float(fake.scale.reshape(-1)[0])  # per tensor: constants
+        self.tensor_zero_point = int(fake.zero_point.reshape(-1)[0])
+        self.enabled = bool(fake.fake_quant_enabled[0])
+        self.elementary = elementary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.elementary:
+            scale: Any = self.tensor_scale
+            zero: Any = self.tensor_zero_point
+            if self.axis is not None:
+                shape = [1] * x.dim()
+                shape[self.axis] = -1
+                scale_t: Any = self.scale
+                zero_t: Any = self.zero_point
+                scale, zero = scale_t.reshape(shape), zero_t.reshape(shape).float()
+            q = torch.clamp(torch.round(x * (1.0 / scale)) + zero, self.quant_min, self.quant_max)
+            return (q - zero) * scale
+        if self.axis is not None:
+            channel_scale: Any = self.scale
+            channel_zero: Any = self.zero_point
+            return torch.fake_quantize_per_channel_affine(
+                x, channel_scale, channel_zero, self.axis, self.quant_min, self.quant_max
+            )
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.tensor_scale, self.tensor_zero_point, self.quant_min, self.quant_max
+        )
+
+
+def _per_channel(fake: Any) -> bool:
+    return fake.qscheme in (torch.per_channel_affine, torch.per_channel_symmetric)
+
+
+def _quantization_fixed(model: nn.Module, elementary: bool) -> nn.Module:
+    """`model`, or a copy where each torch.ao fake-quantize module is `_FixedFakeQuant`
+    and each observer (a prepared, not converted, model's) the identity it computes: the
+    written file holds fixed quantization and no statistics that change as it runs."""
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+    stateful = (FakeQuantizeBase, ObserverBase)
+    if not any(isinstance(m, stateful) for m in model.modules()):
+        return model
+    dup = copy.deepcopy(model)
+    fixed: dict[int, nn.Module] = {}  # one replacement per module, shared where it is
+    replaced: list[str] = []
+    for path, module in list(dup.named_modules(remove_duplicate=False)):
+        if any(path.startswith(f"{done}.") for done in replaced):
+            continue
+        held: Any = module
+        if isinstance(module, FakeQuantizeBase) and int(held.scale.numel()) > 0:
+            new = fixed.setdefault(id(module), _FixedFakeQuant(module, elementary))
+        elif isinstance(module, ObserverBase):
+            new = fixed.setdefault(id(module), nn.Identity())
+        else:
+            continue
+        _set_child(dup, path, new)
+        replaced.append(path)
+    return dup
+
+
 @contextlib.contextmanager
 def _stdout_dropped() -> Iterator[None]:
     """The process's standard output (file descriptor 1, which C++ writes to) sent to
@@ -622,9 +761,16 @@ def run_written(path: Path, format: str, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out = module(torch.as_tensor(np.ascontiguousarray(x)))
         return np.asarray(out.detach().double().numpy())
+    import onnx
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    if any(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node):
+        # onnxruntime's optimizer turns QuantizeLinear/DequantizeLinear around a Conv
+        # into integer kernels, whose rounding differs from fake quantization by a step
+        # here and there; the check is of what the file says, so it runs as written
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.asarray(session.run(None, {name: x.astype(np.float32)})[0], dtype=np.float64)
 
