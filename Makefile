@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs venv clean
+.PHONY: demo test lint docs docs-demo venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): requirements-dev.txt requirements-nodeps.txt pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/bnkit demo --overwrite
+
+# records the demo run the docs show (docs/demo/; the site draws its figures from it)
+docs-demo: $(STAMP)
+	rm -rf .docs-demo
+	$(VENV)/bin/bnkit demo --skip-traps -o .docs-demo
+	cp .docs-demo/demo.json .docs-demo/demo-torch.json docs/demo/
+	rm -rf .docs-demo
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet

@@ -213,11 +213,21 @@ class Story:
     compare: Any
     labelled: int
     files: tuple[str, ...]
+    framework: str
+    """`keras` or `torch`."""
+    versions: str
+    """the framework's version (and Keras' backend), bnkit's."""
+    epochs: int
+    seeds: int
 
     def to_json(self) -> str:
         """The story's numbers as a JSON document."""
         return json.dumps(
             {
+                "framework": self.framework,
+                "versions": self.versions,
+                "epochs": self.epochs,
+                "seeds": self.seeds,
                 "pretrained_cached": self.pretrained_cached,
                 "source_accuracy": self.source_accuracy,
                 "without_labels": asdict(self.evidence),
@@ -267,6 +277,7 @@ def digits_story(
     """
     from pathlib import Path
 
+    from bnkit import __version__
     from bnkit.compare import compare
     from bnkit.data import digits
     from bnkit.files import atomic_files, check_out_dir
@@ -303,6 +314,10 @@ def digits_story(
         compare=result,
         labelled=len(train[1]),
         files=files,
+        framework=framework,
+        versions=f"{k.version()}, bnkit {__version__}",
+        epochs=epochs,
+        seeds=seeds,
     )
     with atomic_files(out, names) as paths:
         shift_png, compare_png, compare_json, demo_json = (paths[n] for n in names)

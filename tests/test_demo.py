@@ -58,3 +58,33 @@ def test_demo_command_tells_the_digits_story_and_writes_figures(tmp_path, capsys
     for name in ("shift.png", "compare.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "compare.json").read_text())["best"] == doc["compare"]["best"]
+    assert doc["framework"] == "keras" and doc["epochs"] == 1 and doc["seeds"] == 2
+    assert doc["versions"].startswith(f"keras {keras.__version__} ({keras.backend.backend()})")
+
+
+def _docs_hooks():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "hooks.py"
+    spec = importlib.util.spec_from_file_location("bnkit_docs_hooks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_docs_show_the_recorded_demo_run_and_refuse_a_stale_one(tmp_path, monkeypatch):
+    hooks = _docs_hooks()
+    section = hooks.demo_section()  # the record in docs/demo/, as the site build reads it
+    for name in ("demo.json", "demo-torch.json"):
+        doc = json.loads((hooks.DEMO_RECORD / name).read_text())
+        for s in doc["compare"]["summaries"]:
+            cell = f"{s['val_accuracy_mean']:.1%} ± {s['val_accuracy_std']:.1%}"
+            assert cell in section.split(f"| {s['strategy']} |")[1].splitlines()[0]
+        assert doc["compare"]["verdict"] in section
+    stale = json.loads((hooks.DEMO_RECORD / "demo.json").read_text())
+    stale["epochs"] += 1
+    (tmp_path / "demo.json").write_text(json.dumps(stale))
+    monkeypatch.setattr(hooks, "DEMO_RECORD", tmp_path)
+    with pytest.raises(ValueError, match="make docs-demo"):
+        hooks.demo_section()
