@@ -12,10 +12,25 @@ before choosing, on the corruption benchmark's streams (PyTorch, the demo's CNN,
   mean at first), for streams far shorter than RoTTA's;
 - `tent-online`: TENT's entropy step on BN gamma/beta, normalising with the stream's
   statistics so far instead of the batch's, with `robust`'s correction;
+- `robust-one-pass` (issue 34): `robust` in one forward pass per batch instead of two:
+  each BN merges the batch's input moments into the stream's statistics as the
+  activations reach it and normalises with the merge, so the layers after it see the
+  activations normalised with the stream's statistics (`robust` measures each layer's
+  moments with the layers before normalising with the batch's own, as `adapt` does,
+  then predicts in a second pass);
+- `robust-lagged`: the same pass, each batch normalised with the statistics of the
+  stream before it (the first batch with its own), then merged;
+- `first-layer-gate` (issue 34, do no harm): `robust` with each batch's statistics
+  blended between the source's and the stream's by the first BN layer's shift;
+- `source-prior`: the same blend by count, the source statistics worth 64 images;
+- `entropy-select`: each batch predicted with both the source's and the stream's
+  statistics, the source's kept while their mean entropy over the stream is lower;
+- `source`: no adaptation;
 - `robust`: `bnkit.tta(..., "robust")`.
 
     .venv/bin/python benchmarks/tta_variants.py [--seeds 1] [--corruptions fog,snow]
-        [--streams iid,sorted,dirichlet]
+        [--streams iid,sorted,dirichlet] [--variants adapt,robust-one-pass,robust]
+        [--severity 5] [--images 384]
 """
 
 from __future__ import annotations
@@ -25,17 +40,155 @@ import argparse
 import numpy as np
 import torch
 from rotta_reference import CSTU
+from torch.nn import functional as F
 from tta_corruptions import BATCH, stream
 
 import bnkit
 from bnkit.backends import get_backend
 from bnkit.corruptions import CORRUPTIONS, corrupted_digits
 from bnkit.demo import kit
-from bnkit.stats import Moments, OnlineAdapt
-from bnkit.tta import _label_shift, lame
+from bnkit.stats import Moments, OnlineAdapt, _layer_shift
+from bnkit.tta import SHIFT_RUN, _label_shift, lame
 
 ALPHA, MEMORY = 0.05, 64
-VARIANTS = ("adapt", "online", "rbn-memory", "rbn-memory-warm", "tent-online", "robust")
+VARIANTS = ("source", "adapt", "online", "rbn-memory", "rbn-memory-warm", "tent-online",
+            "robust-one-pass", "robust-lagged", "first-layer-gate", "source-prior",
+            "entropy-select", "robust")  # fmt: skip
+GATE = (0.03, 0.1)
+"""first-layer-gate: the first BN layer's shift (mean KL over channels, nats) below which
+the source statistics are kept and above which the stream's are used, blended between."""
+PRIOR = 64
+"""source-prior: the source statistics count as this many images of the stream."""
+BLENDS = {
+    "first-layer-gate": lambda kl, images: float(
+        np.clip((kl - GATE[0]) / (GATE[1] - GATE[0]), 0.0, 1.0)
+    ),
+    "source-prior": lambda kl, images: images / (images + PRIOR),
+}
+"""The stream's share in the statistics each batch is predicted with, from the first BN
+layer's shift and the images seen so far (this batch included)."""
+
+
+def entropy_select(model, x: np.ndarray, y: np.ndarray) -> float:
+    """`robust` that predicts each batch twice, with the source statistics and with the
+    stream's so far, and keeps the source's while their predictions' mean entropy over
+    the stream so far is the lower (a do-no-harm candidate, issue 34)."""
+    backend = get_backend(model)
+    adapter = backend.test_time()
+    source = backend.snapshot(model, False).stats
+    online = OnlineAdapt(model)
+    seen, in_a_row, shifted, hits = Moments(), 0, False, 0
+    entropies: dict[str, list[float]] = {"source": [], "stream": []}
+    for i in range(0, len(y), BATCH):
+        xb = x[i : i + BATCH]
+        online.update(xb)
+        streamed = backend.snapshot(model, False).stats
+        out = adapter.predict(model, xb)
+        backend.set_bn_stats(model, source)
+        from_source = adapter.predict(model, xb)
+        backend.set_bn_stats(model, streamed)
+        for key, o in (("source", from_source), ("stream", out)):
+            p = softmax(o)
+            entropies[key].append(float(-(p * np.log(p + 1e-12)).sum(1).mean()))
+        in_a_row = in_a_row + 1 if _label_shift(out, seen) else 0
+        shifted = shifted or in_a_row >= SHIFT_RUN
+        seen.add(out.mean(0), out.var(0), len(out))
+        if np.mean(entropies["source"]) < np.mean(entropies["stream"]):
+            out = from_source
+        hits += int(((lame(out) if shifted else out).argmax(1) == y[i : i + BATCH]).sum())
+    return hits / len(y)
+
+
+def blended(model, x: np.ndarray, y: np.ndarray, share) -> float:
+    """`robust` with each batch's statistics blended between the source's and the stream's
+    so far, the stream weighing `share(kl, images)`: do-no-harm candidates (issue 34).
+    By the first BN layer's shift: on easy domains the first layer barely moves, and
+    unlike the deeper layers' it hardly depends on which classes the stream has shown
+    so far. By count: the source statistics as a prior worth PRIOR images (Schneider et
+    al., NeurIPS 2020)."""
+    backend = get_backend(model)
+    adapter = backend.test_time()
+    source = backend.snapshot(model, False).stats
+    online = OnlineAdapt(model)
+    paths = bn_paths(model)
+    seen, in_a_row, shifted, hits = Moments(), 0, False, 0
+    for i in range(0, len(y), BATCH):
+        xb = x[i : i + BATCH]
+        online.update(xb)
+        streamed = backend.snapshot(model, False).stats
+        kl = _layer_shift(paths[0], 0, streamed[paths[0]], source[paths[0]]).kl_mean
+        a = share(kl, i + len(xb))
+        blend = {}
+        for p in paths:
+            ms, vs = source[p]["mean"].astype(np.float64), source[p]["var"].astype(np.float64)
+            mt, vt = streamed[p]["mean"].astype(np.float64), streamed[p]["var"].astype(np.float64)
+            m = (1 - a) * ms + a * mt  # the mixture of the two Gaussians' moments
+            blend[p] = {"mean": m, "var": (1 - a) * (vs + (ms - m) ** 2) + a * (vt + (mt - m) ** 2)}
+        backend.set_bn_stats(model, blend)
+        out = adapter.predict(model, xb)
+        backend.set_bn_stats(model, streamed)
+        in_a_row = in_a_row + 1 if _label_shift(out, seen) else 0
+        shifted = shifted or in_a_row >= SHIFT_RUN
+        seen.add(out.mean(0), out.var(0), len(out))
+        hits += int(((lame(out) if shifted else out).argmax(1) == y[i : i + BATCH]).sum())
+    return hits / len(y)
+
+
+WEIGHTS = {
+    "robust-one-pass": lambda seen, n: n / (seen + n),
+    "robust-lagged": lambda seen, n: 1.0 if seen == 0 else 0.0,
+}
+"""The one-pass variants: the batch's weight in the statistics it is normalised with, by
+the images seen before it and its own: its share of the stream so far (the statistics
+of the stream so far, itself included), or none after the first batch (the stream
+before it)."""
+
+
+def one_pass_robust(model, x: np.ndarray, y: np.ndarray, weight) -> float:
+    """`robust`'s loop (label-shift test, LAME from the second shifted batch in a row) with
+    each batch predicted in one forward pass: every BN merges the batch's input moments
+    into the stream's statistics as the activations reach it (Chan's update, the batch
+    weighing `weight(seen, n)`) and normalises with the merge; the merge with the batch's
+    share is then kept as the stream's statistics."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    share = {"w": 1.0, "keep": 1.0}
+
+    def patched(layer):
+        def forward(h):
+            var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
+            w, keep = share["w"], share["keep"]
+            delta = mean - layer.running_mean
+            norm_mean = layer.running_mean + w * delta
+            norm_var = (1 - w) * layer.running_var + w * var + w * (1 - w) * delta**2
+            captured[id(layer)] = (layer.running_mean + keep * delta,
+                                   (1 - keep) * layer.running_var + keep * var
+                                   + keep * (1 - keep) * delta**2)  # fmt: skip
+            return F.batch_norm(h, norm_mean, norm_var, layer.weight, layer.bias, False, 0.0,
+                                layer.eps)  # fmt: skip
+
+        return forward
+
+    for layer in layers:
+        layer.forward = patched(layer)
+    model.eval()
+    seen_outputs, shifted, in_a_row, images, hits = Moments(), False, 0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(y), BATCH):
+            xb = torch.as_tensor(x[i : i + BATCH])
+            n = len(xb)
+            share["w"], share["keep"] = weight(images, n), n / (images + n)
+            out = model(xb).numpy()
+            for layer in layers:
+                layer.running_mean.copy_(captured[id(layer)][0])
+                layer.running_var.copy_(captured[id(layer)][1])
+            images += n
+            if not shifted:
+                in_a_row = in_a_row + 1 if _label_shift(out, seen_outputs) else 0
+                shifted = in_a_row >= SHIFT_RUN
+            seen_outputs.add(out.mean(0), out.var(0), len(out))
+            hits += int(((lame(out) if shifted else out).argmax(1) == y[i : i + BATCH]).sum())
+    return hits / len(y)
 
 
 def softmax(o: np.ndarray) -> np.ndarray:
@@ -52,8 +205,15 @@ def run(variant: str, model, x: np.ndarray, y: np.ndarray) -> float:
     adapter = backend.test_time()
     if variant == "robust":
         return float(bnkit.tta(model, (x, y), "robust", batch_size=BATCH).accuracy)
-    if variant == "adapt":
-        return float(bnkit.tta(model, (x, y), "adapt", batch_size=BATCH).accuracy)
+    if variant in WEIGHTS:
+        return one_pass_robust(model, x, y, WEIGHTS[variant])
+    if variant in ("adapt", "source"):
+        method = "none" if variant == "source" else "adapt"
+        return float(bnkit.tta(model, (x, y), method, batch_size=BATCH).accuracy)
+    if variant in BLENDS:
+        return blended(model, x, y, BLENDS[variant])
+    if variant == "entropy-select":
+        return entropy_select(model, x, y)
     hits = 0
     if variant == "online":
         online = OnlineAdapt(model)
@@ -117,23 +277,39 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--corruptions", default=",".join(CORRUPTIONS))
     parser.add_argument("--streams", default="iid,sorted,dirichlet")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--severity", type=int, default=5, choices=range(1, 6))
+    parser.add_argument("--images", type=int, default=None, help="the first N of each stream")
     args = parser.parse_args()
     names = [c for c in args.corruptions.split(",") if c]
+    variants = [v for v in args.variants.split(",") if v]
     k = kit("torch")
     from bnkit.pretrain import pretrained_digits
 
     net = pretrained_digits(framework="torch")
-    print(f"{k.version()}; {len(names)} corruptions at severity 5, batch {BATCH}, "
-          f"{args.seeds} seed(s); mean accuracy over the corruptions")  # fmt: skip
-    print("stream".ljust(12) + "".join(f"{v:>17}" for v in VARIANTS))
-    sets = {c: corrupted_digits(c, 5) for c in names}
+    print(f"{k.version()}; {len(names)} corruptions at severity {args.severity}, batch "
+          f"{BATCH}, {args.seeds} seed(s)"
+          + (f", the first {args.images} images of each stream" if args.images else "")
+          + "; mean accuracy over the corruptions (misses: corruptions where the variant "
+          "is more than 1 point below the better of source and adapt)")  # fmt: skip
+    print("stream".ljust(12) + "".join(f"{v:>21}" for v in variants))
+    sets = {c: corrupted_digits(c, args.severity) for c in names}
+    cut = slice(None, args.images)
     for kind in args.streams.split(","):
+        per = {v: [] for v in variants}  # mean over seeds, per corruption
+        for c in names:
+            for variant in variants:
+                accs = [run(variant, k.clone(net.model), k.images(xs[cut]), ys[cut])
+                        for s in range(args.seeds)
+                        for xs, ys in [stream(*sets[c], s, kind)]]  # fmt: skip
+                per[variant].append(float(np.mean(accs)))
         cells = []
-        for variant in VARIANTS:
-            accs = [run(variant, k.clone(net.model), k.images(xs), ys)
-                    for c in names for s in range(args.seeds)
-                    for xs, ys in [stream(*sets[c], s, kind)]]  # fmt: skip
-            cells.append(f"{np.mean(accs):17.1%}")
+        for variant in variants:
+            cell = f"{np.mean(per[variant]):.1%}"
+            if "source" in per and "adapt" in per:
+                best = np.maximum(per["source"], per["adapt"])
+                cell += f" ({int((np.array(per[variant]) < best - 0.01).sum())} misses)"
+            cells.append(f"{cell:>21}")
         print(kind.ljust(12) + "".join(cells), flush=True)
 
 
