@@ -70,3 +70,24 @@ def test_a_corrupt_cache_entry_is_trained_again(tmp_path, framework):
     assert not again.cached and again.path == first.path
     assert any("cannot be read" in s and "training it again" in s for s in said)
     assert pretrained_digits(size=16, epochs=1, cache=tmp_path, framework=framework).cached
+
+
+def test_a_pickled_module_in_the_cache_is_trained_again_not_unpickled(tmp_path):
+    """bnkit's cache holding a whole pickled module (not a state_dict) is rebuilt with a
+    status line, not refused with advice about how to save a user's file, and never
+    unpickled."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("the PyTorch model: once, in the torch pass")
+    import torch
+
+    first = pretrained_digits(size=16, epochs=1, cache=tmp_path, framework="torch")
+    torch.save(first.model, first.path)  # the whole module, pickled
+    said: list[str] = []
+    again = pretrained_digits(
+        size=16, epochs=1, cache=tmp_path, framework="torch", on_status=said.append
+    )
+    assert not again.cached and again.path == first.path
+    assert any("cannot be read" in s and "training it again" in s for s in said)
+    assert not any("torch.save(model.state_dict())" in s for s in said)
+    state = torch.load(again.path, weights_only=True)  # a state_dict again
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
