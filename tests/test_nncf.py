@@ -2,7 +2,9 @@
 model (its quantizers hooked into the module), `adapt` re-estimates its BN statistics
 exactly on the inputs the quantized model gives them, with NNCF's quantizer parameters
 unchanged, and a model `bnkit.fold` folded quantizes with `nncf.quantize` as well as
-the original (NNCF folds BN into the convolutions' quantized weights itself)."""
+the original (NNCF folds BN into the convolutions' quantized weights itself); after
+`nncf.prune` (binary masks hooked onto the weights) `adapt` re-estimates the statistics
+the masked model's activations have, exactly, with the masks unchanged."""
 
 from __future__ import annotations
 
@@ -75,11 +77,10 @@ def test_check_reads_an_nncf_quantized_model():
     assert len(bnkit.inspect(q).bn_layers) == 2
 
 
-def test_adapt_on_an_nncf_quantized_model_is_exact_and_leaves_its_quantizers():
-    q = quantized(pretrained())
-    before = quantizer_state(q)
-    x = data(40, 2, shift=1.0)
-    reference = copy.deepcopy(q).eval()
+def assert_adapt_is_exact(model: nn.Module, x: np.ndarray) -> None:
+    """`bnkit.adapt` on `model` gives each BN layer the mean and population variance of
+    the inputs it gets in the model (NNCF's hooks included), computed here in NumPy."""
+    reference = copy.deepcopy(model).eval()
     seen: dict[str, list[np.ndarray]] = {}
     for name, bn in reference.named_modules():
         if isinstance(bn, nn.BatchNorm2d):
@@ -91,16 +92,42 @@ def test_adapt_on_an_nncf_quantized_model_is_exact_and_leaves_its_quantizers():
 
             bn.register_forward_pre_hook(keep)
     with torch.no_grad():
-        for i in range(0, 40, 16):
+        for i in range(0, len(x), 16):
             reference(torch.as_tensor(x[i : i + 16]))
-    bnkit.adapt(q, x, batch_size=16)
+    bnkit.adapt(model, x, batch_size=16)
+    assert len(seen) == 2
     for name, parts in seen.items():
         values = np.concatenate(parts)
-        bn = q.get_submodule(name)
+        bn = model.get_submodule(name)
         np.testing.assert_allclose(bn.running_mean.numpy(), values.mean((0, 2, 3)), 1e-5, 1e-6)
         np.testing.assert_allclose(bn.running_var.numpy(), values.var((0, 2, 3)), 1e-5, 1e-7)
+
+
+def test_adapt_on_an_nncf_quantized_model_is_exact_and_leaves_its_quantizers():
+    q = quantized(pretrained())
+    before = quantizer_state(q)
+    assert_adapt_is_exact(q, data(40, 2, shift=1.0))
     after = quantizer_state(q)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_adapt_after_nncf_prune_is_exact_and_leaves_its_masks():
+    model = pretrained()
+    x = data(40, 2)
+    pruned = nncf.prune(copy.deepcopy(model), nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_LOCAL,
+                        ratio=0.5, examples_inputs=torch.as_tensor(x[:8]))  # fmt: skip
+    masks = quantizer_state(pruned)
+    assert any(k.endswith("binary_mask") for k in masks)
+    assert 0.4 < float(np.mean([(m == 0).float().mean() for m in masks.values()])) < 0.6
+    assert not bnkit.check(pruned, batch_size=16, input_shape=(3, 16, 16)).errors
+    stale = {n: b.running_var.clone() for n, b in pruned.named_modules()
+             if isinstance(b, nn.BatchNorm2d)}  # fmt: skip
+    assert_adapt_is_exact(pruned, x)
+    moved = [float((b.running_var - stale[n]).abs().max() / stale[n].abs().max())
+             for n, b in pruned.named_modules() if isinstance(b, nn.BatchNorm2d)]  # fmt: skip
+    assert max(moved) > 0.05  # pruning half the weights moved the statistics
+    after = quantizer_state(pruned)
+    assert masks.keys() == after.keys() and all(torch.equal(masks[k], after[k]) for k in masks)
 
 
 def test_fold_before_nncf_quantize():
