@@ -42,6 +42,23 @@ def test_every_commands_help_is_unchanged():
     assert not changed, f"help changed for {changed}: rewrite the snapshot if meant"
 
 
+def test_the_run_options_default_to_the_librarys_settings():
+    """`compare`'s --epochs/--seeds are `bnkit.compare`'s defaults and `demo`'s are the
+    demo's own (the docs' recorded demo run is checked against those)."""
+    from bnkit.cli import cli
+    from bnkit.compare import DEFAULT_EPOCHS, DEFAULT_SEEDS
+    from bnkit.demo import STORY_EPOCHS, STORY_LABELS_PER_CLASS, STORY_SEEDS
+
+    def defaults(command: str) -> dict[str, object]:
+        return {p.name: p.default for p in cli.commands[command].params}
+
+    assert (defaults("compare")["epochs"], defaults("compare")["seeds"]) == (
+        DEFAULT_EPOCHS, DEFAULT_SEEDS)  # fmt: skip
+    demo = defaults("demo")
+    assert (demo["epochs"], demo["seeds"], demo["labels_per_class"]) == (
+        STORY_EPOCHS, STORY_SEEDS, STORY_LABELS_PER_CLASS)  # fmt: skip
+
+
 if __name__ == "__main__":
     SNAPSHOT.write_text(json.dumps(helps(), indent=1, sort_keys=True) + "\n")
     sys.exit(0)

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from bnkit.cli._app import MAX_EPOCHS, MAX_SEEDS
+
 
 def _with_options(fn: Any, options: list[Any]) -> Any:
     """`fn` decorated with `options`, listed in the order --help shows them."""
@@ -19,6 +21,21 @@ def _with_options(fn: Any, options: list[Any]) -> Any:
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     ctx.meta[f"bnkit.{param.name}"] = value
     return value
+
+
+def _runs_options(epochs: int) -> Any:
+    """--epochs (defaulting to `epochs`) and --seeds, for the commands that run `compare`."""
+
+    def decorate(fn: Any) -> Any:
+        return _with_options(fn, [
+            click.option("--epochs", default=epochs, show_default=True,
+                         type=click.IntRange(1, MAX_EPOCHS), help="Epochs per run."),
+            click.option("--seeds", default=3, show_default=True,
+                         type=click.IntRange(1, MAX_SEEDS),
+                         help="How many seeds: each strategy runs with seeds 0..N-1."),
+        ])  # fmt: skip
+
+    return decorate
 
 
 def _model_options(fn: Any) -> Any:

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from bnkit.cli._app import MAX_EPOCHS, MAX_SEEDS, _epilog, _err, _out, cli
-from bnkit.cli._options import _model_options
+from bnkit.cli._app import _epilog, _err, _out, cli
+from bnkit.cli._options import _model_options, _runs_options
 from bnkit.cli._run import _check_inputs, _load, _open_data
 from bnkit.errors import BnkitError
 
@@ -40,20 +40,7 @@ from bnkit.errors import BnkitError
     "NAME:RULE;RULE for your own policy, e.g. "
     "'preact:bn=train;re:preact_bn$=frozen'.",
 )
-@click.option(
-    "--epochs",
-    default=5,
-    show_default=True,
-    type=click.IntRange(1, MAX_EPOCHS),
-    help="Epochs per run.",
-)
-@click.option(
-    "--seeds",
-    default=3,
-    show_default=True,
-    type=click.IntRange(1, MAX_SEEDS),
-    help="How many seeds: each strategy runs with seeds 0..N-1.",
-)
+@_runs_options(epochs=5)
 @click.option("--train-from", metavar="NAME", help="First trained layer (default: all).")
 @click.option("--lr", default=1e-3, show_default=True, help="Learning rate.")
 @click.option(

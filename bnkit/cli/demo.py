@@ -12,12 +12,12 @@ from bnkit.cli._app import (
     FRAMEWORK_CHOICE,
     MAX_DIGITS_SIZE,
     MAX_EPOCHS,
-    MAX_SEEDS,
     _epilog,
     _err,
     _out,
     cli,
 )
+from bnkit.cli._options import _runs_options
 from bnkit.cli.compare import _CompareProgress
 
 DEMO_LEGEND = """\
@@ -110,20 +110,7 @@ def digits_cmd(folder: Path, seed: int, size: int, overwrite: bool) -> None:
     type=click.IntRange(1, 100),
     help="Labelled target images per class for the fine-tunes.",
 )
-@click.option(
-    "--epochs",
-    default=10,
-    show_default=True,
-    type=click.IntRange(1, MAX_EPOCHS),
-    help="Epochs per run.",
-)
-@click.option(
-    "--seeds",
-    default=3,
-    show_default=True,
-    type=click.IntRange(1, MAX_SEEDS),
-    help="How many seeds: each strategy runs with seeds 0..N-1.",
-)
+@_runs_options(epochs=10)
 @click.option("--skip-traps", is_flag=True, help="Leave out the traps tables.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace the figures and JSON an earlier demo wrote there."
