@@ -13,36 +13,64 @@ from bnkit.backends import get_backend
 from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DEFAULT_BATCH_SIZE, Data, DataError, check_input_shape, load
 from bnkit.errors import BnkitError, SelectorError, check_int
-from bnkit.policy import AllBN, Selector, as_selector, no_match_message
+from bnkit.policy import Selector, as_selector, no_match_message
 from bnkit.records import leaf_records
 
 
 class Moments:
-    """Per-channel mean and population variance over many batches, combined exactly
-    (Chan et al.'s parallel update, in float64)."""
+    """Per-channel mean and population variance over many batches, combined exactly in
+    float64: the batches given are kept and pooled at once when the result is read
+    (each batch's deviation from the pooled mean added back, as Chan et al.'s update)."""
 
     def __init__(self) -> None:
-        self.n = 0
-        self.mean: np.ndarray | None = None
-        self.m2: np.ndarray | None = None
+        self._n = 0
+        self._mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray, int]] = []
 
     def add(self, mean: np.ndarray, var: np.ndarray, n: int) -> None:
-        mean = mean.astype(np.float64)
-        var = var.astype(np.float64)
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = n, mean, var * n
+        self._pending.append((mean, var, n))
+
+    @property
+    def n(self) -> int:
+        """How many values per channel were pooled."""
+        return self._n + sum(p[2] for p in self._pending)
+
+    def _pool(self) -> None:
+        if not self._pending:
             return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + var * n + delta**2 * (self.n * n / total)
-        self.n = total
+        pending, self._pending = self._pending, []
+        means = np.stack([p[0] for p in pending]).astype(np.float64)
+        m2s = np.stack([p[1] for p in pending]).astype(np.float64)
+        counts = np.array([float(p[2]) for p in pending])
+        if self._mean is not None and self._m2 is not None:
+            means = np.concatenate([self._mean[None], means])
+            m2s = np.concatenate([self._m2[None] / self._n, m2s])
+            counts = np.concatenate([[float(self._n)], counts])
+        total = counts.sum()
+        weights = counts.reshape((-1,) + (1,) * (means.ndim - 1))
+        mean = (weights * means).sum(axis=0) / total
+        self._m2 = (weights * (m2s + (means - mean) ** 2)).sum(axis=0)
+        self._mean, self._n = mean, int(total)
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        """The pooled mean, per channel."""
+        self._pool()
+        return self._mean
+
+    @property
+    def m2(self) -> np.ndarray | None:
+        """The sum of squared deviations from the mean, per channel."""
+        self._pool()
+        return self._m2
 
     def result(self) -> dict[str, np.ndarray]:
         """The running statistics to store: `mean` and population `var`."""
-        if self.mean is None or self.m2 is None:
+        self._pool()
+        if self._mean is None or self._m2 is None:
             raise BnkitError("a selected BN layer saw no data: is it on the model's path?")
-        return {"mean": self.mean, "var": self.m2 / self.n}
+        return {"mean": self._mean, "var": self._m2 / self._n}
 
 
 def _on_path(moments: dict[str, Moments]) -> tuple[list[str], tuple[str, ...]]:
@@ -205,18 +233,21 @@ def _check_finite_stats(stats: dict[str, dict[str, np.ndarray]]) -> None:
 
 def _bn_paths(model: Any, select: Selector | str | None) -> tuple[Any, list[str]]:
     backend = get_backend(model)
-    _, infos = leaf_records(backend.records(model))
-    selector = as_selector(select) if select is not None else AllBN()
-    hits = selector.match(infos)
-    if select is not None and not hits:
-        raise SelectorError(no_match_message(selector, infos))
-    picked = [infos[i] for i in hits if infos[i].is_bn]
-    if not picked:
+    if select is None:
+        paths = backend.bn_paths(model)
+    else:
+        _, infos = leaf_records(backend.records(model))
+        selector = as_selector(select)
+        hits = selector.match(infos)
+        if not hits:
+            raise SelectorError(no_match_message(selector, infos))
+        paths = [infos[i].path for i in hits if infos[i].is_bn]
+    if not paths:
         raise BnkitError(
             "no BatchNormalization layer selected: this model has nothing to re-estimate "
             "or measure (LayerNorm and GroupNorm keep no running statistics)"
         )
-    return backend, [p.path for p in picked]
+    return backend, paths
 
 
 def _collect(

@@ -318,3 +318,17 @@ def test_unscaled_inputs_are_named_before_any_advice(fw):
     assert report.recommendation == "scale" and report.score > 100
     assert "--scale 1/255" in report.advice and "wider" in report.advice
     assert "check the inputs' scale" in str(report)
+
+
+def test_the_bn_paths_adapt_reads_are_the_bn_selectors(transfer):
+    """Keras: `bn_paths` is what the `bn` selector picks from the records, nested models
+    included."""
+    from bnkit.backends import get_backend
+    from bnkit.policy import AllBN
+    from bnkit.records import leaf_records
+
+    model, _ = transfer
+    backend = get_backend(model)
+    _, infos = leaf_records(backend.records(model))
+    expected = [infos[i].path for i in AllBN().match(infos)]
+    assert len(expected) > 1 and backend.bn_paths(model) == expected

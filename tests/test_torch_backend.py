@@ -227,3 +227,32 @@ def test_a_bfloat16_module_is_re_estimated_in_float32_and_kept_in_bfloat16():
         h = model.stem[0](torch.as_tensor(x).to(torch.bfloat16)).float()
     want = h.mean(dim=(0, 2, 3))
     assert torch.allclose(bn.running_mean.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_the_bn_paths_adapt_reads_are_the_bn_selectors_on_real_architectures():
+    """`adapt` and `tta` find BN without building the records (issue 31's time): the
+    paths must be exactly what the `bn` selector picks from them, on every kind of BN."""
+    import timm
+    from torchvision.models import resnet18
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from bnkit.backends import get_backend
+    from bnkit.policy import AllBN
+    from bnkit.records import leaf_records
+
+    torch.manual_seed(0)
+    shared = nn.BatchNorm2d(4)
+    graph = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    models = {
+        "resnet18": resnet18(weights=None, num_classes=3),
+        "frozen BN": resnet18(weights=None, norm_layer=FrozenBatchNorm2d, num_classes=3),
+        "timm BatchNormAct2d": timm.create_model("efficientnet_b0", pretrained=False),
+        "one BN twice": nn.Sequential(nn.Conv2d(3, 4, 3), shared, nn.Conv2d(4, 4, 1), shared),
+        "exported": torch.export.export(graph, (torch.randn(2, 3, 8, 8),)).module(),
+    }
+    for name, model in models.items():
+        backend = get_backend(model)
+        _, infos = leaf_records(backend.records(model))
+        expected = [infos[i].path for i in AllBN().match(infos)]
+        assert expected, name
+        assert backend.bn_paths(model) == expected, name

@@ -233,6 +233,11 @@ class Backend(Protocol):
         """Every layer, containers included, in topological order, with its effective state."""
         ...
 
+    def bn_paths(self, model: Any) -> list[str]:
+        """The paths of the BN layers among `records`' leaves, in the same order: what the
+        `bn` selector picks, found without building the records."""
+        ...
+
     def compile_status(self, model: Any) -> CompileStatus:
         """Whether the model is compiled, and whether its compiled state is stale."""
         ...

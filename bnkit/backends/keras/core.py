@@ -45,6 +45,7 @@ from bnkit.records import (
     CompileStatus,
     LayerRecord,
     Note,
+    leaf_records,
 )
 
 BN = keras.layers.BatchNormalization
@@ -297,6 +298,10 @@ class KerasBackend:
             else None
         )
         return [self._record(n, trainable_ids, compiled) for n in walk(model)]
+
+    def bn_paths(self, model: Any) -> list[str]:
+        _, infos = leaf_records(self.records(model))
+        return [info.path for info in infos if info.is_bn]
 
     def _record(self, node: _Node, trainable_ids: set[int], compiled: dict | None) -> LayerRecord:
         layer = node.layer

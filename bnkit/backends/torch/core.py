@@ -50,7 +50,6 @@ from bnkit.backends.torch.modules import (
     FIXED_TEXT,
     Node,
     call,
-    carried,
     fake_quantized,
     initialised,
     is_bn,
@@ -297,6 +296,16 @@ class TorchBackend:
         qat = bool(exported) and fake_quantized(model)
         return [self._record(n, exported.get(n.path), qat) for n in walk(model)]
 
+    def bn_paths(self, model: Any) -> list[str]:
+        # the leaves `_record` gives BN fields: fixed BN, BN modules, an exported graph's
+        exported = exported_bn(model) or {}
+        return [
+            n.path
+            for n in walk(model)
+            if not n.children
+            and (is_fixed_bn(n.module) or isinstance(n.module, BN) or n.path in exported)
+        ]
+
     def _record(
         self, node: Node, exported_batch: bool | None = None, qat: bool = False
     ) -> LayerRecord:
@@ -472,24 +481,24 @@ class TorchBackend:
             with graph_moments_pass(model, paths, normalize=normalize) as run:
                 yield run
             return
-        modules = {n.path: n.module for n in walk(model)}
-        layers = [modules[p] for p in paths]
+        layers = [model.get_submodule(p) for p in paths]
         for path, layer in zip(paths, layers, strict=True):
             if layer.running_mean is None:
                 raise BnkitError(f"{path}: track_running_stats=False, no statistics to measure")
         captured: dict[str, tuple[Any, Any, Any]] = {}
-        was_training = [m.training for m in model.modules()]
+        modules = list(model.modules())
+        was_training = [m.training for m in modules]
         try:
             for path, layer in zip(paths, layers, strict=True):
                 layer.forward = _moment_forward(layer, path, captured, normalize == "batch")
             model.eval()
-            with observers_held(model):
+            with observers_held(model, modules):
                 yield _pass(model, captured)
         finally:
             for layer in layers:
                 if "forward" in vars(layer):
                     del layer.forward
-            for m, flag in zip(model.modules(), was_training, strict=True):
+            for m, flag in zip(modules, was_training, strict=True):
                 m.training = flag
 
     def forward(self, model: Any, x: np.ndarray) -> None:
@@ -567,39 +576,50 @@ def _moment_forward(
     layer: Any, path: str, captured: dict[str, tuple[Any, Any, Any]], batch_stats: bool
 ) -> Any:
     original = type(layer).forward
-    buffers: dict[tuple[int, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+    # looked up once for the pass: the affine parameters in float32, and what the layer
+    # applies after normalising (timm's BatchNormAct2d: a drop and an activation)
+    weight, bias = (_float(layer.weight), _float(layer.bias)) if batch_stats else (None, None)
+    steps = (getattr(layer, name, None) for name in ("drop", "act"))
+    after = [step for step in steps if isinstance(step, nn.Module)]
+    eps = layer.eps
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        n = x.numel() // x.shape[1]
+        xf = x if x.dtype == torch.float32 else x.float()
+        channels = x.shape[1]
+        n = x.numel() // channels
         if not batch_stats and n == 1:  # one value per channel: the kernel refuses it
-            captured[path] = (xf.reshape(-1), torch.ones_like(xf.reshape(-1)), n)
+            captured[path] = (xf.reshape(-1).clone(), torch.zeros_like(xf.reshape(-1)), n)
             return original(layer, x)
         # one fused kernel normalises with the batch moments and, with momentum 1, leaves
-        # them in the buffers given (overwritten, so reused from batch to batch): the
-        # mean, and the variance with Bessel's correction (taken off when read)
-        key = (x.shape[1], x.device)
-        if key not in buffers:
-            buffers[key] = (
-                torch.zeros(x.shape[1], dtype=torch.float32, device=x.device),
-                torch.ones(x.shape[1], dtype=torch.float32, device=x.device),
-            )
-        mean, var = buffers[key]
-        weight, bias = (_float(layer.weight), _float(layer.bias)) if batch_stats else (None, None)
-        out = F.batch_norm(xf, mean, var, weight, bias, True, 1.0, layer.eps)
+        # them in the fresh buffers given: the mean, and the variance with Bessel's
+        # correction (taken off when read)
+        mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
+        var = torch.ones(channels, dtype=torch.float32, device=x.device)
+        out = F.batch_norm(xf, mean, var, weight, bias, True, 1.0, eps)
         captured[path] = (mean, var, n)
         if not batch_stats:  # the moments only (a third of var_mean's time on CPU)
             return original(layer, x)
-        return carried(layer, out.to(x.dtype))
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        for step in after:
+            out = step(out)
+        return out
 
     return forward
 
 
-def _moments(mean: torch.Tensor, var: torch.Tensor, n: int) -> tuple[Any, Any, int]:
-    """Copies of a layer's captured mean and variance, the variance without Bessel's
-    correction (the population variance; 0 for one value per channel)."""
-    population = (n - 1) / n if n > 1 else 0.0
-    return mean.cpu().numpy().copy(), var.cpu().numpy() * population, n
+def _moments(
+    captured: dict[str, tuple[Any, Any, Any]],
+) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Every layer's captured mean and variance as NumPy arrays (the buffers are the
+    layer's own for this batch: no copy on the CPU), the variance without Bessel's
+    correction: the population variance (0 for one value per channel)."""
+    out = {}
+    for path, (mean, var, n) in captured.items():
+        variance = var.cpu().numpy()
+        variance *= (n - 1) / n if n > 1 else 0.0
+        out[path] = (mean.cpu().numpy(), variance, int(n))
+    return out
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -632,6 +652,6 @@ def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
         captured.clear()
         with torch.no_grad():
             call(inner, x, checked=True)  # moments_pass checked it
-        return {p: _moments(m, v, int(n)) for p, (m, v, n) in captured.items()}
+        return _moments(captured)
 
     return run

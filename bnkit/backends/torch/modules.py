@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +175,13 @@ def materialized(model: Any) -> None:
     structure but no values to measure, adapt or export."""
     from bnkit.errors import BackendError
 
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    if not any(
+        t is not None and t.is_meta
+        for m in modules
+        for t in (*m._parameters.values(), *m._buffers.values())
+    ):
+        return
     meta = next(
         (n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None
     )
@@ -215,16 +222,17 @@ def call(model: Any, x: np.ndarray, checked: bool = False) -> Any:
 
 
 @contextlib.contextmanager
-def observers_held(model: Any) -> Iterator[None]:
+def observers_held(model: Any, modules: Sequence[Any] | None = None) -> Iterator[None]:
     """Quantization observers record nothing while bnkit runs its own passes, in training
     mode or not: QAT's fake-quantize modules (`prepare_qat`) and PTQ's observers
     (`prepare`, `prepare_fx`), torch.ao's and torchao's PT2E ones, would otherwise move
     their ranges, and with them the quantization scales, to the data of a re-estimation.
     Fake quantization itself still runs, so BN sees the inputs the quantized model gives
-    it. Everything is put back."""
+    it. Everything is put back. `modules`: the model's modules, when the caller has them."""
     fake_classes, observer_classes = _quantization_classes()
-    fakes: list[Any] = [m for m in model.modules() if isinstance(m, fake_classes)]
-    observers: list[Any] = [m for m in model.modules() if isinstance(m, observer_classes)]
+    modules = list(model.modules()) if modules is None else modules
+    fakes: list[Any] = [m for m in modules if isinstance(m, fake_classes)]
+    observers: list[Any] = [m for m in modules if isinstance(m, observer_classes)]
     enabled = [m.observer_enabled.clone() for m in fakes]
     try:
         for fake in fakes:
