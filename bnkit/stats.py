@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -202,15 +203,31 @@ class OnlineAdapt:
         self._backend, self._paths = _bn_paths(model, None)
         self._moments = {p: Moments() for p in self._paths}
 
-    def update(self, x: np.ndarray) -> None:
-        """Adds one batch and writes the statistics of the stream so far."""
+    def update(self, x: np.ndarray, *, write: bool = True) -> None:
+        """Adds one batch and (with `write`) writes the statistics of the stream so far."""
         with self._backend.moments_pass(self._model, self._paths, normalize="batch") as run:
             for path, (mean, var, n) in run(x).items():
                 self._moments[path].add(mean, var, n)
+        if write:
+            self.write()
+
+    def write(self) -> None:
+        """Writes the statistics of every batch given so far into the model."""
         seen, _ = _on_path(self._moments)
         new = {p: self._moments[p].result() for p in seen}
         _check_finite_stats(new)
         self._backend.set_bn_stats(self._model, new)
+
+    def fork(self) -> OnlineAdapt:
+        """Another OnlineAdapt of the same model that starts from this one's batches."""
+        twin = copy.copy(self)
+        twin._moments = copy.deepcopy(self._moments)
+        return twin
+
+    @property
+    def empty(self) -> bool:
+        """No batch has reached a BN layer yet."""
+        return all(m.n == 0 for m in self._moments.values())
 
     def off_path(self) -> tuple[str, ...]:
         """The BN layers no batch so far reached."""
