@@ -77,13 +77,16 @@ class Domains:
         return len(self._centres) - 1
 
     def _features(self, images: np.ndarray) -> np.ndarray:
-        x = images.astype(np.float64)
+        x = np.asarray(images, dtype=np.float32)
         if self._scale is None:
-            self._scale = x.var(axis=(0, 2, 3)) + 1e-12
+            self._scale = x.var(axis=(0, 2, 3), dtype=np.float64) + 1e-12
         eps = self._scale * 1e-3  # a flat image's log stays finite
-        mean = x.mean(axis=(2, 3)) / np.sqrt(self._scale)
-        spread = np.log(x.var(axis=(2, 3)) + eps)
+        # float64 sums over float32 pixels: no float64 copy of the batch
+        mean = x.mean(axis=(2, 3), dtype=np.float64) / np.sqrt(self._scale)
+        spread = np.log(x.var(axis=(2, 3), dtype=np.float64) + eps)
         edges = np.log(
-            np.diff(x, axis=2).var(axis=(2, 3)) + np.diff(x, axis=3).var(axis=(2, 3)) + eps
+            np.diff(x, axis=2).var(axis=(2, 3), dtype=np.float64)
+            + np.diff(x, axis=3).var(axis=(2, 3), dtype=np.float64)
+            + eps
         )
         return np.concatenate([mean, spread, edges], axis=1)

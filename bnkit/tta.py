@@ -248,8 +248,8 @@ def tta(
     from several cameras, weathers or corruptions, told apart by their own pixel
     statistics: `bnkit.domains`), each image is normalised instead with the statistics
     of its own domain's images so far, once that domain holds 64 images (before, the
-    whole stream's). On a stream of one domain it costs 2.1 to 2.6 inference passes per
-    batch (measured; telling the domains apart adds about 0.03), and on a mixed stream
+    whole stream's). On a stream of one domain it costs 2.3 to 2.8 inference passes per
+    batch (measured; telling the domains apart is about 0.1 of them), and on a mixed stream
     one more pass per domain in the batch; at the end the model holds the statistics of
     the whole stream, exactly as after `adapt`.
     On the corruption benchmark (severity 5) its mean is above whole-stream `adapt`'s
