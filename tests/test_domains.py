@@ -4,6 +4,8 @@ and `tta(..., "robust")` normalises each domain's images with its own statistics
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -97,6 +99,8 @@ def test_robust_normalises_each_domain_with_its_own_images_statistics(fw, monkey
     model = fw.build()
     report = bnkit.tta(model, (stream, labels), "robust", batch_size=2 * half)
     assert [r.domains for r in report.batches] == [2] * batches
+    assert report.domains == 2 and "2 domains in the stream" in str(report)
+    assert json.loads(report.to_json())["domains"] == 2
     assert report.accuracy == 1.0  # every prediction is the reference's
     reference = fw.build()
     bnkit.adapt(reference, stream, batch_size=2 * half)

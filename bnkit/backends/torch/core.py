@@ -50,6 +50,7 @@ from bnkit.backends.torch.modules import (
     FIXED_TEXT,
     Node,
     call,
+    carried,
     fake_quantized,
     initialised,
     is_bn,
@@ -576,12 +577,7 @@ def _moment_forward(
     layer: Any, path: str, captured: dict[str, tuple[Any, Any, Any]], batch_stats: bool
 ) -> Any:
     original = type(layer).forward
-    # looked up once for the pass: the affine parameters in float32, and what the layer
-    # applies after normalising (timm's BatchNormAct2d: a drop and an activation)
     weight, bias = (_float(layer.weight), _float(layer.bias)) if batch_stats else (None, None)
-    steps = (getattr(layer, name, None) for name in ("drop", "act"))
-    after = [step for step in steps if isinstance(step, nn.Module)]
-    eps = layer.eps
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         xf = x if x.dtype == torch.float32 else x.float()
@@ -595,15 +591,11 @@ def _moment_forward(
         # correction (taken off when read)
         mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
         var = torch.ones(channels, dtype=torch.float32, device=x.device)
-        out = F.batch_norm(xf, mean, var, weight, bias, True, 1.0, eps)
+        out = F.batch_norm(xf, mean, var, weight, bias, True, 1.0, layer.eps)
         captured[path] = (mean, var, n)
         if not batch_stats:  # the moments only (a third of var_mean's time on CPU)
             return original(layer, x)
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
-        for step in after:
-            out = step(out)
-        return out
+        return carried(layer, out.to(x.dtype))
 
     return forward
 

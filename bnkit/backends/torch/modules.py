@@ -6,6 +6,7 @@ and out of a model with quantization observers held."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -175,16 +176,8 @@ def materialized(model: Any) -> None:
     structure but no values to measure, adapt or export."""
     from bnkit.errors import BackendError
 
-    modules = model.modules() if isinstance(model, nn.Module) else ()
-    if not any(
-        t is not None and t.is_meta
-        for m in modules
-        for t in (*m._parameters.values(), *m._buffers.values())
-    ):
-        return
-    meta = next(
-        (n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None
-    )
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    meta = next((n for n, t in tensors if t.is_meta), None)
     if meta is not None:
         raise BackendError(
             f"the module's weights are on the meta device ({meta!r} has no values): load "
