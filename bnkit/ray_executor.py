@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,7 +74,29 @@ def ray_runs(
 ) -> list[Any]:
     """Every (strategy, seed) run as a Ray task, each `one_run` (compare's, shipped to the
     workers by reference); the runs in the sequential order, a run whose task gave no
-    result as `failed(strategy, seed, why)`."""
+    result as `failed(strategy, seed, why)`.
+
+    While it runs, what is printed on stdout goes to stderr: Ray's driver prints its
+    workers' errors ("(raylet) A worker died ...") on stdout from a thread of its own, which
+    would break `bnkit compare --json`'s output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _ray_runs(trainer, model, plans, seeds, train, val, settings, progress,
+                         address, one_run, failed)  # fmt: skip
+
+
+def _ray_runs(
+    trainer: Any,
+    model: Any,
+    plans: Sequence[Any],
+    seeds: Sequence[int],
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    settings: dict[str, Any],
+    progress: Any,
+    address: str | None,
+    one_run: Callable[..., Any],
+    failed: Callable[[str, int, str], Any],
+) -> list[Any]:
     ray = ray_module()
     started = not ray.is_initialized()
     if started:
@@ -164,8 +187,6 @@ def _runtime_env(trainer: Any) -> dict[str, Any]:
     """For the workers of the Ray instance bnkit starts: what the framework needs (the
     Keras backend) and the driver's import path, so a model class defined in the
     user's modules loads there, as it does on a local machine."""
-    import sys
-
     env = dict(trainer.worker_env())
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return {"env_vars": env}

@@ -118,24 +118,75 @@ def test_a_run_whose_worker_dies_fails_and_the_others_are_kept(local_ray, tmp_pa
     assert json.loads(result.to_json())["runs"][result.runs.index(failed[0])]["status"] == "failed"
 
 
-def test_compare_command_with_the_ray_executor(local_ray, capsys, tmp_path):
+DYING = """
+import os
+
+from models import Net
+
+
+class Dying(Net):
+    \"\"\"The first process that trains it dies (the marker file is created atomically).\"\"\"
+
+    def forward(self, x):
+        if self.training:
+            try:
+                os.close(os.open(os.environ["BNKIT_DIE_MARK"], os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        return super().forward(x)
+
+
+def build():
+    import torch
+
+    torch.manual_seed(0)
+    return Dying()
+"""
+
+
+def test_compare_command_with_the_ray_executor_keeps_stdout_json(tmp_path):
+    """`bnkit compare --executor ray --json` as a user runs it: its own local Ray, one
+    run whose worker dies, and stdout still one JSON document (Ray's driver prints the
+    raylet's "A worker died" on stdout unless bnkit sends it to stderr)."""
+    import subprocess
+    import sys
+
+    from test_cli_torch import FACTORY
+
+    (tmp_path / "models.py").write_text(FACTORY)
+    (tmp_path / "dying.py").write_text(DYING)
+    (x, y), _ = splits((3, 6, 6))
+    data = str(tmp_path / "d.npz")
+    np.savez(data, x=x, y=y)
+    env = {**os.environ, "BNKIT_DIE_MARK": str(tmp_path / "died")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    env.pop("KERAS_BACKEND", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnkit.cli", "compare", f"{tmp_path / 'dying.py'}:build", data,
+         "--val", data, "--strategies", "frozen,train", "--epochs", "1", "--seeds", "1",
+         "--batch-size", "8", "--executor", "ray", "--json"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert {r["strategy"] for r in doc["runs"]} == {"frozen", "train"}
+    assert sorted(r["status"] for r in doc["runs"]) == ["failed", "ok"]
+    assert any(r["error"] == "its worker died" for r in doc["runs"])
+    assert "seed 0: val accuracy" in proc.stderr
+
+
+def test_address_without_the_ray_executor_is_refused(capsys, tmp_path):
     from test_cli import run
     from test_cli_torch import FACTORY
 
     (tmp_path / "models.py").write_text(FACTORY)
-    spec = f"{tmp_path / 'models.py'}:build"
     (x, y), _ = splits((3, 6, 6))
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    code, out, err = run(capsys, "compare", spec, str(tmp_path / "d.npz"), "--val",
-                         str(tmp_path / "d.npz"), "--strategies", "frozen,train", "--epochs",
-                         "1", "--seeds", "1", "--batch-size", "8", "--executor", "ray",
-                         "--json")  # fmt: skip
-    assert code == 0, err
-    doc = json.loads(out)
-    assert {r["strategy"] for r in doc["runs"]} == {"frozen", "train"}
-    assert "frozen seed 0: val accuracy" in err and "train seed 0: val accuracy" in err
-    code, _, err = run(capsys, "compare", spec, str(tmp_path / "d.npz"), "--val",
-                       str(tmp_path / "d.npz"), "--address", "auto")  # fmt: skip
+    code, _, err = run(capsys, "compare", f"{tmp_path / 'models.py'}:build",
+                       str(tmp_path / "d.npz"), "--val", str(tmp_path / "d.npz"), "--address",
+                       "auto")  # fmt: skip
     assert code == 2 and "--address names a Ray cluster: give it with --executor ray" in err
 
 
