@@ -17,7 +17,8 @@ one mixed stream of all 15 corruptions shuffled together.
 ordered stream (a short stream: `adapt` re-estimates on those N). With `source`, `adapt`
 and `robust` among the methods, a last column gives `robust` less the better of
 `source` and `adapt` (what "do no harm" asks to stay above -1 point), and the mean row
-says in how many corruptions it is below -1.
+says in how many corruptions it is below -1. With `source` among the methods, a "worst -
+source" row gives each method's worst corruption against the source model.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def main() -> None:
         if harm:
             means += f"{sum(g < -0.01 for g in gaps):>9} below -1"
         print("mean".ljust(18) + means)
+        if "source" in table:  # each method's worst corruption against the source model
+            worst = []
+            for m, _, _ in methods:
+                gap = np.array(table[m]) - np.array(table["source"])
+                at = int(np.argmin(gap))
+                worst.append(f"{gap[at] * 100:+.1f} {names[at][:10]}")
+            print("worst - source".ljust(18) + "".join(f"{cell:>17}" for cell in worst))
     if "mixed" in streams:
         xs = np.concatenate([sets[c][0] for c in names])
         ys = np.concatenate([sets[c][1] for c in names])
