@@ -222,7 +222,9 @@ def compare(
     packed start model (on the Ray instance already initialised, else one started
     locally, or the cluster at `address`), with the same numbers as run one after the
     other; a run that raises or whose worker dies is marked `failed` and left out of
-    the summary, and the other runs are kept.
+    the summary, and the other runs are kept. While the runs are on Ray, what is
+    printed on stdout goes to stderr (Ray's driver prints its workers' errors on
+    stdout, where they would break a JSON report).
 
     PyTorch runs train as a user's loop does: `model.train()`, then one optimizer step
     per batch over the parameters that require grad; data is (N, C, H, W).
