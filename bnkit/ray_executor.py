@@ -10,6 +10,7 @@ that raises, comes back as that run failing; the others are kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import sys
@@ -59,6 +60,18 @@ def check_address(address: str | None) -> None:
         ) from None
 
 
+def _stdout_to_stderr(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` with what is printed on stdout sent to stderr while it runs."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_stdout_to_stderr
 def ray_runs(
     trainer: Any,
     model: Any,
@@ -79,24 +92,6 @@ def ray_runs(
     While it runs, what is printed on stdout goes to stderr: Ray's driver prints its
     workers' errors ("(raylet) A worker died ...") on stdout from a thread of its own, which
     would break `bnkit compare --json`'s output."""
-    with contextlib.redirect_stdout(sys.stderr):
-        return _ray_runs(trainer, model, plans, seeds, train, val, settings, progress,
-                         address, one_run, failed)  # fmt: skip
-
-
-def _ray_runs(
-    trainer: Any,
-    model: Any,
-    plans: Sequence[Any],
-    seeds: Sequence[int],
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
-    settings: dict[str, Any],
-    progress: Any,
-    address: str | None,
-    one_run: Callable[..., Any],
-    failed: Callable[[str, int, str], Any],
-) -> list[Any]:
     ray = ray_module()
     started = not ray.is_initialized()
     if started:
