@@ -41,17 +41,19 @@ class Moments:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        means = np.stack([p[0] for p in pending]).astype(np.float64)
-        m2s = np.stack([p[1] for p in pending]).astype(np.float64)
+        means = np.array([p[0] for p in pending], dtype=np.float64)
+        m2s = np.array([p[1] for p in pending], dtype=np.float64)
         counts = np.array([float(p[2]) for p in pending])
         if self._mean is not None and self._m2 is not None:
             means = np.concatenate([self._mean[None], means])
             m2s = np.concatenate([self._m2[None] / self._n, m2s])
             counts = np.concatenate([[float(self._n)], counts])
         total = counts.sum()
-        weights = counts.reshape((-1,) + (1,) * (means.ndim - 1))
-        mean = (weights * means).sum(axis=0) / total
-        self._m2 = (weights * (m2s + (means - mean) ** 2)).sum(axis=0)
+        mean = np.tensordot(counts, means, axes=1) / total
+        means -= mean
+        means *= means
+        m2s += means
+        self._m2 = np.tensordot(counts, m2s, axes=1)
         self._mean, self._n = mean, int(total)
 
     @property
@@ -185,8 +187,8 @@ def adapt(
     moments, n_batches, n_samples = _collect(
         backend, model, paths, data, "batch", batch_size, max_batches, on_batch
     )
-    before = backend.snapshot(model, weights_too=False).stats
     seen, off_path = _on_path(moments)
+    before = backend.bn_stats(model, seen)
     new = {p: moments[p].result() for p in seen}
     _check_finite_stats(new)
     backend.set_bn_stats(model, new)
@@ -324,7 +326,7 @@ def _combine(
 ) -> tuple[dict[str, Moments], int, int]:
     """Every rank's moments combined, in rank order, with Chan's update in float64: each
     rank then holds the moments of the union of the shards (a rank may have none)."""
-    stored = backend.snapshot(model, weights_too=False).stats
+    stored = backend.bn_stats(model, paths)
     widths = [stored[p]["mean"].size for p in paths]
     parts = [np.array([n_batches, n_samples], np.float64)]
     for path, width in zip(paths, widths, strict=True):
@@ -552,8 +554,8 @@ def shift(
     moments, n_batches, n_samples = _collect(
         backend, model, paths, data, "running", batch_size, max_batches, on_batch
     )
-    stored = backend.snapshot(model, weights_too=False).stats
     seen, off_path = _on_path(moments)
+    stored = backend.bn_stats(model, seen)
     measured = {p: moments[p].result() for p in seen}
     _check_finite_stats(measured)
     layers = tuple(_layer_shift(p, k, measured[p], stored[p]) for k, p in enumerate(seen))

@@ -89,6 +89,20 @@ def test_adapt_matches_numpy_and_shift_measures_the_distance():
     assert model.training  # the passes left the model's mode as it was
 
 
+def test_one_sample_is_measured_by_shift_and_refused_by_adapt():
+    # one value per channel: shift reads it as its mean (variance 0); adapt, which
+    # normalises with the batch, cannot, and says so in one line
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    x = np.random.default_rng(0).normal(size=(1, 3)).astype("float32")
+    model[1].running_mean.copy_(model[0](torch.as_tensor(x)).detach()[0])
+    before = model[1].running_var.clone()
+    (layer,) = bnkit.shift(model, x).layers
+    assert layer.mean_offset < 1e-6 and layer.std_ratio < 0.05  # its mean, no spread
+    with pytest.raises(bnkit.BnkitError, match="more than 1 value per channel"):
+        bnkit.adapt(model, x)
+    assert torch.equal(model[1].running_var, before)
+
+
 def test_adapt_takes_tensors_and_half_precision_models():
     x = np.random.default_rng(0).normal(3.0, 2.0, size=(24, 3, 6, 6)).astype("float32")
     from_numpy, from_tensor = net(), net()

@@ -263,6 +263,10 @@ class Backend(Protocol):
         the statistics are wanted) every trainable weight."""
         ...
 
+    def bn_stats(self, model: Any, paths: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+        """Copies the running statistics (`mean`, `var`) of the BN layers at `paths`."""
+        ...
+
     def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:
         """Writes running statistics (`mean`, `var`) into the BN layers at the given paths."""
         ...

@@ -441,6 +441,10 @@ class KerasBackend:
 
     # ------------------------------------------------------------------ statistics
 
+    def bn_stats(self, model: Any, paths: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+        stats = self.snapshot(model, weights_too=False).stats
+        return {p: stats[p] for p in paths}
+
     def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:
         layers = {n.path: n.layer for n in walk(model)}
         for path, values in stats.items():

@@ -465,13 +465,19 @@ class TorchBackend:
                 }
         return Snapshot(weights, stats)
 
+    def bn_stats(self, model: Any, paths: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        for path in paths:
+            bn: Any = model.get_submodule(path)
+            out[path] = {"mean": to_numpy(bn.running_mean), "var": to_numpy(bn.running_var)}
+        return out
+
     def set_bn_stats(self, model: Any, stats: dict[str, dict[str, np.ndarray]]) -> None:
-        modules = {n.path: n.module for n in walk(model)}
         with torch.no_grad():
             for path, values in stats.items():
-                bn = modules[path]
-                bn.running_mean.copy_(torch.as_tensor(values["mean"], dtype=bn.running_mean.dtype))
-                bn.running_var.copy_(torch.as_tensor(values["var"], dtype=bn.running_var.dtype))
+                bn: Any = model.get_submodule(path)
+                bn.running_mean.copy_(torch.from_numpy(np.asarray(values["mean"])))
+                bn.running_var.copy_(torch.from_numpy(np.asarray(values["var"])))
 
     @contextlib.contextmanager
     def moments_pass(
@@ -486,13 +492,14 @@ class TorchBackend:
         for path, layer in zip(paths, layers, strict=True):
             if layer.running_mean is None:
                 raise BnkitError(f"{path}: track_running_stats=False, no statistics to measure")
-        captured: dict[str, tuple[Any, Any, Any]] = {}
+        captured = _Captured(paths, [layer.running_mean.numel() for layer in layers])
         modules = list(model.modules())
         was_training = [m.training for m in modules]
         try:
             for path, layer in zip(paths, layers, strict=True):
                 layer.forward = _moment_forward(layer, path, captured, normalize == "batch")
-            model.eval()
+            if any(was_training):
+                model.eval()
             with observers_held(model, modules):
                 yield _pass(model, captured)
         finally:
@@ -500,7 +507,8 @@ class TorchBackend:
                 if "forward" in vars(layer):
                     del layer.forward
             for m, flag in zip(modules, was_training, strict=True):
-                m.training = flag
+                if m.training != flag:
+                    m.training = flag
 
     def forward(self, model: Any, x: np.ndarray) -> None:
         with torch.no_grad(), observers_held(model):
@@ -573,45 +581,78 @@ def _join_group(dist: Any, world: int, on_wait: Callable[[str], None] | None = N
             signal.signal(signal.SIGTERM, previous)
 
 
-def _moment_forward(
-    layer: Any, path: str, captured: dict[str, tuple[Any, Any, Any]], batch_stats: bool
-) -> Any:
+class _Captured:
+    """One batch's input moments of the measured layers: every layer's mean and variance
+    (with Bessel's correction, as the kernel leaves it) in one buffer per device, read
+    into NumPy at once, with the count of values per channel of each layer called."""
+
+    def __init__(self, paths: Sequence[str], widths: Sequence[int]) -> None:
+        self.slots: dict[str, tuple[int, int]] = {}
+        at = 0
+        for path, width in zip(paths, widths, strict=True):
+            self.slots[path] = (at, at + width)
+            at += width
+        self.total = at
+        self.buffers: dict[torch.device, torch.Tensor] = {}
+        self.counts: dict[str, tuple[torch.device, int]] = {}
+
+    def clear(self) -> None:
+        self.buffers, self.counts = {}, {}
+
+    def take(self, path: str, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's fresh mean and variance buffers for this batch; zeros, so that a
+        kernel at momentum 1 leaves exactly the batch's moments in them."""
+        buffer = self.buffers.get(device)
+        if buffer is None:
+            buffer = self.buffers[device] = torch.zeros(2, self.total, device=device)
+        self.counts[path] = (device, n)
+        start, stop = self.slots[path]
+        return buffer[0, start:stop], buffer[1, start:stop]
+
+    def moments(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        """Every layer's mean and population variance (0 for one value per channel) as
+        NumPy arrays, views of one copy of this batch's buffer (none on the CPU)."""
+        read = {device: t.cpu().numpy() for device, t in self.buffers.items()}
+        out = {}
+        for path, (device, n) in self.counts.items():
+            start, stop = self.slots[path]
+            values = read[device]
+            variance = values[1, start:stop]
+            variance *= (n - 1) / n if n > 1 else 0.0
+            out[path] = (values[0, start:stop], variance, n)
+        return out
+
+
+def _moment_forward(layer: Any, path: str, captured: _Captured, batch_stats: bool) -> Any:
     original = type(layer).forward
     weight, bias = (_float(layer.weight), _float(layer.bias)) if batch_stats else (None, None)
+    eps, cudnn = layer.eps, torch.backends.cudnn.enabled
+    carries = any(isinstance(getattr(layer, n, None), nn.Module) for n in ("drop", "act"))
+    float32 = torch.float32
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        xf = x if x.dtype == torch.float32 else x.float()
+        xf = x if x.dtype is float32 else x.float()
         channels = x.shape[1]
         n = x.numel() // channels
-        if not batch_stats and n == 1:  # one value per channel: the kernel refuses it
-            captured[path] = (xf.reshape(-1).clone(), torch.zeros_like(xf.reshape(-1)), n)
+        if n == 1:  # one value per channel: the kernel refuses it in training mode
+            if batch_stats:  # torch's own error: the batch cannot be normalised
+                F.batch_norm(xf, None, None, weight, bias, True, 1.0, eps)
+            mean, _ = captured.take(path, x.device, n)
+            mean.copy_(xf.reshape(-1))
             return original(layer, x)
         # one fused kernel normalises with the batch moments and, with momentum 1, leaves
-        # them in the fresh buffers given: the mean, and the variance with Bessel's
-        # correction (taken off when read)
-        mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
-        var = torch.ones(channels, dtype=torch.float32, device=x.device)
-        out = F.batch_norm(xf, mean, var, weight, bias, True, 1.0, layer.eps)
-        captured[path] = (mean, var, n)
+        # them in the buffers given: the mean, and the variance with Bessel's correction
+        # (taken off when read); torch.batch_norm is F.batch_norm less the Python checks
+        # made above
+        mean, var = captured.take(path, x.device, n)
+        out = torch.batch_norm(xf, weight, bias, mean, var, True, 1.0, eps, cudnn)
         if not batch_stats:  # the moments only (a third of var_mean's time on CPU)
             return original(layer, x)
-        return carried(layer, out.to(x.dtype))
+        if x.dtype is not float32:
+            out = out.to(x.dtype)
+        return carried(layer, out) if carries else out
 
     return forward
-
-
-def _moments(
-    captured: dict[str, tuple[Any, Any, Any]],
-) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-    """Every layer's captured mean and variance as NumPy arrays (the buffers are the
-    layer's own for this batch: no copy on the CPU), the variance without Bessel's
-    correction: the population variance (0 for one value per channel)."""
-    out = {}
-    for path, (mean, var, n) in captured.items():
-        variance = var.cpu().numpy()
-        variance *= (n - 1) / n if n > 1 else 0.0
-        out[path] = (mean.cpu().numpy(), variance, int(n))
-    return out
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -637,13 +678,13 @@ class TorchCollective:
         return [t.cpu().numpy() for t in out]
 
 
-def _pass(model: Any, captured: dict[str, tuple[Any, Any, Any]]) -> MomentPass:
+def _pass(model: Any, captured: _Captured) -> MomentPass:
     inner = unwrapped(model)
 
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         captured.clear()
         with torch.no_grad():
             call(inner, x, checked=True)  # moments_pass checked it
-        return _moments(captured)
+        return captured.moments()
 
     return run

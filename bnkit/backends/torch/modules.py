@@ -176,6 +176,12 @@ def materialized(model: Any) -> None:
     structure but no values to measure, adapt or export."""
     from bnkit.errors import BackendError
 
+    for module in model.modules():  # the names are looked up only when one is missing
+        tensors = itertools.chain(module._parameters.values(), module._buffers.values())
+        if any(t is not None and t.is_meta for t in tensors):
+            break
+    else:
+        return
     tensors = itertools.chain(model.named_parameters(), model.named_buffers())
     meta = next((n for n, t in tensors if t.is_meta), None)
     if meta is not None:
