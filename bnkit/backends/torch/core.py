@@ -583,17 +583,19 @@ def _join_group(dist: Any, world: int, on_wait: Callable[[str], None] | None = N
 
 class _Captured:
     """One batch's input moments of the measured layers: every layer's mean and variance
-    (with Bessel's correction, as the kernel leaves it) in one buffer per device, read
-    into NumPy at once, with the count of values per channel of each layer called."""
+    (with Bessel's correction, as the kernel leaves it) in one buffer per device, cut into
+    the layers' views at once and read into NumPy at once, with the count of values per
+    channel of each layer called."""
 
     def __init__(self, paths: Sequence[str], widths: Sequence[int]) -> None:
-        self.slots: dict[str, tuple[int, int]] = {}
-        at = 0
-        for path, width in zip(paths, widths, strict=True):
-            self.slots[path] = (at, at + width)
-            at += width
-        self.total = at
-        self.buffers: dict[torch.device, torch.Tensor] = {}
+        self.index = {path: i for i, path in enumerate(paths)}
+        self.sizes = [w for w in widths for _ in range(2)]  # mean, variance, per layer
+        ends = [int(e) for e in np.cumsum(self.sizes)]
+        self.total = ends[-1] if ends else 0
+        # each layer's mean from `at` to `middle`, its variance from `middle` to `stop`
+        self.spans = {path: (ends[2 * i] - w, ends[2 * i], ends[2 * i + 1])
+                      for (path, i), w in zip(self.index.items(), widths, strict=True)}  # fmt: skip
+        self.buffers: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.counts: dict[str, tuple[torch.device, int]] = {}
 
     def clear(self) -> None:
@@ -602,24 +604,25 @@ class _Captured:
     def take(self, path: str, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's fresh mean and variance buffers for this batch; zeros, so that a
         kernel at momentum 1 leaves exactly the batch's moments in them."""
-        buffer = self.buffers.get(device)
-        if buffer is None:
-            buffer = self.buffers[device] = torch.zeros(2, self.total, device=device)
+        held = self.buffers.get(device)
+        if held is None:
+            buffer = torch.zeros(self.total, device=device)
+            held = self.buffers[device] = (buffer, list(buffer.split(self.sizes)))
         self.counts[path] = (device, n)
-        start, stop = self.slots[path]
-        return buffer[0, start:stop], buffer[1, start:stop]
+        i = 2 * self.index[path]
+        return held[1][i], held[1][i + 1]
 
     def moments(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         """Every layer's mean and population variance (0 for one value per channel) as
         NumPy arrays, views of one copy of this batch's buffer (none on the CPU)."""
-        read = {device: t.cpu().numpy() for device, t in self.buffers.items()}
+        read = {device: t.cpu().numpy() for device, (t, _) in self.buffers.items()}
         out = {}
         for path, (device, n) in self.counts.items():
-            start, stop = self.slots[path]
+            at, middle, stop = self.spans[path]
             values = read[device]
-            variance = values[1, start:stop]
+            variance = values[middle:stop]
             variance *= (n - 1) / n if n > 1 else 0.0
-            out[path] = (values[0, start:stop], variance, n)
+            out[path] = (values[at:middle], variance, n)
         return out
 
 
