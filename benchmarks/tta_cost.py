@@ -13,7 +13,8 @@ compiles it; the median over the stream), timed in the same run. Reported: the m
 over the full batches after the first two (tracing); with guards also over the first
 `window` batches (8: all checked), over batches 8-31 (the gap between checks growing:
 checks at 8, 10, 14 and 22 when all are calm) and over every batch after the window
-(the gap up to 16), with the number of checks after the window; the median of RUNS
+(the gap up to 16), with the number of checks after the window; `robust` over the
+batches after the first two and over those after the window; the median of RUNS
 interleaved runs (their range in brackets). The re-estimation that `tta` runs once
 after the stream (one statistics pass per batch, with its tracing) is reported apart.
 
@@ -68,9 +69,9 @@ def tta_seconds(
     update = OnlineAdapt.update
     counted: list[int] = []
 
-    def counting(self, batch):
+    def counting(self, batch, **kwargs):
         counted.append(1)
-        return update(self, batch)
+        return update(self, batch, **kwargs)
 
     OnlineAdapt.update = counting  # type: ignore[method-assign]
     try:
@@ -89,7 +90,7 @@ def measure(name: str, k, start, x, y) -> None:
     batches = [x[i : i + BATCH] for i in range(0, len(x) - BATCH + 1, BATCH)]
     ratios: dict[str, list[float]] = {
         "plain": [], "guards": [], "first 8": [], "8-31": [], "after": [], "settle": [],
-        "robust": [], "checks": [],
+        "robust": [], "robust after": [], "checks": [],
     }  # fmt: skip
     infer = []
     for _ in range(RUNS):
@@ -105,6 +106,7 @@ def measure(name: str, k, start, x, y) -> None:
         ratios["settle"].append(settle / i / len(batches))
         robust, _ = tta_seconds(k, start, x, y, guard=True, method="robust")
         ratios["robust"].append(statistics.mean(robust[SKIP:]) / i)
+        ratios["robust after"].append(statistics.mean(robust[WINDOW:]) / i)
     checks = ratios.pop("checks")
     cells = "  ".join(
         f"{key} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for key, v in ratios.items()

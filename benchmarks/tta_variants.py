@@ -27,17 +27,22 @@ before choosing, on the corruption benchmark's streams (PyTorch, the demo's CNN,
 - `source-prior`: the same blend by count, the source statistics worth 64 images;
 - `entropy-select`: each batch predicted with both the source's and the stream's
   statistics, the source's kept while their mean entropy over the stream is lower;
+- `robust-measure-all`, `-half`, `-quarter`, `-eighth`, `-quarter-every-2` (issue 34,
+  about one pass): `robust` with the stream's statistics taking in all, half, a quarter
+  (at least 16 images) or an eighth (at least 8) of each batch after the first 8, or a
+  quarter of every other batch, each sample weighted as its whole batch;
 - `source`: no adaptation;
 - `robust`: `bnkit.tta(..., "robust")`.
 
     .venv/bin/python benchmarks/tta_variants.py [--seeds 1] [--corruptions fog,snow]
         [--streams iid,sorted,dirichlet] [--variants adapt,robust-one-pass,robust]
-        [--severity 5] [--images 384]
+        [--severity 5] [--images 384] [--repeat 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import numpy as np
 import torch
@@ -52,10 +57,20 @@ from bnkit.demo import kit
 from bnkit.stats import Moments, OnlineAdapt, _layer_shift
 from bnkit.tta import SHIFT_RUN, _label_shift, lame
 
+tta_module = importlib.import_module("bnkit.tta")  # the module (bnkit.tta is the function)
 ALPHA, MEMORY = 0.05, 64
 VARIANTS = ("source", "adapt", "online", "rbn-memory", "rbn-memory-warm", "tent-online",
             "robust-one-pass", "robust-lagged", "first-layer-gate", "mid-layer-gate",
-            "source-prior", "entropy-select", "robust")  # fmt: skip
+            "source-prior", "entropy-select", "robust-measure-all", "robust-measure-half",
+            "robust-measure-quarter", "robust-measure-eighth", "robust-measure-quarter-every-2",
+            "robust")  # fmt: skip
+MEASURED = {  # MEASURED_SHARE, MEASURED_MIN, MEASURED_EVERY
+    "robust-measure-all": (1.0, 16, 1),
+    "robust-measure-half": (0.5, 16, 1),
+    "robust-measure-quarter": (0.25, 16, 1),
+    "robust-measure-eighth": (0.125, 8, 1),
+    "robust-measure-quarter-every-2": (0.25, 16, 2),
+}
 GATE = (0.03, 0.1)
 """first-layer-gate: the first BN layer's shift (mean KL over channels, nats) below which
 the source statistics are kept and above which the stream's are used, blended between."""
@@ -230,6 +245,16 @@ def run(variant: str, model, x: np.ndarray, y: np.ndarray) -> float:
     adapter = backend.test_time()
     if variant == "robust":
         return float(bnkit.tta(model, (x, y), "robust", batch_size=BATCH).accuracy)
+    if variant in MEASURED:
+        names = ("MEASURED_SHARE", "MEASURED_MIN", "MEASURED_EVERY")
+        kept = [getattr(tta_module, n) for n in names]
+        for name, value in zip(names, MEASURED[variant], strict=True):
+            setattr(tta_module, name, value)
+        try:
+            return float(bnkit.tta(model, (x, y), "robust", batch_size=BATCH).accuracy)
+        finally:
+            for name, value in zip(names, kept, strict=True):
+                setattr(tta_module, name, value)
     if variant in WEIGHTS:
         return one_pass_robust(model, x, y, WEIGHTS[variant])
     if variant in ("adapt", "source"):
@@ -305,6 +330,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6))
     parser.add_argument("--images", type=int, default=None, help="the first N of each stream")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="each corruption's images N times (longer streams)"
+    )
     args = parser.parse_args()
     names = [c for c in args.corruptions.split(",") if c]
     variants = [v for v in args.variants.split(",") if v]
@@ -315,10 +343,13 @@ def main() -> None:
     print(f"{k.version()}; {len(names)} corruptions at severity {args.severity}, batch "
           f"{BATCH}, {args.seeds} seed(s)"
           + (f", the first {args.images} images of each stream" if args.images else "")
+          + (f", each corruption's images {args.repeat} times over" if args.repeat > 1 else "")
           + "; mean accuracy over the corruptions (misses: corruptions where the variant "
           "is more than 1 point below the better of source and adapt)")  # fmt: skip
     print("stream".ljust(12) + "".join(f"{v:>21}" for v in variants))
     sets = {c: corrupted_digits(c, args.severity) for c in names}
+    sets = {c: (np.concatenate([x] * args.repeat), np.concatenate([y] * args.repeat))
+            for c, (x, y) in sets.items()}  # fmt: skip
     cut = slice(None, args.images)
     for kind in args.streams.split(","):
         per = {v: [] for v in variants}  # mean over seeds, per corruption

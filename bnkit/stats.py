@@ -205,11 +205,14 @@ class OnlineAdapt:
         self._backend, self._paths = _bn_paths(model, None)
         self._moments = {p: Moments() for p in self._paths}
 
-    def update(self, x: np.ndarray, *, write: bool = True) -> None:
-        """Adds one batch and (with `write`) writes the statistics of the stream so far."""
+    def update(self, x: np.ndarray, *, write: bool = True, represents: int | None = None) -> None:
+        """Adds one batch and (with `write`) writes the statistics of the stream so far.
+        `represents`: the number of images `x` stands for (a sample of a larger batch),
+        its moments weighted as that many."""
+        scale = 1.0 if represents is None else represents / len(x)
         with self._backend.moments_pass(self._model, self._paths, normalize="batch") as run:
             for path, (mean, var, n) in run(x).items():
-                self._moments[path].add(mean, var, n)
+                self._moments[path].add(mean, var, round(n * scale))
         if write:
             self.write()
 

@@ -149,6 +149,67 @@ def test_online_re_estimation_equals_adapt_over_the_batches_so_far(fw):
             np.testing.assert_allclose(a[path][key], b[path][key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_sample_of_a_batch_counts_as_the_batch_it_stands_for(fw):
+    """`represents`: a batch's sample is weighted as the whole batch; a sample with the
+    batch's moments (here the batch is the sample four times over) gives exactly what
+    the whole batch gives."""
+    from bnkit.stats import OnlineAdapt
+
+    x = fw.inputs(48)
+    first, part = x[:32], x[32:48]
+    sampled, whole = fw.build(), fw.build()
+    online = OnlineAdapt(sampled)
+    online.update(first)
+    online.update(part, represents=64)
+    bnkit.adapt(whole, np.concatenate([first, *[part] * 4]), batch_size=32)
+    a, b = fw.bn_values(sampled), fw.bn_values(whole)
+    for path in a:
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(a[path][key], b[path][key], rtol=1e-5, atol=1e-6)
+    unweighted = fw.build()
+    online = OnlineAdapt(unweighted)
+    online.update(first)
+    online.update(part)
+    moved = fw.bn_values(unweighted)
+    assert any(not np.allclose(moved[p]["mean"], a[p]["mean"], atol=1e-6) for p in a)
+
+
+def test_after_the_window_robust_measures_a_share_of_each_batch(fw, monkeypatch):
+    from bnkit.stats import OnlineAdapt
+
+    monkeypatch.setattr(tta_module, "MEASURED_SHARE", 0.25)
+    monkeypatch.setattr(tta_module, "MEASURED_MIN", 16)
+    monkeypatch.setattr(tta_module, "MEASURED_EVERY", 1)
+    sizes: list[tuple[int, int | None]] = []
+    update = OnlineAdapt.update
+
+    def sized(self, x, **kwargs):
+        sizes.append((len(x), kwargs.get("represents")))
+        return update(self, x, **kwargs)
+
+    monkeypatch.setattr(OnlineAdapt, "update", sized)
+    x = fw.inputs(64 * 4)
+    bnkit.tta(fw.build(), x, "robust", batch_size=64, window=2)
+    assert sizes == [(64, 64), (64, 64), (16, 64), (16, 64)]
+    sizes.clear()
+    bnkit.tta(fw.build(), x, "tent", batch_size=64, window=2, lr=1e-5)
+    import keras
+
+    traced = bnkit.backends.get_backend(fw.build()).test_time().traced
+    assert traced == (fw.name == "keras" and keras.backend.backend() in ("tensorflow", "jax"))
+    # the guards' checks 0, 1, 2: a sample after the window where no trace is paid
+    assert sizes[:3] == [(64, 64), (64, 64), (64 if traced else 16, 64)]
+    sizes.clear()
+    bnkit.tta(fw.build(), x[:128], "robust", batch_size=32, window=1)  # 8 = 32/4 < 16
+    assert sizes == [(32, 32), (16, 32), (16, 32), (16, 32)]
+    monkeypatch.setattr(tta_module, "MEASURED_EVERY", 2)  # robust: every other batch
+    sizes.clear()
+    bnkit.tta(fw.build(), np.concatenate([x, x[:64]]), "robust", batch_size=64, window=2)
+    assert sizes == [(64, 64), (64, 64), (16, 64), (16, 64)]  # batches 0, 1, 2 and 4
+    picked = tta_module._measured(np.arange(64)[:, None], settled=True)[:, 0]
+    assert picked[0] == 0 and picked[-1] == 63 and len(set(np.diff(picked))) <= 2  # spread
+
+
 def _spy_on_checks(monkeypatch) -> tuple[list[int], list[int]]:
     """(the indices of the batches the guards' reference checked, the batches done so
     far; `on_batch=lambda b: batches.append(b.index)` fills the second)."""
@@ -158,9 +219,9 @@ def _spy_on_checks(monkeypatch) -> tuple[list[int], list[int]]:
     batches: list[int] = []
     update = OnlineAdapt.update
 
-    def counted(self, x):
+    def counted(self, x, **kwargs):
         checked.append(len(batches))
-        return update(self, x)
+        return update(self, x, **kwargs)
 
     monkeypatch.setattr(OnlineAdapt, "update", counted)
     return checked, batches

@@ -173,6 +173,10 @@ class Deployer(Protocol):
 class TestTimeAdapter(Protocol):
     """What `tta` needs: TENT's entropy step on BN gamma/beta and resets."""
 
+    traced: bool
+    """True where passes are compiled per batch shape (Keras on TensorFlow and JAX): a
+    new batch size costs a trace."""
+
     def prepare(self, model: Any, lr: float, optimizer: str) -> None:
         """Only BN gamma/beta trainable; a fresh `adam` or `sgd` optimizer over them."""
         ...

@@ -26,6 +26,7 @@ class KerasTestTime:
     """The TestTimeAdapter capability for Keras models (see `backends.base`)."""
 
     def __init__(self) -> None:
+        self.traced = keras.backend.backend() in ("tensorflow", "jax")
         self._optimizer: Any = None
         self._logits = True
         self._flags: list[tuple[Any, bool]] = []

@@ -21,6 +21,7 @@ class TorchTestTime:
     """The TestTimeAdapter capability for PyTorch modules (see `backends.base`)."""
 
     def __init__(self) -> None:
+        self.traced = False  # eager: a batch of any size costs no trace
         self._optimizer: Any = None
         self._logits = True
         self._flags: list[tuple[Any, bool]] = []
