@@ -264,10 +264,10 @@ def tta(
     whole batch): on a stream of one domain `robust` costs about 1.4 inference passes per
     batch after the window on PyTorch and Keras-torch, 1.7 on Keras' TensorFlow and JAX
     (measured; telling the domains apart is about 0.1 of them), and on a mixed stream
-    one more pass per domain in the batch. At the end the model
-    holds the stream's statistics over the images measured (on a stream of at most
-    `window` batches exactly what `adapt` gives; on the longer streams measured the
-    sampling moved the means by at most 0.2 points).
+    one more pass per domain in the batch. At the end the model holds the stream's
+    statistics over the images measured (on a stream of at most `window` batches
+    exactly what `adapt` gives; on the longer streams measured the sampling moved the
+    means by at most 0.2 points).
     On the corruption benchmark (severity 5) its mean is above whole-stream `adapt`'s
     on every stream (46.9% against 32.2% where the 15 corruptions are mixed) and above
     TENT with guards, at a lower cost: hence the default. Where the model is already

@@ -14,6 +14,7 @@ A model's "BN mode" is what it does in a training loop, after `model.train()`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import warnings
 import weakref
@@ -476,8 +477,8 @@ class TorchBackend:
         with torch.no_grad():
             for path, values in stats.items():
                 bn: Any = model.get_submodule(path)
-                bn.running_mean.copy_(torch.from_numpy(np.asarray(values["mean"])))
-                bn.running_var.copy_(torch.from_numpy(np.asarray(values["var"])))
+                bn.running_mean.copy_(torch.as_tensor(values["mean"]))  # copy_ casts
+                bn.running_var.copy_(torch.as_tensor(values["var"]))
 
     @contextlib.contextmanager
     def moments_pass(
@@ -588,13 +589,9 @@ class _Captured:
     channel of each layer called."""
 
     def __init__(self, paths: Sequence[str], widths: Sequence[int]) -> None:
-        self.index = {path: i for i, path in enumerate(paths)}
-        self.sizes = [w for w in widths for _ in range(2)]  # mean, variance, per layer
-        ends = [int(e) for e in np.cumsum(self.sizes)]
-        self.total = ends[-1] if ends else 0
-        # each layer's mean from `at` to `middle`, its variance from `middle` to `stop`
-        self.spans = {path: (ends[2 * i] - w, ends[2 * i], ends[2 * i + 1])
-                      for (path, i), w in zip(self.index.items(), widths, strict=True)}  # fmt: skip
+        self.slot = {path: 2 * i for i, path in enumerate(paths)}  # its mean's; var next
+        self.sizes = [w for w in widths for _ in range(2)]
+        self.starts = [0, *itertools.accumulate(self.sizes)]
         self.buffers: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.counts: dict[str, tuple[torch.device, int]] = {}
 
@@ -606,10 +603,10 @@ class _Captured:
         kernel at momentum 1 leaves exactly the batch's moments in them."""
         held = self.buffers.get(device)
         if held is None:
-            buffer = torch.zeros(self.total, device=device)
+            buffer = torch.zeros(self.starts[-1], device=device)
             held = self.buffers[device] = (buffer, list(buffer.split(self.sizes)))
         self.counts[path] = (device, n)
-        i = 2 * self.index[path]
+        i = self.slot[path]
         return held[1][i], held[1][i + 1]
 
     def moments(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
@@ -618,7 +615,7 @@ class _Captured:
         read = {device: t.cpu().numpy() for device, (t, _) in self.buffers.items()}
         out = {}
         for path, (device, n) in self.counts.items():
-            at, middle, stop = self.spans[path]
+            at, middle, stop = self.starts[self.slot[path] : self.slot[path] + 3]
             values = read[device]
             variance = values[middle:stop]
             variance *= (n - 1) / n if n > 1 else 0.0
