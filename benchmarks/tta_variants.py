@@ -30,7 +30,9 @@ before choosing, on the corruption benchmark's streams (PyTorch, the demo's CNN,
 - `robust-measure-all`, `-half`, `-quarter`, `-eighth`, `-quarter-every-2` (issue 34,
   about one pass): `robust` with the stream's statistics taking in all, half, a quarter
   (at least 16 images) or an eighth (at least 8) of each batch after the first 8, or a
-  quarter of every other batch, each sample weighted as its whole batch;
+  quarter of every other batch, each sample weighted as its whole batch and measured
+  with it; `-quarter-pooled`: a quarter of each batch, the samples measured together
+  once they fill a batch (`robust` does so with an eighth);
 - `source`: no adaptation;
 - `robust`: `bnkit.tta(..., "robust")`.
 
@@ -63,13 +65,14 @@ VARIANTS = ("source", "adapt", "online", "rbn-memory", "rbn-memory-warm", "tent-
             "robust-one-pass", "robust-lagged", "first-layer-gate", "mid-layer-gate",
             "source-prior", "entropy-select", "robust-measure-all", "robust-measure-half",
             "robust-measure-quarter", "robust-measure-eighth", "robust-measure-quarter-every-2",
-            "robust")  # fmt: skip
-MEASURED = {  # MEASURED_SHARE, MEASURED_MIN, MEASURED_EVERY
-    "robust-measure-all": (1.0, 16, 1),
-    "robust-measure-half": (0.5, 16, 1),
-    "robust-measure-quarter": (0.25, 16, 1),
-    "robust-measure-eighth": (0.125, 8, 1),
-    "robust-measure-quarter-every-2": (0.25, 16, 2),
+            "robust-measure-quarter-pooled", "robust")  # fmt: skip
+MEASURED = {  # ROBUST_SHARE, ROBUST_MIN, ROBUST_EVERY, ROBUST_POOLED
+    "robust-measure-all": (1.0, 16, 1, False),
+    "robust-measure-half": (0.5, 16, 1, False),
+    "robust-measure-quarter": (0.25, 16, 1, False),
+    "robust-measure-eighth": (0.125, 8, 1, False),
+    "robust-measure-quarter-every-2": (0.25, 16, 2, False),
+    "robust-measure-quarter-pooled": (0.25, 16, 1, True),
 }
 GATE = (0.03, 0.1)
 """first-layer-gate: the first BN layer's shift (mean KL over channels, nats) below which
@@ -246,7 +249,7 @@ def run(variant: str, model, x: np.ndarray, y: np.ndarray) -> float:
     if variant == "robust":
         return float(bnkit.tta(model, (x, y), "robust", batch_size=BATCH).accuracy)
     if variant in MEASURED:
-        names = ("MEASURED_SHARE", "MEASURED_MIN", "MEASURED_EVERY")
+        names = ("ROBUST_SHARE", "ROBUST_MIN", "ROBUST_EVERY", "ROBUST_POOLED")
         kept = [getattr(tta_module, n) for n in names]
         for name, value in zip(names, MEASURED[variant], strict=True):
             setattr(tta_module, name, value)

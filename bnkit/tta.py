@@ -63,15 +63,25 @@ CALM = 0.75
 reference's (a collapse is called under AGREEMENT; the predictions of a healthy TENT
 agree with the reference's on 80 to 95% of the images of the corruption benchmark)."""
 MEASURED_SHARE = 0.25
-"""`robust`, and the guards' reference where a new batch size costs no trace (PyTorch,
-Keras-torch): after the first `window` batches, the stream's statistics take in this
-share of a batch (evenly spaced, at least MEASURED_MIN images), weighted as the whole
-batch (benchmarks/README.md)."""
+"""The guards' reference where a new batch size costs no trace (PyTorch, Keras-torch):
+after the first `window` batches a checked batch's statistics are taken from this share
+of it (evenly spaced, at least MEASURED_MIN images), weighted as the whole batch."""
 MEASURED_MIN = 16
-"""the fewest images of a batch the stream's statistics take in after the window."""
-MEASURED_EVERY = 2
-"""`robust`: after the first `window` batches the stream's statistics take in every
-this-many-th batch; the others are predicted with the statistics so far."""
+"""the fewest images of a checked batch the reference's statistics take in."""
+ROBUST_SHARE = 0.125
+"""`robust`: after the first `window` batches the stream's statistics take in this share
+of each batch (evenly spaced, at least ROBUST_MIN images, each weighted as the share of
+its batch it stands for), pooled: the samples are measured together once they fill a
+batch of the stream's first batch size (ROBUST_POOLED), so the statistics pass runs
+once per 8 batches at a size already traced, and TensorFlow and JAX trace nothing new
+(benchmarks/README.md)."""
+ROBUST_MIN = 8
+"""the fewest images of a batch `robust`'s statistics take in after the window."""
+ROBUST_EVERY = 1
+"""`robust`: after the window every this-many-th batch gives its sample."""
+ROBUST_POOLED = True
+"""`robust`: samples wait to fill a batch before they are measured (False: each one
+measured with its own batch, at its own size; the variants of benchmarks/README.md)."""
 LAME_NEIGHBOURS = 5
 """`robust`: each output's neighbours in the batch for the Laplacian correction (LAME's
 k-NN affinity, Boudiaf et al., CVPR 2022)."""
@@ -260,14 +270,14 @@ def tta(
     statistics: `bnkit.domains`), each image is normalised instead with the statistics
     of its own domain's images so far, once that domain holds 64 images (before, the
     whole stream's). The statistics take in every image of the first `window` batches,
-    then a quarter of every other batch (at least 16 images, each sample weighted as its
-    whole batch): on a stream of one domain `robust` costs about 1.4 inference passes per
-    batch after the window on PyTorch and Keras-torch, 1.7 on Keras' TensorFlow and JAX
-    (measured; telling the domains apart is about 0.1 of them), and on a mixed stream
-    one more pass per domain in the batch. At the end the model holds the stream's
-    statistics over the images measured (on a stream of at most `window` batches
-    exactly what `adapt` gives; on the longer streams measured the sampling moved the
-    means by at most 0.2 points).
+    then an eighth of each batch (at least 8 images, each weighted as the share of its
+    batch it stands for), the samples measured together once they fill a batch: on a
+    stream of one domain `robust` costs 1.2 to 1.5 inference passes per batch after the
+    window on PyTorch and every Keras backend (measured; telling the domains apart is
+    about 0.1 of them), and on a mixed stream one more pass per domain in the batch. At
+    the end the model holds the stream's statistics over the images measured (on a
+    stream of at most `window` batches exactly what `adapt` gives; on the longer streams
+    measured the sampling moved the means by at most 0.1 point down).
     On the corruption benchmark (severity 5) its mean is above whole-stream `adapt`'s
     on every stream (46.9% against 32.2% where the 15 corruptions are mixed) and above
     TENT with guards, at a lower cost: hence the default. Where the model is already
@@ -402,13 +412,47 @@ def _predict_only(
     return out
 
 
-def _measured(x: np.ndarray, settled: bool) -> np.ndarray:
-    """The images of a batch the stream's statistics take in: all of them during the
-    first window, then MEASURED_SHARE of them, evenly spaced."""
-    take = max(MEASURED_MIN, int(np.ceil(len(x) * MEASURED_SHARE)))
+def _measured(
+    x: np.ndarray, settled: bool, share: float = MEASURED_SHARE, least: int = MEASURED_MIN
+) -> np.ndarray:
+    """The images of a batch the statistics take in: all of them during the first
+    window, then `share` of them (at least `least`), evenly spaced."""
+    take = max(least, int(np.ceil(len(x) * share)))
     if not settled or take >= len(x):
         return x
     return x[np.linspace(0, len(x) - 1, take).round().astype(int)]
+
+
+class _Pool:
+    """`robust`'s samples after the window, measured together once they fill `size`
+    images (the stream's first batch size), each image weighted as the images of its
+    batch it stands for; `flush` measures what is left at the end of the stream."""
+
+    def __init__(self, online: OnlineAdapt, size: int) -> None:
+        self._online, self._size = online, size
+        self._samples: list[np.ndarray] = []
+        self._weights: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray) -> None:
+        sample = _measured(x, True, ROBUST_SHARE, ROBUST_MIN)
+        if not ROBUST_POOLED:
+            self._online.update(sample, represents=len(x))
+            return
+        self._samples.append(sample)
+        self._weights.append(np.full(len(sample), len(x) / len(sample)))
+        if sum(len(s) for s in self._samples) >= self._size:
+            self._measure(self._size)
+
+    def flush(self) -> None:
+        held = sum(len(s) for s in self._samples)
+        if held:
+            self._measure(held)
+
+    def _measure(self, size: int) -> None:
+        x, weights = np.concatenate(self._samples), np.concatenate(self._weights)
+        self._samples, self._weights = [x[size:]], [weights[size:]]  # none, or a few
+        if size > 1:  # one image has no batch statistics past a dense layer
+            self._online.update(x[:size], represents=round(float(weights[:size].sum())))
 
 
 def _robust(
@@ -418,12 +462,13 @@ def _robust(
     window: int,
     on_batch: Callable[[BatchRecord], None] | None,
 ) -> tuple[list[_Scored], tuple[str, ...]]:
-    """Each batch predicted with the statistics of the stream so far (itself included:
-    every image of the first `window` batches, then a sample of every MEASURED_EVERY-th
-    batch); where the stream mixes domains, each image with those of its own domain's
-    images so far; from the batch that shows label shift on, the predictions corrected
-    by LAME."""
+    """Each batch predicted with the statistics of the stream so far (every image of
+    the first `window` batches, this one included; then samples of every batch, measured
+    once they fill a batch: `_Pool`); where the stream mixes domains, each image with
+    those of its own domain's images so far; from the batch that shows label shift on,
+    the predictions corrected by LAME."""
     online = OnlineAdapt(model)
+    pool: _Pool | None = None
     domains = Domains(get_backend(model).layout == CHANNELS_FIRST)
     own: dict[int, OnlineAdapt] = {}  # per domain, once the stream holds more than one
     seen = Moments()  # of the per-image outputs on the stream so far
@@ -435,8 +480,12 @@ def _robust(
         ids = domains.assign(x)
         if ids is not None and len(domains.counts) > 1 and not own:
             own[0] = online.fork()  # every image before this batch was of the first
-        if k < window or (k - window) % MEASURED_EVERY == 0:
-            online.update(_measured(x, k >= window), represents=len(x))
+        if pool is None:  # pooled samples are measured at the first batch's size
+            pool = _Pool(online, len(x))
+        if k < window:
+            online.update(x)
+        elif (k - window) % ROBUST_EVERY == 0:
+            pool.add(x)
         if ids is None or len(domains.counts) == 1:
             outputs = adapter.predict(model, x)
         else:
@@ -454,6 +503,8 @@ def _robust(
         out.append(scored)
         if on_batch is not None:
             on_batch(scored.record)
+    if pool is not None:
+        pool.flush()
     return out, (online.off_path() if out else ())
 
 

@@ -174,12 +174,14 @@ def test_a_sample_of_a_batch_counts_as_the_batch_it_stands_for(fw):
     assert any(not np.allclose(moved[p]["mean"], a[p]["mean"], atol=1e-6) for p in a)
 
 
-def test_after_the_window_robust_measures_a_share_of_each_batch(fw, monkeypatch):
+def test_after_the_window_robust_measures_pooled_samples_at_the_batch_size(fw, monkeypatch):
+    """After the window `robust` takes a sample of each batch (an eighth, at least 8
+    images) and measures the samples together once they fill a batch of the stream's
+    first size (no new batch size to trace), each weighted as the batch it stands for;
+    what is left is measured at the end. The guards' reference samples a quarter of a
+    checked batch where a new size costs no trace."""
     from bnkit.stats import OnlineAdapt
 
-    monkeypatch.setattr(tta_module, "MEASURED_SHARE", 0.25)
-    monkeypatch.setattr(tta_module, "MEASURED_MIN", 16)
-    monkeypatch.setattr(tta_module, "MEASURED_EVERY", 1)
     sizes: list[tuple[int, int | None]] = []
     update = OnlineAdapt.update
 
@@ -188,24 +190,30 @@ def test_after_the_window_robust_measures_a_share_of_each_batch(fw, monkeypatch)
         return update(self, x, **kwargs)
 
     monkeypatch.setattr(OnlineAdapt, "update", sized)
-    x = fw.inputs(64 * 4)
+    x = fw.inputs(64 * 12)
     bnkit.tta(fw.build(), x, "robust", batch_size=64, window=2)
-    assert sizes == [(64, 64), (64, 64), (16, 64), (16, 64)]
+    # 2 whole batches, then 8 images of each of batches 2-9 in one pass of 64 standing
+    # for 8 batches, then batches 10 and 11's samples at the end
+    assert sizes == [(64, None), (64, None), (64, 64 * 8), (16, 64 * 2)]
     sizes.clear()
-    bnkit.tta(fw.build(), x, "tent", batch_size=64, window=2, lr=1e-5)
+    bnkit.tta(fw.build(), x[: 64 * 3 + 40], "robust", batch_size=64, window=2)
+    assert sizes == [(64, None), (64, None), (16, 64 + 40)]  # the short batch's 8 of 40
+    sizes.clear()
+    bnkit.tta(fw.build(), x[:128], "robust", batch_size=16, window=1)  # 16/8 < 8 images
+    assert sizes == [(16, None), (16, 32), (16, 32), (16, 32), (8, 16)]
+    monkeypatch.setattr(tta_module, "ROBUST_POOLED", False)  # each sample at once
+    monkeypatch.setattr(tta_module, "ROBUST_EVERY", 2)
+    sizes.clear()
+    bnkit.tta(fw.build(), x[: 64 * 5], "robust", batch_size=64, window=2)
+    assert sizes == [(64, None), (64, None), (8, 64), (8, 64)]  # batches 0, 1, 2 and 4
+    sizes.clear()
+    bnkit.tta(fw.build(), x[: 64 * 4], "tent", batch_size=64, window=2, lr=1e-5)
     import keras
 
     traced = bnkit.backends.get_backend(fw.build()).test_time().traced
     assert traced == (fw.name == "keras" and keras.backend.backend() in ("tensorflow", "jax"))
     # the guards' checks 0, 1, 2: a sample after the window where no trace is paid
     assert sizes[:3] == [(64, 64), (64, 64), (64 if traced else 16, 64)]
-    sizes.clear()
-    bnkit.tta(fw.build(), x[:128], "robust", batch_size=32, window=1)  # 8 = 32/4 < 16
-    assert sizes == [(32, 32), (16, 32), (16, 32), (16, 32)]
-    monkeypatch.setattr(tta_module, "MEASURED_EVERY", 2)  # robust: every other batch
-    sizes.clear()
-    bnkit.tta(fw.build(), np.concatenate([x, x[:64]]), "robust", batch_size=64, window=2)
-    assert sizes == [(64, 64), (64, 64), (16, 64), (16, 64)]  # batches 0, 1, 2 and 4
     picked = tta_module._measured(np.arange(64)[:, None], settled=True)[:, 0]
     assert picked[0] == 0 and picked[-1] == 63 and len(set(np.diff(picked))) <= 2  # spread
 
