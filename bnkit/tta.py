@@ -481,7 +481,7 @@ def _robust(
         if ids is not None and len(domains.counts) > 1 and not own:
             own[0] = online.fork()  # every image before this batch was of the first
         if pool is None:  # pooled samples are measured at the first batch's size
-            pool = _Pool(online, len(x))
+            pool = _Pool(online, max(len(x), 2))  # one image: no statistics past a dense BN
         if k < window:
             online.update(x)
         elif (k - window) % ROBUST_EVERY == 0:

@@ -201,6 +201,9 @@ def test_after_the_window_robust_measures_pooled_samples_at_the_batch_size(fw, m
     sizes.clear()
     bnkit.tta(fw.build(), x[:128], "robust", batch_size=16, window=1)  # 16/8 < 8 images
     assert sizes == [(16, None), (16, 32), (16, 32), (16, 32), (8, 16)]
+    sizes.clear()
+    bnkit.tta(fw.build(), x[:7], "robust", batch_size=1, window=2)  # pairs after the window
+    assert sizes == [(1, None), (1, None), (2, 2), (2, 2)]  # not the lone image left
     monkeypatch.setattr(tta_module, "ROBUST_POOLED", False)  # each sample at once
     monkeypatch.setattr(tta_module, "ROBUST_EVERY", 2)
     sizes.clear()
