@@ -279,7 +279,7 @@ def tta(
     stream of at most `window` batches exactly what `adapt` gives; on the longer streams
     measured the sampling moved the means by at most 0.1 point down).
     On the corruption benchmark (severity 5) its mean is above whole-stream `adapt`'s
-    on every stream (46.9% against 32.2% where the 15 corruptions are mixed) and above
+    on every stream (47.0% against 32.2% where the 15 corruptions are mixed) and above
     TENT with guards, at a lower cost: hence the default. Where the model is already
     right (easy domains, mild corruptions, short label-shifted streams) it can still
     fall below the model as it was: by up to 7 points on a class-sorted stream, 15 on
