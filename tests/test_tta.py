@@ -134,6 +134,56 @@ def test_torch_tent_equals_the_published_algorithm():
         np.testing.assert_allclose(mine.detach().numpy(), theirs.detach().numpy(), atol=1e-6)
 
 
+def test_torch_tent_tries_two_memory_layouts_keeps_one_and_runs_a_view_as_given():
+    """The first steps alternate the batch channels-last and as given, then keep one of
+    the two (the faster); the values TENT reaches are the published algorithm's, run as
+    given, to float rounding. A model that flattens its feature map with `view` cannot
+    take channels-last, and runs as given after its first try."""
+    import torch
+    from torch import nn
+    from torch_nets import net
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.bn(self.conv(x)))
+            return self.fc(h.view(len(h), -1))
+
+    x = np.random.default_rng(1).normal(0.5, 2.0, (192, 3, 6, 6)).astype("float32")
+    for make, layouts in ((net, [True, False, True, False]), (Flat, [True, False, False])):
+        model, reference = make(), make()
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        seen: list[bool] = []
+        conv.register_forward_pre_hook(
+            lambda m, a, seen=seen: seen.append(
+                a[0].is_contiguous(memory_format=torch.channels_last)
+            )
+        )
+        bnkit.tta(model, x, "tent", batch_size=32, guard=False)
+        assert seen[: len(layouts)] == layouts
+        assert len(set(seen[4:6])) == 1  # then the statistics pass, as given
+        reference.train()
+        reference.requires_grad_(False)
+        params = [p for m in reference.modules() if isinstance(m, nn.BatchNorm2d)
+                  for p in m.parameters()]  # fmt: skip
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
+        for i in range(0, 192, 32):
+            out = reference(torch.as_tensor(x[i : i + 32]))
+            (-(out.softmax(1) * out.log_softmax(1)).sum(1)).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+            np.testing.assert_allclose(mine.detach().numpy(), theirs.detach().numpy(), atol=1e-6)
+
+
 def test_online_re_estimation_equals_adapt_over_the_batches_so_far(fw):
     from bnkit.stats import OnlineAdapt
 
