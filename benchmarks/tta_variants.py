@@ -33,6 +33,14 @@ before choosing, on the corruption benchmark's streams (PyTorch, the demo's CNN,
   quarter of every other batch, each sample weighted as its whole batch and measured
   with it; `-quarter-pooled`: a quarter of each batch, the samples measured together
   once they fill a batch (`robust` does so with an eighth);
+- `online-lame`: `robust`'s loop without its domains or sampling (the stream's statistics
+  so far and LAME from the second label-shifted batch in a row), the baseline of the
+  next four;
+- `first-batch-mid-gate`, `first-2-batches-mid-gate` (issue 34, do no harm on young
+  streams): `mid-layer-gate` on the first one or two batches only, then the stream's;
+- `first-batch-split`: the first batch with the stream's statistics in the first two
+  thirds of the BN layers and the source's in the last third;
+- `first-batch-source`: the first batch with the source statistics;
 - `source`: no adaptation;
 - `robust`: `bnkit.tta(..., "robust")`.
 
@@ -65,7 +73,9 @@ VARIANTS = ("source", "adapt", "online", "rbn-memory", "rbn-memory-warm", "tent-
             "robust-one-pass", "robust-lagged", "first-layer-gate", "mid-layer-gate",
             "source-prior", "entropy-select", "robust-measure-all", "robust-measure-half",
             "robust-measure-quarter", "robust-measure-eighth", "robust-measure-quarter-every-2",
-            "robust-measure-quarter-pooled", "robust")  # fmt: skip
+            "robust-measure-quarter-pooled", "online-lame", "first-batch-mid-gate",
+            "first-2-batches-mid-gate", "first-batch-split", "first-batch-source",
+            "robust")  # fmt: skip
 MEASURED = {  # ROBUST_SHARE, ROBUST_MIN, ROBUST_EVERY, ROBUST_POOLED
     "robust-measure-all": (1.0, 16, 1, False),
     "robust-measure-half": (0.5, 16, 1, False),
@@ -106,6 +116,19 @@ BLENDS = {
         _mid_shift(streamed, source, paths), MID_GATE
     ),
     "source-prior": lambda streamed, source, paths, images: images / (images + PRIOR),
+    "online-lame": lambda streamed, source, paths, images: 1.0,
+    "first-batch-mid-gate": lambda streamed, source, paths, images: (
+        1.0 if images > BATCH else _gate(_mid_shift(streamed, source, paths), MID_GATE)
+    ),
+    "first-2-batches-mid-gate": lambda streamed, source, paths, images: (
+        1.0 if images > 2 * BATCH else _gate(_mid_shift(streamed, source, paths), MID_GATE)
+    ),
+    "first-batch-split": lambda streamed, source, paths, images: (
+        1.0
+        if images > BATCH
+        else {p: float(i < (2 * len(paths)) // 3) for i, p in enumerate(paths)}
+    ),
+    "first-batch-source": lambda streamed, source, paths, images: float(images > BATCH),
 }
 """The stream's share in the statistics each batch is predicted with, from the stream's
 statistics so far, the source's, the BN paths and the images seen so far (this batch
@@ -160,9 +183,10 @@ def blended(model, x: np.ndarray, y: np.ndarray, share) -> float:
         xb = x[i : i + BATCH]
         online.update(xb)
         streamed = backend.snapshot(model, False).stats
-        a = share(streamed, source, paths, i + len(xb))
+        shares = share(streamed, source, paths, i + len(xb))
         blend = {}
         for p in paths:
+            a = shares[p] if isinstance(shares, dict) else shares
             ms, vs = source[p]["mean"].astype(np.float64), source[p]["var"].astype(np.float64)
             mt, vt = streamed[p]["mean"].astype(np.float64), streamed[p]["var"].astype(np.float64)
             m = (1 - a) * ms + a * mt  # the mixture of the two Gaussians' moments

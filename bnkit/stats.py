@@ -218,10 +218,20 @@ class OnlineAdapt:
 
     def write(self) -> None:
         """Writes the statistics of every batch given so far into the model."""
-        seen, _ = _on_path(self._moments)
-        new = {p: self._moments[p].result() for p in seen}
+        new = self.statistics()
         _check_finite_stats(new)
         self._backend.set_bn_stats(self._model, new)
+
+    @property
+    def paths(self) -> list[str]:
+        """The BN layers it measures."""
+        return list(self._paths)
+
+    def statistics(self) -> dict[str, dict[str, np.ndarray]]:
+        """The statistics of every batch given so far, per BN layer a batch reached, in
+        the model's order."""
+        seen, _ = _on_path(self._moments)
+        return {p: self._moments[p].result() for p in seen}
 
     def fork(self) -> OnlineAdapt:
         """Another OnlineAdapt of the same model that starts from this one's batches."""

@@ -29,7 +29,7 @@ from bnkit.backends.base import CHANNELS_FIRST
 from bnkit.data import DataError, load
 from bnkit.domains import MIN_IMAGES, Domains
 from bnkit.errors import BnkitError, BnkitWarning, check_int, check_rate
-from bnkit.stats import Moments, OnlineAdapt, adapt, off_path_note
+from bnkit.stats import Moments, OnlineAdapt, _layer_shift, adapt, off_path_note
 
 METHODS = ("none", "adapt", "tent", "robust")
 OPTIMIZERS = ("adam", "sgd")
@@ -92,6 +92,26 @@ SHIFT_RUN = 2
 class-sorted or drifting stream fails it batch after batch; an i.i.d. stream of mixed
 corruptions, whose outputs are heavier-tailed than the test assumes, fails it now and
 then, one batch alone)."""
+SOURCE_GATE = (0.005, 0.009)
+"""`robust`, the stream's first SOURCE_GATE_BATCHES batches: where the middle BN layers'
+statistics on the stream so far lie within the first bound of the source's (mean KL over
+their channels, nats), the batch is predicted with the source statistics; beyond the
+second, with the stream's; blended between. The middle layers (after the first, before
+the last third) barely move with the classes a batch holds (one class of the clean
+digits: at most 0.006 nats) and move with the domain (the corruptions the source model
+gets wrong: 0.01 to 0.1); the deep layers move with both. A young stream has no history
+to tell a batch of few classes from a new domain, and normalising a one-class batch with
+its own statistics erases its class (benchmarks/README.md)."""
+SOURCE_GATE_RATIO = (4.0, 6.0)
+"""`robust`, with SOURCE_GATE: the deep BN layers' shift (the last third) over the middle
+ones'. One or two classes of a domain the model handles move the deep layers mostly 10
+to 40 times as far as the middle ones; every class of a new domain, 1.5 to 5 times
+(the corruption benchmark's first batches). At most the first bound, the batch is taken
+to hold every class and is predicted with the stream's statistics whatever SOURCE_GATE
+says; at least the second, SOURCE_GATE decides; blended between."""
+SOURCE_GATE_BATCHES = 2
+"""`robust`: the batches SOURCE_GATE applies to (from the third on, the label-shift test
+has the stream's history)."""
 LABEL_SHIFT_P = 1e-3
 """label shift: a batch whose reference outputs are this unlikely (chi-square test) as a
 sample of the stream's so far shows the stream is not i.i.d.; from it on TENT is held."""
@@ -265,7 +285,13 @@ def tta(
     outputs show label shift (two batches in a row fail the chi-square test above)
     each batch's predictions are corrected by LAME (Boudiaf et al., CVPR 2022): a
     Laplacian over the batch's k-nearest outputs draws neighbouring predictions to
-    agree, which a batch of few classes rewards. Where the stream mixes domains (images
+    agree, which a batch of few classes rewards. The first two batches of a stream have
+    no history to tell a batch of few classes from a new domain, and normalising a
+    one-class batch with its own statistics erases its class: where the middle BN
+    layers' statistics on them stay close to the model's own while the deep layers'
+    move far more (what few classes do), they are predicted with the model's
+    statistics, blended with the stream's as the evidence weakens (`SOURCE_GATE`,
+    `SOURCE_GATE_RATIO`). Where the stream mixes domains (images
     from several cameras, weathers or corruptions, told apart by their own pixel
     statistics: `bnkit.domains`), each image is normalised instead with the statistics
     of its own domain's images so far, once that domain holds 64 images (before, the
@@ -464,10 +490,12 @@ def _robust(
 ) -> tuple[list[_Scored], tuple[str, ...]]:
     """Each batch predicted with the statistics of the stream so far (every image of
     the first `window` batches, this one included; then samples of every batch, measured
-    once they fill a batch: `_Pool`); where the stream mixes domains, each image with
-    those of its own domain's images so far; from the batch that shows label shift on,
-    the predictions corrected by LAME."""
+    once they fill a batch: `_Pool`), the first SOURCE_GATE_BATCHES blended with the
+    source's by `_gated`; where the stream mixes domains, each image with those of its
+    own domain's images so far; from the batch that shows label shift on, the
+    predictions corrected by LAME."""
     online = OnlineAdapt(model)
+    source = get_backend(model).bn_stats(model, online.paths)  # before the stream
     pool: _Pool | None = None
     domains = Domains(get_backend(model).layout == CHANNELS_FIRST)
     own: dict[int, OnlineAdapt] = {}  # per domain, once the stream holds more than one
@@ -486,7 +514,9 @@ def _robust(
             online.update(x)
         elif (k - window) % ROBUST_EVERY == 0:
             pool.add(x)
-        if ids is None or len(domains.counts) == 1:
+        if (ids is None or len(domains.counts) == 1) and k < SOURCE_GATE_BATCHES:
+            outputs = _gated(adapter, model, x, online, source)
+        elif ids is None or len(domains.counts) == 1:
             outputs = adapter.predict(model, x)
         else:
             outputs = _by_domain(adapter, model, x, ids, domains, online, own)
@@ -506,6 +536,46 @@ def _robust(
     if pool is not None:
         pool.flush()
     return out, (online.off_path() if out else ())
+
+
+def _gated(
+    adapter: Any,
+    model: Any,
+    x: np.ndarray,
+    online: OnlineAdapt,
+    source: dict[str, dict[str, np.ndarray]],
+) -> np.ndarray:
+    """The batch's outputs with the statistics of the stream so far blended with the
+    source's (the two Gaussians' mixture) by SOURCE_GATE and SOURCE_GATE_RATIO, the
+    stream's share the larger of the two ramps' verdicts; the model keeps the stream's."""
+    streamed = online.statistics()
+    paths = list(streamed)
+    third = (2 * len(paths)) // 3
+    middle, deep = paths[1 : max(2, third)], paths[max(2, third) :]
+    if not middle or not deep:  # too few BN layers to tell classes from domains
+        return adapter.predict(model, x)
+    shift = {p: _layer_shift(p, 0, streamed[p], source[p]).kl_mean for p in paths}
+    mid = float(np.mean([shift[p] for p in middle]))
+    ratio = float(np.mean([shift[p] for p in deep])) / max(mid, 1e-12)
+    a = max(_ramp(mid, SOURCE_GATE), 1.0 - _ramp(ratio, SOURCE_GATE_RATIO))  # the stream's
+    if a == 1.0:
+        return adapter.predict(model, x)
+    blend = {}
+    for p in paths:
+        ms, vs = (source[p][n].astype(np.float64) for n in ("mean", "var"))
+        mt, vt = streamed[p]["mean"], streamed[p]["var"]
+        m = (1 - a) * ms + a * mt
+        blend[p] = {"mean": m, "var": (1 - a) * (vs + (ms - m) ** 2) + a * (vt + (mt - m) ** 2)}
+    get_backend(model).set_bn_stats(model, blend)
+    try:
+        return adapter.predict(model, x)
+    finally:
+        online.write()
+
+
+def _ramp(value: float, bounds: tuple[float, float]) -> float:
+    """0 at or below the first bound, 1 at or above the second, linear between."""
+    return float(np.clip((value - bounds[0]) / (bounds[1] - bounds[0]), 0.0, 1.0))
 
 
 def _by_domain(

@@ -508,6 +508,83 @@ def test_robust_predicts_each_batch_with_the_statistics_of_the_stream_so_far(fw)
             np.testing.assert_array_equal(a[path][key], fw.bn_values(fw.build())[path][key])
 
 
+def _three_bn(fw):
+    """The framework's model with at least three BN layers (the gate needs a middle and a
+    deep part): Keras' test model has four; the PyTorch one is built here."""
+    if fw.name == "keras":
+        return fw.build()
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *(m for c_in, c_out in ((3, 4), (4, 4), (4, 6))
+          for m in (nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    )  # fmt: skip
+    with torch.no_grad():  # outputs far from uniform, so that entropies tell them apart
+        model[-1].weight.mul_(20)
+    return model
+
+
+def test_robust_predicts_its_first_batches_with_the_source_statistics_where_the_gate_keeps_them(
+    fw, monkeypatch
+):
+    """While the stream is young (SOURCE_GATE_BATCHES), a batch whose middle BN layers did
+    not move from the source statistics and whose deep ones did is predicted with the
+    source statistics; a gate half open predicts with the two Gaussians' mixture; from
+    the third batch on, and in the model at the end, the stream's statistics."""
+    from bnkit.stats import OnlineAdapt, _layer_shift
+
+    x = fw.inputs(128)
+    adapter = bnkit.backends.get_backend(_three_bn(fw)).test_time()
+
+    def entropy(outputs):
+        return tta_module._score(0, outputs, None, None, True, 0.0).record.entropy
+
+    monkeypatch.setattr(tta_module, "SOURCE_GATE", (1e9, 2e9))  # the middle: unmoved
+    monkeypatch.setattr(tta_module, "SOURCE_GATE_RATIO", (-2.0, -1.0))  # the deep: moved
+    model = _three_bn(fw)
+    report = bnkit.tta(model, x, "robust", batch_size=32)
+    source, grown = _three_bn(fw), _three_bn(fw)
+    online = OnlineAdapt(grown)
+    for k, record in enumerate(report.batches):
+        batch = x[32 * k : 32 * k + 32]
+        online.update(batch)
+        expected = adapter.predict(source if k < tta_module.SOURCE_GATE_BATCHES else grown, batch)
+        if record.corrected:  # the source's outputs set the label-shift test off: LAME
+            expected = tta_module.lame(expected)
+        assert record.entropy == pytest.approx(entropy(expected), rel=1e-4)
+    for path, values in fw.bn_values(model).items():  # the stream's, as adapt gives them
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(values[key], fw.bn_values(grown)[path][key], rtol=1e-5)
+
+    # half open: the first batch with the mixture of the source's and its own statistics
+    first, twin = _three_bn(fw), _three_bn(fw)
+    backend = bnkit.backends.get_backend(first)
+    online = OnlineAdapt(twin)
+    stored = backend.bn_stats(twin, online.paths)
+    online.update(x[:32])
+    streamed = online.statistics()
+    middle = online.paths[1 : max(2, 2 * len(online.paths) // 3)]
+    mid = np.mean([_layer_shift(p, 0, streamed[p], stored[p]).kl_mean for p in middle])
+    monkeypatch.setattr(tta_module, "SOURCE_GATE", (mid - 1.0, mid + 1.0))  # half
+    report = bnkit.tta(first, x[:32], "robust", batch_size=32)
+    mixture = {}
+    for p in online.paths:
+        ms, vs = stored[p]["mean"].astype(np.float64), stored[p]["var"].astype(np.float64)
+        mt, vt = streamed[p]["mean"], streamed[p]["var"]
+        mean = (ms + mt) / 2
+        var = (vs + (ms - mean) ** 2 + vt + (mt - mean) ** 2) / 2
+        mixture[p] = {"mean": mean, "var": var}
+    backend.set_bn_stats(twin, mixture)
+    expected = adapter.predict(twin, x[:32])
+    assert report.batches[0].entropy == pytest.approx(entropy(expected), rel=1e-4)
+    assert report.batches[0].entropy != pytest.approx(
+        entropy(adapter.predict(_three_bn(fw), x[:32])), rel=1e-3
+    )  # not the source's alone
+
+
 def test_robust_corrects_the_predictions_from_the_second_batch_in_a_row_that_shows_label_shift(
     fw, monkeypatch
 ):
