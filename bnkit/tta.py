@@ -307,9 +307,10 @@ def tta(
     On the corruption benchmark (severity 5) its mean is above whole-stream `adapt`'s
     on every stream (47.0% against 32.2% where the 15 corruptions are mixed) and above
     TENT with guards, at a lower cost: hence the default. Where the model is already
-    right (easy domains, mild corruptions, short label-shifted streams) it can still
-    fall below the model as it was: by up to 7 points on a class-sorted stream, 15 on
-    a short one (benchmarks/README.md).
+    right and the labels arrive in runs it can still fall below the model as it was,
+    on a single corruption: by up to 2.3 points on a class-sorted stream, 7 on a short
+    one (Keras; on PyTorch not at all on the full streams, 1 point on the short ones;
+    benchmarks/README.md).
 
     Labels in `data`, if any, only score the predictions.
 
