@@ -67,7 +67,8 @@ class TorchTestTime:
             if isinstance(m, BN):
                 m.train()
         inputs = as_input(model, x)
-        last = self._channels_last is not False and inputs.dim() == 4 and not inputs.is_cuda
+        cpu = inputs.dim() == 4 and inputs.device.type == "cpu"  # timed: no async device
+        last = self._channels_last is not False and cpu
         last = last and (self._channels_last or len(self._trials) % 2 == 0)
         t = time.perf_counter()
         out = self._forward(model, inputs, last)
@@ -76,7 +77,7 @@ class TorchTestTime:
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._optimizer.step()
-        if self._channels_last is None and inputs.dim() == 4 and not inputs.is_cuda:
+        if self._channels_last is None and cpu:
             self._trials.append(time.perf_counter() - t)
             if len(self._trials) == LAYOUT_TRIALS:  # the later pair: past the warm-up
                 self._channels_last = self._trials[-2] < self._trials[-1]
