@@ -515,9 +515,10 @@ def _robust(
             online.update(x)
         elif (k - window) % ROBUST_EVERY == 0:
             pool.add(x)
-        if (ids is None or len(domains.counts) == 1) and k < SOURCE_GATE_BATCHES:
+        one_domain = ids is None or len(domains.counts) == 1
+        if one_domain and k < SOURCE_GATE_BATCHES:
             outputs = _gated(adapter, model, x, online, source)
-        elif ids is None or len(domains.counts) == 1:
+        elif one_domain:
             outputs = adapter.predict(model, x)
         else:
             outputs = _by_domain(adapter, model, x, ids, domains, online, own)

@@ -68,8 +68,8 @@ class TorchTestTime:
                 m.train()
         inputs = as_input(model, x)
         cpu = inputs.dim() == 4 and inputs.device.type == "cpu"  # timed: no async device
-        last = self._channels_last is not False and cpu
-        last = last and (self._channels_last or len(self._trials) % 2 == 0)
+        trying = self._channels_last is None and len(self._trials) % 2 == 0  # its turn
+        last = cpu and (self._channels_last is True or trying)
         t = time.perf_counter()
         out = self._forward(model, inputs, last)
         if self._optimizer is not None:
