@@ -515,13 +515,12 @@ def _robust(
             online.update(x)
         elif (k - window) % ROBUST_EVERY == 0:
             pool.add(x)
-        one_domain = ids is None or len(domains.counts) == 1
-        if one_domain and k < SOURCE_GATE_BATCHES:
-            outputs = _gated(adapter, model, x, online, source)
-        elif one_domain:
-            outputs = adapter.predict(model, x)
-        else:
+        if ids is not None and len(domains.counts) > 1:
             outputs = _by_domain(adapter, model, x, ids, domains, online, own)
+        elif k < SOURCE_GATE_BATCHES:
+            outputs = _gated(adapter, model, x, online, source)
+        else:
+            outputs = adapter.predict(model, x)
         if shifted is None:
             why = _label_shift(outputs, seen)
             run = 0 if why is None else run + 1
