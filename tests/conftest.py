@@ -1,9 +1,11 @@
 """Shared fixtures: small real Keras models and data. The Keras backend comes from
-KERAS_BACKEND (torch when unset); `make test` runs the suite under torch and tensorflow."""
+KERAS_BACKEND (torch when unset); `make test` runs the suite under torch, TensorFlow
+and JAX."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -60,7 +62,14 @@ def build_transfer(seed: int = 0) -> tuple[keras.Model, keras.Model]:
 def bnkit_cache(tmp_path_factory):
     """bnkit's cache (the pretrained digits models) in one temporary folder per test run,
     shared by the xdist workers: the first to pretrain writes it (atomically), the others
-    load it instead of pretraining again."""
+    load it instead of pretraining again. `make test` names one folder for its four passes
+    (BNKIT_TEST_CACHE, emptied at its start): the cached files carry the backend in their
+    names, so the last pass's new processes load what the TensorFlow pass pretrained."""
+    if os.environ.get("BNKIT_TEST_CACHE"):
+        folder = Path(os.environ["BNKIT_TEST_CACHE"]).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["BNKIT_CACHE_DIR"] = str(folder)
+        return folder
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's folder, above each worker's own
@@ -260,9 +269,12 @@ unset) in `make test`'s last pass; JAX's loading and saving are in test_cli_back
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under the TensorFlow and JAX backends, leave out what does not touch Keras (the pure
-    PyTorch files, the PyTorch half of the two-framework fixture) and the CLI file, which
-    runs in the torch pass and in the last, KERAS_BACKEND-unset pass."""
+    """The slow tests first (the two workers of `make test` then end together instead of
+    one waiting on the other's last long test); under the TensorFlow and JAX backends,
+    leave out what does not touch Keras (the pure PyTorch files, the PyTorch half of the
+    two-framework fixture) and the CLI file, which runs in the torch pass and in the last,
+    KERAS_BACKEND-unset pass."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
     if keras.backend.backend() == "torch":
         return
     keep, drop = [], []

@@ -318,6 +318,7 @@ def test_shift_bad_input_gets_one_line(capsys, model_file, tmp_path, setup, extr
     reason="pretraining the digits model takes two minutes on JAX: the torch and TensorFlow "
     "passes run this command",
 )
+@pytest.mark.slow
 def test_digits_command_writes_data_model_and_evidence(capsys, tmp_path):
     folder = tmp_path / "digits"
     code, out, err = run(capsys, "digits", "-o", str(folder))

@@ -37,6 +37,7 @@ def test_seed_demo_shows_what_each_approach_does():
     assert len(json.loads(result.to_json())["rows"]) == 9
 
 
+@pytest.mark.slow
 @NOT_ON_JAX
 def test_demo_command_tells_the_digits_story_and_writes_figures(tmp_path, capsys):
     from test_cli import run

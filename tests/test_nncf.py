@@ -68,6 +68,7 @@ def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if "nncf" in k}
 
 
+@pytest.mark.slow  # the first NNCF quantization builds its CPU kernels
 def test_check_reads_an_nncf_quantized_model():
     q = quantized(pretrained())
     assert quantizer_state(q)  # NNCF's quantizers are in the module

@@ -89,6 +89,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("who", ["torchao", "bnkit"])
 def test_momentum_and_eps_through_prepare_eval_train_and_convert(who):
     prepare, to_eval, to_train, convert = STEPS[who]
