@@ -65,7 +65,7 @@ from bnkit.backends import get_backend
 from bnkit.corruptions import CORRUPTIONS, corrupted_digits
 from bnkit.demo import kit
 from bnkit.stats import Moments, OnlineAdapt, _layer_shift
-from bnkit.tta import SHIFT_RUN, _label_shift, lame
+from bnkit.tta import SHIFT_RUN, _label_shift, _mixture, _ramp, lame
 
 tta_module = importlib.import_module("bnkit.tta")  # the module (bnkit.tta is the function)
 ALPHA, MEMORY = 0.05, 64
@@ -104,24 +104,20 @@ def _mid_shift(streamed, source, paths) -> float:
     ]))  # fmt: skip
 
 
-def _gate(value: float, bounds: tuple[float, float]) -> float:
-    return float(np.clip((value - bounds[0]) / (bounds[1] - bounds[0]), 0.0, 1.0))
-
-
 BLENDS = {
-    "first-layer-gate": lambda streamed, source, paths, images: _gate(
+    "first-layer-gate": lambda streamed, source, paths, images: _ramp(
         _layer_shift(paths[0], 0, streamed[paths[0]], source[paths[0]]).kl_mean, GATE
     ),
-    "mid-layer-gate": lambda streamed, source, paths, images: _gate(
+    "mid-layer-gate": lambda streamed, source, paths, images: _ramp(
         _mid_shift(streamed, source, paths), MID_GATE
     ),
     "source-prior": lambda streamed, source, paths, images: images / (images + PRIOR),
     "online-lame": lambda streamed, source, paths, images: 1.0,
     "first-batch-mid-gate": lambda streamed, source, paths, images: (
-        1.0 if images > BATCH else _gate(_mid_shift(streamed, source, paths), MID_GATE)
+        1.0 if images > BATCH else _ramp(_mid_shift(streamed, source, paths), MID_GATE)
     ),
     "first-2-batches-mid-gate": lambda streamed, source, paths, images: (
-        1.0 if images > 2 * BATCH else _gate(_mid_shift(streamed, source, paths), MID_GATE)
+        1.0 if images > 2 * BATCH else _ramp(_mid_shift(streamed, source, paths), MID_GATE)
     ),
     "first-batch-split": lambda streamed, source, paths, images: (
         1.0
@@ -184,14 +180,7 @@ def blended(model, x: np.ndarray, y: np.ndarray, share) -> float:
         online.update(xb)
         streamed = backend.snapshot(model, False).stats
         shares = share(streamed, source, paths, i + len(xb))
-        blend = {}
-        for p in paths:
-            a = shares[p] if isinstance(shares, dict) else shares
-            ms, vs = source[p]["mean"].astype(np.float64), source[p]["var"].astype(np.float64)
-            mt, vt = streamed[p]["mean"].astype(np.float64), streamed[p]["var"].astype(np.float64)
-            m = (1 - a) * ms + a * mt  # the mixture of the two Gaussians' moments
-            blend[p] = {"mean": m, "var": (1 - a) * (vs + (ms - m) ** 2) + a * (vt + (mt - m) ** 2)}
-        backend.set_bn_stats(model, blend)
+        backend.set_bn_stats(model, _mixture(source, {p: streamed[p] for p in paths}, shares))
         out = adapter.predict(model, xb)
         backend.set_bn_stats(model, streamed)
         in_a_row = in_a_row + 1 if _label_shift(out, seen) else 0

@@ -561,17 +561,29 @@ def _gated(
     a = max(_ramp(mid, SOURCE_GATE), 1.0 - _ramp(ratio, SOURCE_GATE_RATIO))  # the stream's
     if a == 1.0:
         return adapter.predict(model, x)
-    blend = {}
-    for p in paths:
-        ms, vs = (source[p][n].astype(np.float64) for n in ("mean", "var"))
-        mt, vt = streamed[p]["mean"], streamed[p]["var"]
-        m = (1 - a) * ms + a * mt
-        blend[p] = {"mean": m, "var": (1 - a) * (vs + (ms - m) ** 2) + a * (vt + (mt - m) ** 2)}
-    get_backend(model).set_bn_stats(model, blend)
+    get_backend(model).set_bn_stats(model, _mixture(source, streamed, a))
     try:
         return adapter.predict(model, x)
     finally:
         online.write()
+
+
+def _mixture(
+    source: dict[str, dict[str, np.ndarray]],
+    streamed: dict[str, dict[str, np.ndarray]],
+    share: float | dict[str, float],
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per BN layer of `streamed`, the mean and variance of the mixture of the source's
+    and the stream's Gaussians, the stream weighing `share` (one for every layer, or
+    per layer), in float64."""
+    out = {}
+    for p, stream in streamed.items():
+        a = share[p] if isinstance(share, dict) else share
+        ms, vs = (source[p][n].astype(np.float64) for n in ("mean", "var"))
+        mt, vt = (stream[n].astype(np.float64) for n in ("mean", "var"))
+        m = (1 - a) * ms + a * mt
+        out[p] = {"mean": m, "var": (1 - a) * (vs + (ms - m) ** 2) + a * (vt + (mt - m) ** 2)}
+    return out
 
 
 def _ramp(value: float, bounds: tuple[float, float]) -> float:
