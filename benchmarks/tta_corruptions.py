@@ -12,6 +12,7 @@ one mixed stream of all 15 corruptions shuffled together.
     .venv/bin/python benchmarks/tta_corruptions.py [--framework torch|keras] [--seeds 3]
         [--corruptions gaussian_noise,fog] [--methods source,adapt,robust]
         [--streams iid,sorted,dirichlet,mixed] [--severity 5] [--images 384]
+        [--pretrain-seed 0]
 
 `--severity` picks another severity (1-5); `--images N` keeps the first N images of each
 ordered stream (a short stream: `adapt` re-estimates on those N). With `source`, `adapt`
@@ -82,6 +83,9 @@ def main() -> None:
     parser.add_argument("--streams", default=",".join(STREAMS))
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6))
     parser.add_argument("--images", type=int, default=None)
+    parser.add_argument(
+        "--pretrain-seed", type=int, default=0, help="the seed the digits model is trained with"
+    )
     args = parser.parse_args()
     names = [c for c in args.corruptions.split(",") if c]
     wanted = args.methods.split(",")
@@ -89,7 +93,7 @@ def main() -> None:
     methods = [m for m in METHODS if m[0] in wanted and m[1] not in torch_only]
     streams = args.streams.split(",")
     k = kit(args.framework)
-    net = pretrained_digits(framework=args.framework)
+    net = pretrained_digits(framework=args.framework, seed=args.pretrain_seed)
     t0 = time.perf_counter()
     sets = {c: corrupted_digits(c, args.severity) for c in names}
     cut = slice(None, args.images)
