@@ -112,6 +112,22 @@ says; at least the second, SOURCE_GATE decides; blended between."""
 SOURCE_GATE_BATCHES = 2
 """`robust`: the batches SOURCE_GATE applies to (from the third on, the label-shift test
 has the stream's history)."""
+SOURCE_SPLIT = 1 / 3
+"""`robust`, the first SOURCE_GATE_BATCHES batches: the share of the BN layers, the first
+ones, that the split candidate normalises with the stream's statistics, the rest with the
+source's. A batch of few classes in a domain the model gets wrong is predicted by neither
+alone: its own statistics in the deep layers erase its class, the source's in the early
+ones leave the domain in. The early layers carry the domain and the deep ones the
+classes (benchmarks/first_batch.py: the digits CNN's first batches of the Dirichlet
+streams at severity 5, two in three of one class: 24.5% of the images right with the
+batch's statistics, 24.3% with the source's, 40.0% split)."""
+SOURCE_SPLIT_MARGIN = 0.6
+"""`robust`: the split candidate's predictions replace the gate's where their mean entropy
+is lower by at least this many nats. On the digits CNN a batch of one class normalised
+with its own statistics spreads its predictions over the classes (mostly 1.4 to 1.9
+nats), split predicts it at 0.1 to 0.9 where it predicts it well; on batches of every
+class the two lie less than 0.6 apart but for contrast (1.1 to 1.2, where both are about
+as accurate). benchmarks/README.md says how 0.6 was chosen."""
 LABEL_SHIFT_P = 1e-3
 """label shift: a batch whose reference outputs are this unlikely (chi-square test) as a
 sample of the stream's so far shows the stream is not i.i.d.; from it on TENT is held."""
@@ -291,7 +307,11 @@ def tta(
     layers' statistics on them stay close to the model's own while the deep layers'
     move far more (what few classes do), they are predicted with the model's
     statistics, blended with the stream's as the evidence weakens (`SOURCE_GATE`,
-    `SOURCE_GATE_RATIO`). Where the stream mixes domains (images
+    `SOURCE_GATE_RATIO`); each is also predicted with the stream's statistics in the
+    first third of the BN layers and the model's in the rest (the domain taken out, the
+    classes kept), and those predictions are kept where their mean entropy is lower by
+    `SOURCE_SPLIT_MARGIN` nats (a batch of few classes normalised with its own statistics
+    spreads its predictions over the classes). Where the stream mixes domains (images
     from several cameras, weathers or corruptions, told apart by their own pixel
     statistics: `bnkit.domains`), each image is normalised instead with the statistics
     of its own domain's images so far, once that domain holds 64 images (before, the
@@ -548,7 +568,9 @@ def _gated(
 ) -> np.ndarray:
     """The batch's outputs with the statistics of the stream so far blended with the
     source's (the two Gaussians' mixture) by SOURCE_GATE and SOURCE_GATE_RATIO, the
-    stream's share the larger of the two ramps' verdicts; the model keeps the stream's."""
+    stream's share the larger of the two ramps' verdicts, or split (the stream's in the
+    first SOURCE_SPLIT of the BN layers, the source's after them) where those predictions'
+    mean entropy is lower by SOURCE_SPLIT_MARGIN; the model keeps the stream's."""
     streamed = online.statistics()
     paths = list(streamed)
     third = (2 * len(paths)) // 3
@@ -559,13 +581,27 @@ def _gated(
     mid = float(np.mean([shift[p] for p in middle]))
     ratio = float(np.mean([shift[p] for p in deep])) / max(mid, 1e-12)
     a = max(_ramp(mid, SOURCE_GATE), 1.0 - _ramp(ratio, SOURCE_GATE_RATIO))  # the stream's
-    if a == 1.0:
-        return adapter.predict(model, x)
-    get_backend(model).set_bn_stats(model, _mixture(source, streamed, a))
+    backend = get_backend(model)
+    early = max(1, round(len(paths) * SOURCE_SPLIT))
     try:
-        return adapter.predict(model, x)
+        if a < 1.0:  # else the model holds the stream's statistics already
+            backend.set_bn_stats(model, _mixture(source, streamed, a))
+        outputs = adapter.predict(model, x)
+        backend.set_bn_stats(
+            model, _mixture(source, streamed, {p: float(i < early) for i, p in enumerate(paths)})
+        )
+        split = adapter.predict(model, x)
+        if _mean_entropy(outputs) - _mean_entropy(split) >= SOURCE_SPLIT_MARGIN:
+            return split
+        return outputs
     finally:
         online.write()
+
+
+def _mean_entropy(outputs: np.ndarray) -> float:
+    """The mean entropy of the predicted distributions (softmax outputs or logits), nats."""
+    log_p = _log_probs(outputs)
+    return float(-(np.exp(log_p) * log_p).sum(axis=1).mean())
 
 
 def _mixture(

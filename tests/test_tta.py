@@ -544,6 +544,7 @@ def test_robust_predicts_its_first_batches_with_the_source_statistics_where_the_
 
     monkeypatch.setattr(tta_module, "SOURCE_GATE", (1e9, 2e9))  # the middle: unmoved
     monkeypatch.setattr(tta_module, "SOURCE_GATE_RATIO", (-2.0, -1.0))  # the deep: moved
+    monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", np.inf)  # the gate alone (below)
     model = _three_bn(fw)
     report = bnkit.tta(model, x, "robust", batch_size=32)
     source, grown = _three_bn(fw), _three_bn(fw)
@@ -583,6 +584,40 @@ def test_robust_predicts_its_first_batches_with_the_source_statistics_where_the_
     assert report.batches[0].entropy != pytest.approx(
         entropy(adapter.predict(_three_bn(fw), x[:32])), rel=1e-3
     )  # not the source's alone
+
+
+def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_surer(fw, monkeypatch):
+    """On a young stream's batch, the predictions with the stream's statistics in the first
+    third of the BN layers and the source's after them (split) replace the gate's where
+    their mean entropy is lower by SOURCE_SPLIT_MARGIN nats, and only there."""
+    from bnkit.stats import OnlineAdapt
+
+    x = fw.inputs(32)
+    monkeypatch.setattr(tta_module, "SOURCE_GATE", (-2.0, -1.0))  # the gate: the stream's
+    twin = _three_bn(fw)
+    backend = bnkit.backends.get_backend(twin)
+    adapter = backend.test_time()
+    online = OnlineAdapt(twin)
+    source = backend.bn_stats(twin, online.paths)
+    online.update(x)  # writes the batch's statistics into twin
+    own = adapter.predict(twin, x)
+    early = max(1, round(len(online.paths) * tta_module.SOURCE_SPLIT))
+    streamed = online.statistics()
+    backend.set_bn_stats(
+        twin, {p: streamed[p] if i < early else source[p] for i, p in enumerate(online.paths)}
+    )
+    split = adapter.predict(twin, x)
+    gap = tta_module._mean_entropy(own) - tta_module._mean_entropy(split)
+    assert abs(gap) > 1e-3  # two different predictions
+    for margin, expected in ((gap - 1e-4, split), (gap + 1e-4, own)):
+        monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", margin)
+        model = _three_bn(fw)
+        report = bnkit.tta(model, x, "robust", batch_size=32)
+        assert report.batches[0].entropy == pytest.approx(
+            tta_module._mean_entropy(expected), rel=1e-4
+        )
+        for path, values in fw.bn_values(model).items():  # the stream's, whichever predicted
+            np.testing.assert_allclose(values["mean"], streamed[path]["mean"], rtol=1e-5)
 
 
 def test_robust_corrects_the_predictions_from_the_second_batch_in_a_row_that_shows_label_shift(
