@@ -32,6 +32,11 @@ import pytest
 
 import bnkit  # noqa: F401  (registers the pinned BN layer)
 
+USER_THREADS = os.environ.get("OMP_NUM_THREADS")
+"""OMP_NUM_THREADS as pytest started: importing ultralytics (or Lightning's distributed
+utilities) sets it to 1 in the worker's environment, and the processes a test starts after
+that would run on one thread (tests/test_examples.py puts it back)."""
+
 INPUT = (8, 8, 3)
 CLASSES = 3
 

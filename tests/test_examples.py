@@ -13,6 +13,7 @@ from pathlib import Path
 
 import keras
 import pytest
+from conftest import USER_THREADS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").rglob("*.py"))
@@ -42,6 +43,9 @@ def test_every_example_runs_as_written(script, tmp_path):
     """On the pass's Keras backend: examples that use Keras run in every pass."""
     each_keras_backend(script.read_text())
     env = {**os.environ, "KERAS_BACKEND": BACKEND, "BNKIT_EXAMPLE_OUT": str(tmp_path)}
+    env.pop("OMP_NUM_THREADS", None)  # as the user's shell had it, not as an import left it
+    if USER_THREADS is not None:
+        env["OMP_NUM_THREADS"] = USER_THREADS
     command = [sys.executable, str(script)]
     if script.name == "distributed_adapt.py":
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -52,7 +56,10 @@ def test_every_example_runs_as_written(script, tmp_path):
     shown = _what_it_prints(script) if BACKEND == "torch" else []  # as the pages show it
     for page, block in shown:
         missing = [line for line in block if not any(_pattern(line).fullmatch(p) for p in printed)]
-        assert not missing, f"{page}: the block the page says {script.name} prints has {missing}"
+        assert not missing, (
+            f"{page}: the block the page says {script.name} prints has {missing}; it printed:\n"
+            + proc.stdout[-2000:]
+        )
     made = OUTPUTS.get(script.name)
     if script.name == "distributed_adapt.py":
         made = "adapted.pt"
