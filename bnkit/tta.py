@@ -890,11 +890,7 @@ def _score(
     seconds: float,
     held: str | None = None,
 ) -> _Scored:
-    probs = outputs  # a softmax output already, or logits to turn into probabilities
-    if not _probabilities(outputs):
-        e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-        probs = e / e.sum(axis=1, keepdims=True)
-    ent = float(-(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1).mean())
+    ent = _mean_entropy(outputs)
     hits = None
     acc = None
     if y is not None:
