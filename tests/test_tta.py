@@ -545,6 +545,7 @@ def test_robust_predicts_its_first_batches_with_the_source_statistics_where_the_
     monkeypatch.setattr(tta_module, "SOURCE_GATE", (1e9, 2e9))  # the middle: unmoved
     monkeypatch.setattr(tta_module, "SOURCE_GATE_RATIO", (-2.0, -1.0))  # the deep: moved
     monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", np.inf)  # the gate alone (below)
+    monkeypatch.setattr(tta_module, "SOURCE_GATE_CLASSES", np.inf)  # however spread
     model = _three_bn(fw)
     report = bnkit.tta(model, x, "robust", batch_size=32)
     source, grown = _three_bn(fw), _three_bn(fw)
@@ -584,6 +585,48 @@ def test_robust_predicts_its_first_batches_with_the_source_statistics_where_the_
     assert report.batches[0].entropy != pytest.approx(
         entropy(adapter.predict(_three_bn(fw), x[:32])), rel=1e-3
     )  # not the source's alone
+
+
+def test_classes_seen_counts_the_classes_the_predictions_spread_over():
+    one = np.tile([0.1, 0.7, 0.2], (8, 1))
+    assert tta_module._classes_seen(one) == pytest.approx(1.0)
+    even = np.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3]]  # two of each of four classes
+    assert tta_module._classes_seen(even) == pytest.approx(4.0)
+    skewed = np.eye(4)[[0, 0, 0, 0, 0, 0, 1, 2]]
+    assert 1.0 < tta_module._classes_seen(skewed) < 3.0
+    assert tta_module._spread(even) and not tta_module._spread(one)  # 4 of 4; 1 of 3
+    assert not tta_module._spread(np.linspace(0, 1, 8)[:, None])  # one column: no count
+
+
+def test_robust_gate_gives_way_to_the_stream_where_the_source_predictions_spread_over_the_classes(
+    fw, monkeypatch
+):
+    """The gate keeps the source statistics for a young batch whose deep layers moved far
+    more than its middle ones; where the predictions made so fall in at least
+    SOURCE_GATE_CLASSES of the classes, the batch holds many classes (a domain moved the
+    deep layers), and the stream's statistics predict it; below, the source's."""
+    x = fw.inputs(32)
+    monkeypatch.setattr(tta_module, "SOURCE_GATE", (1e9, 2e9))  # the middle: unmoved
+    monkeypatch.setattr(tta_module, "SOURCE_GATE_RATIO", (-2.0, -1.0))  # the deep: moved
+    monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", np.inf)  # the gate alone
+    adapter = bnkit.backends.get_backend(_three_bn(fw)).test_time()
+    source = adapter.predict(_three_bn(fw), x)
+    own = _three_bn(fw)
+    bnkit.adapt(own, x, batch_size=32)
+    streamed = adapter.predict(own, x)
+    seen = tta_module._classes_seen(source)  # the share set just below it, then above
+    gap = tta_module._mean_entropy(source) - tta_module._mean_entropy(streamed)
+    assert abs(gap) > 1e-3  # two different predictions
+    width = min(source.shape)
+    for share, expected in ((seen / width - 1e-6, streamed), (seen / width + 1e-6, source)):
+        monkeypatch.setattr(tta_module, "SOURCE_GATE_CLASSES", share)
+        model = _three_bn(fw)
+        report = bnkit.tta(model, x, "robust", batch_size=32)
+        assert report.batches[0].entropy == pytest.approx(
+            tta_module._mean_entropy(expected), rel=1e-4
+        )
+        for path, values in fw.bn_values(model).items():  # the stream's, whichever predicted
+            np.testing.assert_allclose(values["mean"], fw.bn_values(own)[path]["mean"], rtol=1e-5)
 
 
 def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_surer(fw, monkeypatch):
