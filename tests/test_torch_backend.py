@@ -89,6 +89,69 @@ def test_adapt_matches_numpy_and_shift_measures_the_distance():
     assert model.training  # the passes left the model's mode as it was
 
 
+class _Counted(nn.Module):
+    """A head that counts its calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+class _Routed(nn.Module):
+    """Calls its second BN on odd calls only (a graph that changes from batch to batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.head, self.step = _Counted(nn.Flatten()), 0
+
+    def forward(self, x):
+        x = self.bn1(self.conv(x))
+        self.step += 1
+        if self.step % 2 == 0:
+            x = self.bn2(x)
+        return self.head(x)
+
+
+def test_adapt_stops_each_pass_after_the_last_bn_once_the_graph_is_known():
+    """From the second batch on, the moments pass ends once every BN has its moments: the
+    head after the last BN runs for the first batch only, and the statistics are still
+    exact. A graph that does not call every BN on the first batch runs whole."""
+    import copy
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(40, 3, 6, 6)).astype("float32")
+    model = net()
+    model.head = _Counted(model.head)
+    reference = copy.deepcopy(model)
+    bnkit.adapt(model, x, batch_size=16)  # 3 batches
+    assert model.head.calls == 1
+    # each BN's inputs when every BN normalises with its batch's moments (training mode),
+    # pooled over the 3 batches: what adapt must give, whether the passes stopped or not
+    bns = [m for m in reference.modules() if isinstance(m, nn.BatchNorm2d)]
+    seen: dict[int, list[np.ndarray]] = {i: [] for i in range(len(bns))}
+    for i, bn in enumerate(bns):
+        bn.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].double().numpy()))
+    reference.train()
+    with torch.no_grad():
+        for start in range(0, 40, 16):
+            reference(torch.as_tensor(x[start : start + 16]))
+    adapted = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for i, bn in enumerate(adapted):
+        inputs = np.concatenate(seen[i])
+        np.testing.assert_allclose(bn.running_mean.numpy(), inputs.mean((0, 2, 3)), atol=1e-5)
+        np.testing.assert_allclose(bn.running_var.numpy(), inputs.var((0, 2, 3)), rtol=1e-5)
+    assert bnkit.shift(model, x).score < 0.01  # shift's pass (stored statistics) stops too
+    assert model.head.calls == 2
+
+    routed = _Routed()  # first batch: bn2 not called, so no pass may stop early
+    report = bnkit.adapt(routed, x, batch_size=16)
+    assert routed.head.calls == 3 and report.batches == 3
+
+
 def test_one_sample_is_measured_by_shift_and_refused_by_adapt():
     # one value per channel: shift reads it as its mean (variance 0); adapt, which
     # normalises with the batch, cannot, and says so in one line

@@ -594,9 +594,19 @@ class _Captured:
         self.starts = [0, *itertools.accumulate(self.sizes)]
         self.buffers: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.counts: dict[str, tuple[torch.device, int]] = {}
+        self.calls = 0  # the measured layers' calls in this batch, repeats counted
+        self.batches = 0
+        self.stop_at: int | None = None
+        """From the second batch on, the layers whose moments end a batch's pass: all of
+        them, where the first batch called each measured layer once (a static graph); the
+        rest of the model (its head) runs for nothing. None: every pass runs whole."""
 
     def clear(self) -> None:
-        self.buffers, self.counts = {}, {}
+        self.buffers, self.counts, self.calls = {}, {}, 0
+
+    def done(self) -> bool:
+        """True once this batch has called every measured layer (see `stop_at`)."""
+        return self.stop_at is not None and len(self.counts) == self.stop_at
 
     def take(self, path: str, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's fresh mean and variance buffers for this batch; zeros, so that a
@@ -606,6 +616,7 @@ class _Captured:
             buffer = torch.zeros(self.starts[-1], device=device)
             held = self.buffers[device] = (buffer, list(buffer.split(self.sizes)))
         self.counts[path] = (device, n)
+        self.calls += 1
         i = self.slot[path]
         return held[1][i], held[1][i + 1]
 
@@ -620,7 +631,15 @@ class _Captured:
             variance = values[middle:stop]
             variance *= (n - 1) / n if n > 1 else 0.0
             out[path] = (values[at:middle], variance, n)
+        if self.batches == 0 and self.calls == len(self.counts) == len(self.slot):
+            self.stop_at = len(self.slot)
+        self.batches += 1
         return out
+
+
+class _PassDone(BaseException):
+    """Ends a moments pass once every measured layer has its moments; a BaseException,
+    so that a model's own `except Exception` does not swallow it."""
 
 
 def _moment_forward(layer: Any, path: str, captured: _Captured, batch_stats: bool) -> Any:
@@ -631,6 +650,12 @@ def _moment_forward(layer: Any, path: str, captured: _Captured, batch_stats: boo
     float32 = torch.float32
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        out = moments(x)
+        if captured.done():
+            raise _PassDone
+        return out
+
+    def moments(x: torch.Tensor) -> torch.Tensor:
         xf = x if x.dtype is float32 else x.float()
         channels = x.shape[1]
         n = x.numel() // channels
@@ -683,7 +708,7 @@ def _pass(model: Any, captured: _Captured) -> MomentPass:
 
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         captured.clear()
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.suppress(_PassDone):
             call(inner, x, checked=True)  # moments_pass checked it
         return captured.moments()
 
