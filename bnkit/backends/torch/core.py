@@ -597,9 +597,10 @@ class _Captured:
         self.calls = 0  # the measured layers' calls in this batch, repeats counted
         self.batches = 0
         self.stop_at: int | None = None
-        """From the second batch on, the layers whose moments end a batch's pass: all of
-        them, where the first batch called each measured layer once (a static graph); the
-        rest of the model (its head) runs for nothing. None: every pass runs whole."""
+        """From the second batch on, a batch's pass ends once this many measured layers
+        have their moments: all of them, where the first batch called each measured layer
+        exactly once (a static graph), since the rest of the model (its head) would run
+        for nothing. None: every pass runs whole."""
 
     def clear(self) -> None:
         self.buffers, self.counts, self.calls = {}, {}, 0
