@@ -587,6 +587,17 @@ def test_robust_predicts_its_first_batches_with_the_source_statistics_where_the_
     )  # not the source's alone
 
 
+def _assert_robust_first_batch(fw, x, expected, means) -> None:
+    """`robust` on one batch `x` predicts it as `expected` (compared by mean entropy) and
+    leaves the model with the stream's statistics (`means` per BN layer), whichever
+    candidate predicted."""
+    model = _three_bn(fw)
+    report = bnkit.tta(model, x, "robust", batch_size=len(x))
+    assert report.batches[0].entropy == pytest.approx(tta_module._mean_entropy(expected), rel=1e-4)
+    for path, values in fw.bn_values(model).items():
+        np.testing.assert_allclose(values["mean"], means[path], rtol=1e-5)
+
+
 def test_classes_seen_counts_the_classes_the_predictions_spread_over():
     one = np.tile([0.1, 0.7, 0.2], (8, 1))
     assert tta_module._classes_seen(one) == pytest.approx(1.0)
@@ -618,15 +629,10 @@ def test_robust_gate_gives_way_to_the_stream_where_the_source_predictions_spread
     gap = tta_module._mean_entropy(source) - tta_module._mean_entropy(streamed)
     assert abs(gap) > 1e-3  # two different predictions
     width = min(source.shape)
+    means = {p: v["mean"] for p, v in fw.bn_values(own).items()}
     for share, expected in ((seen / width - 1e-6, streamed), (seen / width + 1e-6, source)):
         monkeypatch.setattr(tta_module, "SOURCE_GATE_CLASSES", share)
-        model = _three_bn(fw)
-        report = bnkit.tta(model, x, "robust", batch_size=32)
-        assert report.batches[0].entropy == pytest.approx(
-            tta_module._mean_entropy(expected), rel=1e-4
-        )
-        for path, values in fw.bn_values(model).items():  # the stream's, whichever predicted
-            np.testing.assert_allclose(values["mean"], fw.bn_values(own)[path]["mean"], rtol=1e-5)
+        _assert_robust_first_batch(fw, x, expected, means)
 
 
 def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_surer(fw, monkeypatch):
@@ -652,15 +658,10 @@ def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_sur
     split = adapter.predict(twin, x)
     gap = tta_module._mean_entropy(own) - tta_module._mean_entropy(split)
     assert abs(gap) > 1e-3  # two different predictions
+    means = {p: v["mean"] for p, v in streamed.items()}
     for margin, expected in ((gap - 1e-4, split), (gap + 1e-4, own)):
         monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", margin)
-        model = _three_bn(fw)
-        report = bnkit.tta(model, x, "robust", batch_size=32)
-        assert report.batches[0].entropy == pytest.approx(
-            tta_module._mean_entropy(expected), rel=1e-4
-        )
-        for path, values in fw.bn_values(model).items():  # the stream's, whichever predicted
-            np.testing.assert_allclose(values["mean"], streamed[path]["mean"], rtol=1e-5)
+        _assert_robust_first_batch(fw, x, expected, means)
 
 
 def test_robust_corrects_the_predictions_from_the_second_batch_in_a_row_that_shows_label_shift(
