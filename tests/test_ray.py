@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -204,6 +205,17 @@ def _ours(mark: str) -> list:
     return found
 
 
+def _command(p: Any) -> str:
+    """`p`'s command line, or '' once it has exited (Ray starts short-lived helpers, which
+    may end between being listed and being read)."""
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 @pytest.mark.parametrize("when", ["ray-starting", "running"] * 2)
 def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, when):
     """Ctrl-C while the local Ray starts or while its tasks run: exit 130, and no process
@@ -234,7 +246,7 @@ def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, when):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Ray is starting once its first server runs
         started = [p for p in _ours(mark) if p.pid != proc.pid]
-        workers = [p for p in started if "ray::" in " ".join(p.cmdline())]
+        workers = [p for p in started if "ray::" in _command(p)]
         if (when == "ray-starting" and started) or (when == "running" and workers):
             break
         time.sleep(0.1)
@@ -242,5 +254,5 @@ def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, when):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     left = [p for p in _ours(mark) if p.is_running()]
-    assert not left, [" ".join(p.cmdline())[:80] for p in left]
+    assert not left, [_command(p)[:80] for p in left]
     assert not (tmp_path / "out").exists()
