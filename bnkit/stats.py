@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,6 +76,59 @@ class Moments:
         if self._mean is None or self._m2 is None:
             raise BnkitError("a selected BN layer saw no data: is it on the model's path?")
         return {"mean": self._mean, "var": self._m2 / self._n}
+
+
+def pool_together(group: Sequence[Moments]) -> None:
+    """Pools the batches given to each of `group` (a model's BN layers) in one set of
+    NumPy calls for all of them: the same sums as each pooling its own, without a
+    dozen small calls per layer. Where their numbers of batches differ, or some have
+    pooled before and others not, each pools its own."""
+    todo = [m for m in group if m._pending]
+    prior = {m._mean is not None for m in todo}
+    if len(todo) < 2 or len({len(m._pending) for m in todo}) > 1 or len(prior) > 1:
+        for m in todo:
+            m._pool()
+        return
+    shapes = [np.shape(m._pending[0][0]) for m in todo]
+    widths = [math.prod(shape) for shape in shapes]
+    rows = list(zip(*(m._pending for m in todo), strict=True))  # per batch, every layer's
+    flat = np.ravel if any(len(shape) != 1 for shape in shapes) else _same
+    means = [np.concatenate([flat(p[0]) for p in row]) for row in rows]
+    variances = [np.concatenate([flat(p[1]) for p in row]) for row in rows]
+    counts = [[float(p[2]) for p in row] for row in rows]
+    if prior == {True}:  # what each pooled before weighs as one batch more
+        n = [float(m._n) for m in todo]
+        means.append(np.concatenate([np.ravel(v) for m in todo if (v := m._mean) is not None]))
+        m2s = np.concatenate([np.ravel(v) for m in todo if (v := m._m2) is not None])
+        variances.append(m2s / np.repeat(n, widths))
+        counts.append(n)
+    if any(v.size != sum(widths) for v in (*means, *variances)):  # a layer changed width
+        for m in todo:
+            m._pool()
+        return
+    mean_rows, var_rows = np.array(means, np.float64), np.array(variances, np.float64)
+    weights = np.repeat(np.array(counts), widths, axis=1)
+    totals = np.array(counts).sum(axis=0)
+    mean = (weights * mean_rows).sum(axis=0) / np.repeat(totals, widths)
+    mean_rows -= mean
+    mean_rows *= mean_rows
+    var_rows += mean_rows
+    m2 = (weights * var_rows).sum(axis=0)
+    ends = list(itertools.accumulate(widths))
+    cuts = [slice(a, b) for a, b in zip([0, *ends], ends, strict=False)]
+    parts = zip(todo, shapes, cuts, totals, strict=True)
+    for m, shape, cut, total in parts:
+        m_mean, m_m2 = mean[cut], m2[cut]
+        m._mean, m._m2, m._n, m._pending = (
+            m_mean.reshape(shape),
+            m_m2.reshape(shape),
+            int(total),
+            [],
+        )
+
+
+def _same(values: np.ndarray) -> np.ndarray:
+    return values
 
 
 def _on_path(moments: dict[str, Moments]) -> tuple[list[str], tuple[str, ...]]:
@@ -189,11 +244,11 @@ def adapt(
     )
     seen, off_path = _on_path(moments)
     before = backend.bn_stats(model, seen)
+    pool_together([moments[p] for p in seen])
     new = {p: moments[p].result() for p in seen}
     _check_finite_stats(new)
     backend.set_bn_stats(model, new)
-    layers = tuple(_summary(p, before[p], new[p]) for p in seen)
-    return AdaptReport(layers, n_batches, n_samples, off_path)
+    return AdaptReport(_summaries(seen, before, new), n_batches, n_samples, off_path)
 
 
 class OnlineAdapt:
@@ -231,6 +286,7 @@ class OnlineAdapt:
         """The statistics of every batch given so far, per BN layer a batch reached, in
         the model's order."""
         seen, _ = _on_path(self._moments)
+        pool_together([self._moments[p] for p in seen])
         return {p: self._moments[p].result() for p in seen}
 
     def fork(self) -> OnlineAdapt:
@@ -253,6 +309,10 @@ def _check_finite_stats(stats: dict[str, dict[str, np.ndarray]]) -> None:
     """Raises DataError (the model unchanged) when a re-estimated statistic is not finite
     or too large for float32, which happens when the data's values are huge."""
     limit = float(np.finfo(np.float32).max)
+    every = [np.ravel(v) for values in stats.values() for v in values.values()]
+    flat = np.concatenate(every) if every else np.zeros(0)
+    if np.isfinite(flat).all() and (flat.size == 0 or np.abs(flat).max() <= limit):
+        return  # one check for all layers; the loop below names the layer that fails
     for path, values in stats.items():
         for name, value in values.items():
             if not np.isfinite(value).all() or np.abs(value).max() > limit:
@@ -361,14 +421,23 @@ def _combine(
     return total, sum(int(v[0]) for v in gathered), sum(int(v[1]) for v in gathered)
 
 
-def _summary(path: str, old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> LayerAdapt:
-    ratio = new["var"] / np.maximum(old["var"], 1e-12)
-    return LayerAdapt(
-        path=path,
-        mean_change=float(np.max(np.abs(new["mean"] - old["mean"]))),
-        var_ratio_min=float(ratio.min()),
-        var_ratio_max=float(ratio.max()),
-    )
+def _summaries(
+    paths: list[str],
+    old: dict[str, dict[str, np.ndarray]],
+    new: dict[str, dict[str, np.ndarray]],
+) -> tuple[LayerAdapt, ...]:
+    """Each layer's largest change of a channel's mean and range of the channels' new
+    over old variances, reduced for all layers at once."""
+
+    def flat(stats: dict[str, dict[str, np.ndarray]], name: str) -> np.ndarray:
+        return np.concatenate([np.ravel(stats[p][name]) for p in paths])
+
+    starts = [0, *itertools.accumulate(np.size(new[p]["mean"]) for p in paths)][:-1]
+    change = np.maximum.reduceat(np.abs(flat(new, "mean") - flat(old, "mean")), starts)
+    ratio = flat(new, "var") / np.maximum(flat(old, "var"), 1e-12)
+    low, high = np.minimum.reduceat(ratio, starts), np.maximum.reduceat(ratio, starts)
+    rows = zip(paths, change.tolist(), low.tolist(), high.tolist(), strict=True)
+    return tuple(LayerAdapt(p, float(c), float(lo), float(hi)) for p, c, lo, hi in rows)
 
 
 # ---------------------------------------------------------------------- shift
@@ -569,6 +638,7 @@ def shift(
     )
     seen, off_path = _on_path(moments)
     stored = backend.bn_stats(model, seen)
+    pool_together([moments[p] for p in seen])
     measured = {p: moments[p].result() for p in seen}
     _check_finite_stats(measured)
     layers = tuple(_layer_shift(p, k, measured[p], stored[p]) for k, p in enumerate(seen))

@@ -17,7 +17,9 @@ from bnkit.stats import (
     ADAPT_THRESHOLD,
     LABELS_THRESHOLD,
     VARIANCE_EPSILON,
+    Moments,
     gaussian_kl,
+    pool_together,
     recommend,
 )
 
@@ -80,6 +82,59 @@ def test_adapt_matches_numpy_population_statistics(conv_model):
     # the layer's own call is back: inference uses the new running statistics
     out = keras.ops.convert_to_numpy(conv_model(x[:2], training=False))
     assert np.isfinite(out).all() and "call" not in vars(conv_model.layers[1])
+
+
+def _batches(rng, shape, sizes):
+    """Batches of values per channel (`shape`), each with its own offset: (values, mean,
+    population variance, count) per batch."""
+    out = []
+    for n in sizes:
+        v = rng.normal(rng.normal(0, 3), rng.uniform(0.5, 2), size=(n, *shape))
+        out.append((v, v.mean(0).astype(np.float32), v.var(0).astype(np.float32), n))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["same batches", "one layer pooled before", "uneven"])
+def test_layers_pooled_together_match_numpy_over_every_value(layout):
+    rng = np.random.default_rng(0)
+    shapes = [(3,), (5,), (2, 4), (1,)]
+    rounds = [[7, 9, 4], [6, 8]]  # two rounds of batches: the second adds to a pool
+    group = [Moments() for _ in shapes]
+    values: list[list[np.ndarray]] = [[] for _ in shapes]
+    for r, sizes in enumerate(rounds):
+        for i, (m, shape) in enumerate(zip(group, shapes, strict=True)):
+            own = sizes[:-1] if layout == "uneven" and i == 2 else sizes
+            for v, mean, var, n in _batches(rng, shape, own):
+                m.add(mean, var, n)
+                values[i].append(v)
+        if layout == "one layer pooled before" and r == 0:
+            group[1]._pool()  # its neighbours have not pooled: each then pools its own
+        pool_together(group)
+        assert all(not m._pending for m in group)
+        for m, vs in zip(group, values, strict=True):
+            every = np.concatenate(vs).astype(np.float64)
+            result = m.result()
+            assert result["mean"].shape == every.shape[1:] and m.n == len(every)
+            # the batches' float32 moments against float64 NumPy over every value
+            np.testing.assert_allclose(result["mean"], every.mean(0), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(result["var"], every.var(0), rtol=1e-6)
+
+
+def test_the_adapt_report_gives_each_layers_changes_as_numpy_does(fw):
+    model = fw.build()
+    x = fw.inputs(40, seed=3) * 2 + 1
+    before = fw.bn_values(model)
+    report = bnkit.adapt(model, x, batch_size=16)
+    after = fw.bn_values(model)
+    assert {layer.path for layer in report.layers} == set(after)
+    for layer in report.layers:
+        old, new = before[layer.path], after[layer.path]
+        ratio = new["var"].astype(np.float64) / np.maximum(old["var"], 1e-12)
+        change = np.abs(new["mean"].astype(np.float64) - old["mean"]).max()
+        assert layer.mean_change == pytest.approx(change, rel=1e-5, abs=1e-6) and change > 0
+        assert layer.var_ratio_min == pytest.approx(ratio.min(), rel=1e-6)
+        assert layer.var_ratio_max == pytest.approx(ratio.max(), rel=1e-6)
+        assert layer.var_ratio_min < layer.var_ratio_max
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX pass's XLA option")

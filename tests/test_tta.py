@@ -54,6 +54,30 @@ def test_runaway_weights_reset_to_the_start(fw):
     assert all(np.isfinite(v).all() for layer in values.values() for v in layer.values())
 
 
+def test_the_finiteness_guard_finds_one_non_finite_bn_weight(fw):
+    from bnkit.backends import get_backend
+
+    model = fw.build()
+    adapter = get_backend(model).test_time()
+    adapter.prepare(model, 1e-3, "adam")
+    assert adapter.finite(model)
+    last = list(fw.bn_values(model))[-1]
+    if fw.name == "torch":
+        import torch
+
+        with torch.no_grad():
+            model.get_submodule(last).bias[-1] = float("inf")
+    else:
+        layer = fw.base.get_layer(last.split("/")[-1])
+        import keras
+
+        beta = np.array(keras.ops.convert_to_numpy(layer.beta))
+        beta[-1] = np.nan
+        layer.beta.assign(beta)
+    assert not adapter.finite(model)
+    adapter.finish(model)
+
+
 def test_episodic_starts_every_batch_from_the_start_weights(fw):
     x = fw.inputs(32)
     stream = np.concatenate([x, x, x])

@@ -125,13 +125,14 @@ class TorchTestTime:
             self._optimizer.state.clear()
 
     def finite(self, model: Any) -> bool:
-        """True when every BN weight and bias is finite."""
-        return all(
-            bool(torch.isfinite(p).all())
-            for m in model.modules()
-            if isinstance(m, BN)
-            for p in m.parameters(recurse=False)
-        )
+        """True when every BN weight and bias is finite: one test per device of all of
+        them together (it runs after every TENT step)."""
+        held: dict[torch.device, list[torch.Tensor]] = {}
+        for m in model.modules():
+            if isinstance(m, BN):
+                for p in m.parameters(recurse=False):
+                    held.setdefault(p.device, []).append(p.detach().reshape(-1))
+        return all(bool(torch.isfinite(torch.cat(ps)).all()) for ps in held.values())
 
 
 def entropy(out: torch.Tensor, logits: bool) -> torch.Tensor:
