@@ -85,20 +85,30 @@ class Domains:
         if self._scale is None:
             self._scale = x.var(axis=(0, 2, 3), dtype=np.float64) + 1e-12
         eps = self._scale * 1e-3  # a flat image's log stays finite
-        mean = flat.mean(axis=-1, dtype=np.float64) / np.sqrt(self._scale)
-        spread = np.log(_variance(flat) + eps)
-        edges = np.log(
-            _variance(np.diff(x, axis=2).reshape(n, c, -1))
-            + _variance(np.diff(x, axis=3).reshape(n, c, -1))
-            + eps
-        )
-        return np.concatenate([mean, spread, edges], axis=1)
+        mean = flat.mean(axis=-1, dtype=np.float64)
+        spread = np.log(_variance(flat, mean) + eps)
+        edges = np.log(_step_variance(x, 2) + _step_variance(x, 3) + eps)
+        return np.concatenate([mean / np.sqrt(self._scale), spread, edges], axis=1)
 
 
-def _variance(values: np.ndarray) -> np.ndarray:
-    """The variance along the last axis of float32 values, summed in float64 without a
-    float64 copy of them (a quarter less time than NumPy's `var` with a float64 dtype)."""
-    mean = values.mean(axis=-1, dtype=np.float64)
+def _variance(values: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The variance along the last axis of float32 values whose float64 `mean` is
+    known, summed in float64 without a float64 copy of them (a quarter less time than
+    NumPy's `var` with a float64 dtype)."""
     centred = values - mean[..., None].astype(np.float32)
     np.square(centred, out=centred)
     return centred.sum(axis=-1, dtype=np.float64) / values.shape[-1]
+
+
+def _step_variance(x: np.ndarray, axis: int) -> np.ndarray:
+    """The variance of the differences between neighbouring pixels along `axis` (2: rows,
+    3: columns) of (N, C, H, W) float32 images, per image and channel: the mean square
+    of the differences less their squared mean, which telescopes to the last row (or
+    column) less the first. In float64 sums; never below 0."""
+    steps = np.diff(x, axis=axis)
+    count = steps[0, 0].size
+    ends = np.take(x, [-1], axis=axis) - np.take(x, [0], axis=axis)
+    mean = ends.reshape(len(x), x.shape[1], -1).sum(axis=-1, dtype=np.float64) / count
+    np.square(steps, out=steps)
+    mean_square = steps.reshape(len(x), x.shape[1], -1).sum(axis=-1, dtype=np.float64) / count
+    return np.maximum(mean_square - mean * mean, 0.0)

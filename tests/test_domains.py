@@ -62,6 +62,29 @@ def test_the_domains_do_not_depend_on_the_pixel_scale_or_offset_units():
     assert all(np.array_equal(i, j) for i, j in zip(ids, scaled, strict=True))
 
 
+def test_the_features_are_numpys_float64_moments_of_the_pixels_and_their_steps():
+    from bnkit.domains import _step_variance
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(4, 2, 9, 7)).astype("float32")
+    x[0, 0] = np.arange(7, dtype="float32") * 5 + 100  # a ramp: steps of one value
+    x[1, 1] = 7.0  # a flat image
+    d = Domains(channels_first=True)
+    features = d._features(x)
+    wide = x.astype(np.float64).reshape(4, 2, -1)
+    scale = x.astype(np.float64).var(axis=(0, 2, 3)) + 1e-12
+    eps = scale * 1e-3
+    rows, cols = np.diff(x.astype(np.float64), axis=2), np.diff(x.astype(np.float64), axis=3)
+    steps = rows.reshape(4, 2, -1).var(-1) + cols.reshape(4, 2, -1).var(-1)
+    np.testing.assert_allclose(features[:, :2], wide.mean(-1) / np.sqrt(scale), rtol=1e-6)
+    np.testing.assert_allclose(features[:, 2:4], np.log(wide.var(-1) + eps), atol=1e-5)
+    np.testing.assert_allclose(features[:, 4:], np.log(steps + eps), atol=1e-5)
+    for axis, steps_along in ((2, rows), (3, cols)):
+        exact = steps_along.reshape(4, 2, -1).var(-1)
+        np.testing.assert_allclose(_step_variance(x, axis), exact, rtol=1e-5, atol=1e-6)
+    assert _step_variance(x, 3)[0, 0] == 0.0 and _step_variance(x, 2)[1, 1] == 0.0
+
+
 def test_inputs_that_are_not_images_are_one_domain():
     domains = Domains(False)
     assert domains.assign(np.random.default_rng(0).normal(size=(32, 10))) is None

@@ -333,3 +333,22 @@ def test_the_bn_paths_adapt_reads_are_the_bn_selectors_on_real_architectures():
         expected = [infos[i].path for i in AllBN().match(infos)]
         assert expected, name
         assert backend.bn_paths(model) == expected, name
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_predict_runs_in_inference_mode_and_leaves_each_modules_flag(train):
+    from bnkit.backends.torch.train import predict
+
+    model = net()
+    model.train(train)
+    if train:
+        model.stem[1].eval()  # one BN held in eval inside a model in training
+    flags = [m.training for m in model.modules()]
+    x = np.random.default_rng(0).normal(size=(1, 3, 6, 6)).astype("float32")
+    stats = state(model)
+    one = predict(model, x)
+    assert [m.training for m in model.modules()] == flags
+    assert all(np.array_equal(v, stats[k]) for k, v in state(model).items())  # none moved
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_array_equal(one, model(torch.from_numpy(x)).numpy())

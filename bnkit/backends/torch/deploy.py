@@ -113,13 +113,18 @@ def _eval_mode(model: Any) -> Iterator[None]:
     if exported_graph(model):
         yield
         return
-    flags = [m.training for m in model.modules()]
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    if not any(flags):  # in inference mode already: nothing to set or put back
+        yield
+        return
     model.eval()
     try:
         yield
     finally:
-        for m, flag in zip(model.modules(), flags, strict=True):
-            m.training = flag
+        for m, flag in zip(modules, flags, strict=True):
+            if m.training != flag:
+                m.training = flag
 
 
 def _hooked_pass(model: Any, example: np.ndarray) -> tuple[dict[str, int], dict[str, int]]:
