@@ -92,7 +92,7 @@ def pool_together(group: Sequence[Moments]) -> None:
     shapes = [np.shape(m._pending[0][0]) for m in todo]
     widths = [math.prod(shape) for shape in shapes]
     rows = list(zip(*(m._pending for m in todo), strict=True))  # per batch, every layer's
-    flat = np.ravel if any(len(shape) != 1 for shape in shapes) else _same
+    flat = np.ravel if any(len(shape) != 1 for shape in shapes) else _as_is
     means = [np.concatenate([flat(p[0]) for p in row]) for row in rows]
     variances = [np.concatenate([flat(p[1]) for p in row]) for row in rows]
     counts = [[float(p[2]) for p in row] for row in rows]
@@ -116,18 +116,13 @@ def pool_together(group: Sequence[Moments]) -> None:
     m2 = (weights * var_rows).sum(axis=0)
     ends = list(itertools.accumulate(widths))
     cuts = [slice(a, b) for a, b in zip([0, *ends], ends, strict=False)]
-    parts = zip(todo, shapes, cuts, totals, strict=True)
-    for m, shape, cut, total in parts:
-        m_mean, m_m2 = mean[cut], m2[cut]
-        m._mean, m._m2, m._n, m._pending = (
-            m_mean.reshape(shape),
-            m_m2.reshape(shape),
-            int(total),
-            [],
-        )
+    for m, shape, cut, total in zip(todo, shapes, cuts, totals, strict=True):
+        m._mean, m._m2 = mean[cut].reshape(shape), m2[cut].reshape(shape)
+        m._n, m._pending = int(total), []
 
 
-def _same(values: np.ndarray) -> np.ndarray:
+def _as_is(values: np.ndarray) -> np.ndarray:
+    """One layer's per-channel values, already flat."""
     return values
 
 
