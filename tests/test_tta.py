@@ -505,11 +505,12 @@ def test_the_adapters_compiled_inference_reads_the_statistics_of_each_call(fw):
     np.testing.assert_allclose(after, traced_now, rtol=1e-5, atol=1e-6)
 
 
-def test_robust_predicts_each_batch_with_the_statistics_of_the_stream_so_far(fw):
+def test_robust_predicts_each_batch_with_the_statistics_of_the_stream_so_far(fw, monkeypatch):
     """No gradient step: batch k is predicted in inference mode with the statistics of
     batches 0..k (what OnlineAdapt writes), and the model ends with `adapt`'s."""
     from bnkit.stats import OnlineAdapt
 
+    monkeypatch.setattr(tta_module, "SPLIT_OWN", -1.0)  # the young-batch agreement rule off
     x = fw.inputs(96)
     model = fw.build()
     report = bnkit.tta(model, x, "robust", batch_size=32)
@@ -644,6 +645,7 @@ def test_robust_gate_gives_way_to_the_stream_where_the_source_predictions_spread
     monkeypatch.setattr(tta_module, "SOURCE_GATE", (1e9, 2e9))  # the middle: unmoved
     monkeypatch.setattr(tta_module, "SOURCE_GATE_RATIO", (-2.0, -1.0))  # the deep: moved
     monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", np.inf)  # the gate alone
+    monkeypatch.setattr(tta_module, "SPLIT_OWN", -1.0)
     adapter = bnkit.backends.get_backend(_three_bn(fw)).test_time()
     source = adapter.predict(_three_bn(fw), x)
     own = _three_bn(fw)
@@ -667,6 +669,7 @@ def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_sur
 
     x = fw.inputs(32)
     monkeypatch.setattr(tta_module, "SOURCE_GATE", (-2.0, -1.0))  # the gate: the stream's
+    monkeypatch.setattr(tta_module, "SPLIT_OWN", -1.0)  # the agreement rule off
     twin = _three_bn(fw)
     backend = bnkit.backends.get_backend(twin)
     adapter = backend.test_time()
@@ -688,12 +691,53 @@ def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_sur
         _assert_robust_first_batch(fw, x, expected, means)
 
 
+def test_robust_predicts_a_young_batch_split_where_split_agrees_with_the_source_not_with_its_own(
+    fw, monkeypatch
+):
+    """Where the split candidate's predictions agree with the batch's own on less than
+    SPLIT_OWN of the batch and with the source statistics' on at least SPLIT_SOURCE, the
+    split's are taken (the domain is one the model handles, the batch's own statistics
+    erased its classes); otherwise the gate's stand."""
+    from bnkit.stats import OnlineAdapt
+
+    x = fw.inputs(32)
+    monkeypatch.setattr(tta_module, "SOURCE_GATE", (-2.0, -1.0))  # the gate: the stream's
+    monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", np.inf)  # not by entropy
+    twin = _three_bn(fw)
+    backend = bnkit.backends.get_backend(twin)
+    adapter = backend.test_time()
+    kept = adapter.predict(twin, x)  # the source statistics'
+    online = OnlineAdapt(twin)
+    source = backend.bn_stats(twin, online.paths)
+    online.update(x)
+    own = adapter.predict(twin, x)
+    early = max(1, round(len(online.paths) * tta_module.SOURCE_SPLIT))
+    streamed = online.statistics()
+    backend.set_bn_stats(
+        twin, {p: streamed[p] if i < early else source[p] for i, p in enumerate(online.paths)}
+    )
+    split = adapter.predict(twin, x)
+    assert abs(tta_module._mean_entropy(own) - tta_module._mean_entropy(split)) > 1e-3
+    with_own, with_source = tta_module._agree(split, own), tta_module._agree(split, kept)
+    means = {p: v["mean"] for p, v in streamed.items()}
+    cases = (
+        (with_own + 1e-6, with_source - 1e-6, split),
+        (with_own + 1e-6, with_source + 1e-6, own),  # split and source disagree
+        (with_own - 1e-6, with_source - 1e-6, own),  # split and own agree
+    )
+    for own_share, source_share, expected in cases:
+        monkeypatch.setattr(tta_module, "SPLIT_OWN", own_share)
+        monkeypatch.setattr(tta_module, "SPLIT_SOURCE", source_share)
+        _assert_robust_first_batch(fw, x, expected, means)
+
+
 def test_robust_corrects_the_predictions_from_the_second_batch_in_a_row_that_shows_label_shift(
     fw, monkeypatch
 ):
     # the last three batches move away; every image counted in one domain (the domains
     # are tested below), so that the move reaches the outputs as label shift would
     monkeypatch.setattr(sys.modules["bnkit.domains"], "NEW_DOMAIN", np.inf)
+    monkeypatch.setattr(tta_module, "SPLIT_OWN", -1.0)  # the young batches: the stream's
     x = fw.inputs(160)
     stream = np.concatenate([x[:64], x[64:] + 4.0])
     report = bnkit.tta(fw.build(), stream, "robust", batch_size=32)
