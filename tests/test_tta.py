@@ -661,18 +661,16 @@ def test_robust_gate_gives_way_to_the_stream_where_the_source_predictions_spread
         _assert_robust_first_batch(fw, x, expected, means)
 
 
-def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_surer(fw, monkeypatch):
-    """On a young stream's batch, the predictions with the stream's statistics in the first
-    third of the BN layers and the source's after them (split) replace the gate's where
-    their mean entropy is lower by SOURCE_SPLIT_MARGIN nats, and only there."""
+def _young_batch_candidates(fw, x):
+    """A stream's first batch `x` on the three-BN model, predicted with the source
+    statistics, with its own, and split (its own in the first SOURCE_SPLIT of the BN
+    layers, the source's after them); and its own statistics' means per BN layer."""
     from bnkit.stats import OnlineAdapt
 
-    x = fw.inputs(32)
-    monkeypatch.setattr(tta_module, "SOURCE_GATE", (-2.0, -1.0))  # the gate: the stream's
-    monkeypatch.setattr(tta_module, "SPLIT_OWN", -1.0)  # the agreement rule off
     twin = _three_bn(fw)
     backend = bnkit.backends.get_backend(twin)
     adapter = backend.test_time()
+    kept = adapter.predict(twin, x)
     online = OnlineAdapt(twin)
     source = backend.bn_stats(twin, online.paths)
     online.update(x)  # writes the batch's statistics into twin
@@ -683,9 +681,19 @@ def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_sur
         twin, {p: streamed[p] if i < early else source[p] for i, p in enumerate(online.paths)}
     )
     split = adapter.predict(twin, x)
+    return kept, own, split, {p: v["mean"] for p, v in streamed.items()}
+
+
+def test_robust_predicts_a_young_batch_split_where_those_predictions_are_the_surer(fw, monkeypatch):
+    """On a young stream's batch, the predictions with the stream's statistics in the first
+    third of the BN layers and the source's after them (split) replace the gate's where
+    their mean entropy is lower by SOURCE_SPLIT_MARGIN nats, and only there."""
+    x = fw.inputs(32)
+    monkeypatch.setattr(tta_module, "SOURCE_GATE", (-2.0, -1.0))  # the gate: the stream's
+    monkeypatch.setattr(tta_module, "SPLIT_OWN", -1.0)  # the agreement rule off
+    _, own, split, means = _young_batch_candidates(fw, x)
     gap = tta_module._mean_entropy(own) - tta_module._mean_entropy(split)
     assert abs(gap) > 1e-3  # two different predictions
-    means = {p: v["mean"] for p, v in streamed.items()}
     for margin, expected in ((gap - 1e-4, split), (gap + 1e-4, own)):
         monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", margin)
         _assert_robust_first_batch(fw, x, expected, means)
@@ -698,28 +706,12 @@ def test_robust_predicts_a_young_batch_split_where_split_agrees_with_the_source_
     SPLIT_OWN of the batch and with the source statistics' on at least SPLIT_SOURCE, the
     split's are taken (the domain is one the model handles, the batch's own statistics
     erased its classes); otherwise the gate's stand."""
-    from bnkit.stats import OnlineAdapt
-
     x = fw.inputs(32)
     monkeypatch.setattr(tta_module, "SOURCE_GATE", (-2.0, -1.0))  # the gate: the stream's
     monkeypatch.setattr(tta_module, "SOURCE_SPLIT_MARGIN", np.inf)  # not by entropy
-    twin = _three_bn(fw)
-    backend = bnkit.backends.get_backend(twin)
-    adapter = backend.test_time()
-    kept = adapter.predict(twin, x)  # the source statistics'
-    online = OnlineAdapt(twin)
-    source = backend.bn_stats(twin, online.paths)
-    online.update(x)
-    own = adapter.predict(twin, x)
-    early = max(1, round(len(online.paths) * tta_module.SOURCE_SPLIT))
-    streamed = online.statistics()
-    backend.set_bn_stats(
-        twin, {p: streamed[p] if i < early else source[p] for i, p in enumerate(online.paths)}
-    )
-    split = adapter.predict(twin, x)
+    kept, own, split, means = _young_batch_candidates(fw, x)
     assert abs(tta_module._mean_entropy(own) - tta_module._mean_entropy(split)) > 1e-3
     with_own, with_source = tta_module._agree(split, own), tta_module._agree(split, kept)
-    means = {p: v["mean"] for p, v in streamed.items()}
     cases = (
         (with_own + 1e-6, with_source - 1e-6, split),
         (with_own + 1e-6, with_source + 1e-6, own),  # split and source disagree
