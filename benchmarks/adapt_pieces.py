@@ -8,7 +8,9 @@ of its pass timed as ratios to one inference pass, interleaved, medians of `--ru
 - `pass+data`: the same reading the batches through `bnkit.data` with its checks, and
   pooling the moments (`stats._collect`);
 - `adapt`: `bnkit.adapt` whole (with its report and the statistics written);
-- `swa_utils`: `torch.optim.swa_utils.update_bn`.
+- `swa_utils`: `torch.optim.swa_utils.update_bn`;
+- `swa_utils CL`: the same fed the batches channels-last (as a user could), the layout
+  `bnkit.adapt` now runs its pass in on a CPU.
 
 Models as `bn_reestimators.py`: the 50% pruned resnet18 on 512 digits, or the digits
 CNN on the first half of the gaussian-noise stream.
@@ -85,9 +87,11 @@ def main() -> None:
     def collect(model: torch.nn.Module, loader: list) -> None:
         stats._collect(backend, model, paths, loader, "batch", 64, None, None)
 
+    last = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in loader]
     pieces = {"inference": forward_pass, "kernels": kernels, "pass": moments,
               "pass+data": collect, "adapt": lambda m, d: bnkit.adapt(m, d),
-              "swa_utils": swa_update_bn}  # fmt: skip
+              "swa_utils": swa_update_bn,
+              "swa_utils CL": lambda m, d: swa_update_bn(m, last)}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in pieces}
     for _ in range(args.runs):
         for name, piece in pieces.items():

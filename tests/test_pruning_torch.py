@@ -120,7 +120,13 @@ def test_adapt_after_qat_is_exact_and_leaves_the_quantization_ranges():
     hook.remove()
     model.apply(q.enable_observer)
     ranges, before = _quantization_state(model), copy.deepcopy(model)
+    layouts: list[bool] = []  # as given: float rounding that differs with the layout
+    hook = model[1].register_forward_pre_hook(  # would move values across grid steps
+        lambda _, i: layouts.append(i[0].is_contiguous(memory_format=torch.channels_last))
+    )
     report = bnkit.adapt(model, x, batch_size=16)
+    hook.remove()
+    assert layouts == [False] * 3
     mean, var = _moments(seen[0], 1)
     np.testing.assert_allclose(model[1].bn.running_mean.numpy(), mean, atol=EPS_TOL)
     np.testing.assert_allclose(model[1].bn.running_var.numpy(), var, rtol=EPS_TOL)

@@ -54,6 +54,7 @@ from bnkit.backends.torch.modules import (
     call,
     carried,
     fake_quantized,
+    fake_quantized_in,
     initialised,
     is_bn,
     is_fixed_bn,
@@ -503,7 +504,7 @@ class TorchBackend:
             if any(was_training):
                 model.eval()
             with observers_held(model, modules):
-                yield _pass(model, captured)
+                yield _pass(model, captured, as_given=_rounds_activations(modules))
         finally:
             for layer in layers:
                 if "forward" in vars(layer):
@@ -729,20 +730,23 @@ class TorchCollective:
         return [t.cpu().numpy() for t in out]
 
 
-def _pass(model: Any, captured: _Captured) -> MomentPass:
+def _pass(model: Any, captured: _Captured, as_given: bool = False) -> MomentPass:
     """A batch's pass. On a CPU an image batch runs channels-last: oneDNN's convolutions
     take it without reordering, and the moments of a channels-last map are column sums
-    of a (values, channels) matrix, so the pass costs 0.9 to 1.4 inference passes as
+    of a (values, channels) matrix, so the pass costs 0.9 to 1.5 inference passes as
     given where BN's batch-statistics kernel on the given layout makes it 1.2 to 1.9
     (benchmarks/README.md); the moments are the same to float rounding. A model that
     cannot take that layout (a `view` that flattens a feature map) fails on its first
-    try and runs as given from then on."""
+    try and runs as given from then on. `as_given`: a model that rounds its activations
+    to a quantization grid runs as given, where float rounding that differs with the
+    layout would put a few values on the next step of the grid."""
     inner = unwrapped(model)
 
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         captured.clear()
         with torch.no_grad(), contextlib.suppress(_PassDone):
-            last = None if inner in _GIVEN_LAYOUT else _channels_last(inner, x)
+            given = as_given or inner in _GIVEN_LAYOUT
+            last = None if given else _channels_last(inner, x)
             if last is None:
                 call(inner, x, checked=True)  # moments_pass checked it
             else:
@@ -759,6 +763,17 @@ def _pass(model: Any, captured: _Captured) -> MomentPass:
 
 _GIVEN_LAYOUT: weakref.WeakSet[Any] = weakref.WeakSet()
 """Models whose moments pass failed channels-last: they run as given."""
+
+QUANTIZER_PACKAGES = ("nncf.", "aimet_torch.")
+"""Packages whose modules quantize a model's activations in its forward."""
+
+
+def _rounds_activations(modules: Sequence[Any]) -> bool:
+    """True when a module fake-quantizes: torch.ao's and torchao's FakeQuantize (QAT), or
+    a module of NNCF or AIMET (their quantizers)."""
+    if fake_quantized_in(modules):
+        return True
+    return any(type(m).__module__.startswith(QUANTIZER_PACKAGES) for m in modules)
 
 
 def _channels_last(model: Any, x: np.ndarray) -> torch.Tensor | None:

@@ -159,8 +159,13 @@ def numel(t: Any) -> int:
 
 def fake_quantized(model: Any) -> bool:
     """True when the model holds fake-quantize modules (prepared for QAT)."""
+    return fake_quantized_in(list(model.modules()))
+
+
+def fake_quantized_in(modules: Sequence[Any]) -> bool:
+    """True when one of `modules` is a fake-quantize module."""
     fakes, _ = _quantization_classes()
-    return any(isinstance(m, fakes) for m in model.modules())
+    return any(isinstance(m, fakes) for m in modules)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
