@@ -190,6 +190,18 @@ class _Flattened(nn.Module):
         return self.out(self.head(x.view(x.shape[0], -1)))
 
 
+class _Checked(nn.Module):
+    """A CNN that asserts its input is contiguous, as some models' own checks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        assert x.is_contiguous(), "contiguous input expected"
+        return self.bn(self.conv(x))
+
+
 def test_a_model_that_refuses_channels_last_is_re_estimated_as_given_and_exact():
     import copy
 
@@ -217,6 +229,12 @@ def test_a_model_that_refuses_channels_last_is_re_estimated_as_given_and_exact()
         inputs, bn = np.concatenate(seen[name]), model.get_submodule(name)
         np.testing.assert_allclose(bn.running_mean.numpy(), inputs.mean(axes), atol=1e-5)
         np.testing.assert_allclose(bn.running_var.numpy(), inputs.var(axes), rtol=1e-5)
+
+    checked = _Checked()  # its own assert refuses the layout: as given, and exact
+    bnkit.adapt(checked, x, batch_size=40)
+    with torch.no_grad():
+        conv_out = checked.conv(torch.as_tensor(x)).double().numpy()
+    np.testing.assert_allclose(checked.bn.running_var.numpy(), conv_out.var((0, 2, 3)), rtol=1e-5)
 
 
 def test_one_sample_is_measured_by_shift_and_refused_by_adapt():

@@ -736,8 +736,9 @@ def _pass(model: Any, captured: _Captured, as_given: bool = False) -> MomentPass
     of a (values, channels) matrix, so the pass costs 0.9 to 1.5 inference passes as
     given where BN's batch-statistics kernel on the given layout makes it 1.2 to 1.9
     (benchmarks/README.md); the moments are the same to float rounding. A model that
-    cannot take that layout (a `view` that flattens a feature map) fails on its first
-    try and runs as given from then on. `as_given`: a model that rounds its activations
+    cannot take that layout (a `view` that flattens a feature map, an `assert` that its
+    input is contiguous) fails on its first try and runs as given from then on; an error
+    it raises as given too is the user's to see. `as_given`: a model that rounds its activations
     to a quantization grid runs as given, where float rounding that differs with the
     layout would put a few values on the next step of the grid."""
     inner = unwrapped(model)
@@ -752,7 +753,7 @@ def _pass(model: Any, captured: _Captured, as_given: bool = False) -> MomentPass
             else:
                 try:
                     inner(last)
-                except (RuntimeError, ValueError, TypeError, IndexError):
+                except Exception:  # a view, or a model's own check of the layout
                     _GIVEN_LAYOUT.add(inner)
                     captured.clear()
                     call(inner, x, checked=True)
