@@ -674,7 +674,7 @@ def _moment_forward(layer: Any, path: str, captured: _Captured, batch_stats: boo
         # (taken off when read); torch.batch_norm is F.batch_norm less the Python checks
         # made above
         mean, var = captured.take(path, x.device, n)
-        if xf.dim() == 4 and xf.is_contiguous(memory_format=last) and not xf.is_cuda:
+        if xf.dim() == 4 and xf.is_contiguous(memory_format=last) and xf.device.type == "cpu":
             biased = _channels_last_moments(xf, mean, var)
             if not batch_stats:
                 return original(layer, x)
@@ -738,9 +738,9 @@ def _pass(model: Any, captured: _Captured, as_given: bool = False) -> MomentPass
     (benchmarks/README.md); the moments are the same to float rounding. A model that
     cannot take that layout (a `view` that flattens a feature map, an `assert` that its
     input is contiguous) fails on its first try and runs as given from then on; an error
-    it raises as given too is the user's to see. `as_given`: a model that rounds its activations
-    to a quantization grid runs as given, where float rounding that differs with the
-    layout would put a few values on the next step of the grid."""
+    it raises as given too is the user's to see. `as_given`: a model that rounds its
+    activations to a quantization grid runs as given, where float rounding that differs
+    with the layout would put a few values on the next step of the grid."""
     inner = unwrapped(model)
 
     def run(x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
